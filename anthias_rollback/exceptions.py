@@ -1,0 +1,57 @@
+"""Errors raised by the core modules; commands turn them into CommandError.
+
+Every message names the object it is about (alias and host:port, model
+label, primary key, field, path) and never a password or a full DSN.
+"""
+
+
+class RollbackError(Exception):
+    """Base class of every error this app raises on purpose."""
+
+
+class ConfigError(RollbackError):
+    """A setting or environment variable is missing or malformed."""
+
+
+class DatabaseUnavailableError(RollbackError):
+    """A database alias does not answer (down, wrong password, timeout)."""
+
+
+class SchemaMismatchError(RollbackError):
+    """Migrations or tables differ from what the operation needs."""
+
+
+class LockHeldError(RollbackError):
+    """Another operation holds the operation lock."""
+
+
+class StateFileError(RollbackError):
+    """The profile state file cannot be read or written."""
+
+
+class BackupError(RollbackError):
+    """A backup could not be made, read or listed."""
+
+
+class BackupInvalidError(BackupError):
+    """A backup was checked and is not valid (checksum, integrity...)."""
+
+
+class TransferError(RollbackError):
+    """Copying rows between aliases failed; the target is unchanged."""
+
+
+class PreflightError(TransferError):
+    """Source rows the target would reject, all listed at once."""
+
+
+class CompareError(RollbackError):
+    """Two databases could not be compared."""
+
+
+class DeadlineError(RollbackError):
+    """An operation would run past its deadline and stopped cleanly."""
+
+
+class SwapError(RollbackError):
+    """The live SQLite file could not be replaced; the old one stays."""

@@ -1,0 +1,22 @@
+"""Named fault-injection points for crash-safety tests.
+
+`checkpoint(name)` does nothing unless ANTHIAS_ROLLBACK_KILL_AT names this
+point, in which case the process SIGKILLs itself there: the only honest
+way to test what a power cut or an OOM kill at that instant leaves behind.
+ANTHIAS_ROLLBACK_PAUSE_AT=name:seconds sleeps there instead (for tests
+that stop a server or start a second operation mid-run).
+"""
+import os
+import signal
+import time
+
+
+def checkpoint(name: str) -> None:
+    kill_at = os.environ.get('ANTHIAS_ROLLBACK_KILL_AT')
+    if kill_at and kill_at == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    pause_at = os.environ.get('ANTHIAS_ROLLBACK_PAUSE_AT')
+    if pause_at:
+        point, _, seconds = pause_at.partition(':')
+        if point == name:
+            time.sleep(float(seconds or 5))

@@ -1,0 +1,62 @@
+"""Durable file writes: temp file, fsync, rename, fsync the directory.
+
+A crash at any instant leaves either the old file or the new one under the
+final name, never an empty or partial one (POSIX rename is atomic; the
+directory fsync makes the rename itself survive power loss).
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from anthias_rollback import faults
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create *path* (and parents) as 0700 if missing; return it."""
+    path = Path(path)
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write *data* to *path* atomically with permissions *mode*.
+
+    Raises OSError (e.g. directory not writable, disk full); in that case
+    the previous content of *path*, if any, is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
+                               suffix='.tmp')
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, 'wb') as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        faults.checkpoint('atomic-write:before-rename')
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + '\n'
+    atomic_write_bytes(path, text.encode(), mode)

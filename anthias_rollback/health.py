@@ -1,0 +1,49 @@
+"""Health of the active database, for /health and post-rollback checks."""
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from anthias_rollback import profiles, schema
+from anthias_rollback.exceptions import RollbackError
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    status: str                  # 'ok' | 'degraded'
+    profile: str
+    profile_source: str
+    database_ok: bool
+    unapplied_migrations: int | None
+    problems: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data['problems'] = list(self.problems)
+        return data
+
+
+def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
+    """Does *alias* answer, and is its schema fully migrated? Read-only.
+
+    Never raises for a database problem: it is reported as `degraded`.
+    Problem strings name the alias's engine and location, never secrets.
+    """
+    problems: list[str] = []
+    try:
+        active = profiles.current_profile()
+        name, source = active.name, active.source
+    except RollbackError as err:
+        name, source = 'unknown', 'unknown'
+        problems.append(str(err))
+    database_ok = False
+    pending: int | None = None
+    try:
+        schema.check_connection(alias)
+        database_ok = True
+        pending = len(schema.pending_migrations(alias))
+        if pending:
+            problems.append(f'{pending} unapplied migrations')
+    except RollbackError as err:
+        problems.append(str(err))
+    status = 'ok' if database_ok and not problems else 'degraded'
+    return HealthReport(status, name, source, database_ok, pending,
+                        tuple(problems))

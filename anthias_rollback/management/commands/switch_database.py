@@ -1,0 +1,70 @@
+"""Flip the active database profile (sqlite/postgres), checked and atomic.
+
+    python manage.py switch_database --to postgres
+    python manage.py switch_database --show --json
+
+Before flipping, the target must answer and have no unapplied migrations
+(unless --force). The state file in the data dir is replaced atomically;
+the configured ANTHIAS_ROLLBACK_RESTART_COMMAND runs afterwards.
+
+Exit codes: 0 switched (or shown); 1 refused, nothing changed;
+2 usage error; 4 switched, but the restart command failed.
+"""
+from dataclasses import asdict
+
+from anthias_rollback import conf, exit_codes, profiles, switch
+from anthias_rollback.management.base import RollbackCommand
+
+
+class Command(RollbackCommand):
+    help = ('Flip the active database profile (sqlite/postgres) after '
+            'checking the target; --show prints the active one. Exit '
+            'codes: 0 done, 1 refused (nothing changed), 2 usage, '
+            '4 switched but the restart command failed.')
+
+    def add_arguments(self, parser):
+        group = parser.add_mutually_exclusive_group(required=True)
+        group.add_argument('--to', choices=profiles.PROFILES,
+                           help='profile to make active')
+        group.add_argument('--show', action='store_true',
+                           help='print the active profile and its source')
+        parser.add_argument('--force', action='store_true',
+                            help='flip even if the target fails its checks')
+        parser.add_argument('--no-restart', action='store_true',
+                            help='do not run the restart command')
+        parser.add_argument('--json', action='store_true',
+                            help='machine-readable output on stdout')
+
+    def run(self, *args, **options):
+        if options['show']:
+            return self.show(options['json'])
+        result = switch.switch_profile(options['to'],
+                                       force=options['force'],
+                                       restart=not options['no_restart'])
+        if options['json']:
+            self.write_json(asdict(result))
+        else:
+            for warning in result.warnings:
+                self.stderr.write(self.style.WARNING(warning))
+            if result.forced:
+                self.stderr.write(self.style.WARNING(
+                    'forced: the target was not checked'))
+            if result.restart is not None:
+                self.stdout.write(
+                    f'restart command: exit {result.restart.returncode} '
+                    f'in {result.restart.seconds:.1f}s')
+            self.stdout.write(self.style.SUCCESS(
+                f'active profile: {result.profile} (was {result.previous}; '
+                f'state file {result.state_file})'))
+        if result.restart is not None and not result.restart.ok:
+            self.fail(f'profile switched to {result.profile}, but the '
+                      f'restart command failed: {result.restart.output}',
+                      exit_codes.FOLLOW_UP)
+
+    def show(self, as_json: bool) -> None:
+        active = profiles.resolve_active_profile(conf.data_dir())
+        if as_json:
+            self.write_json(asdict(active))
+        else:
+            self.stdout.write(f'active profile: {active.name} '
+                              f'(from {active.source}: {active.detail})')

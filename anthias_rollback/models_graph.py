@@ -1,0 +1,104 @@
+"""Which models to move, in foreign-key dependency order.
+
+Every concrete, managed model of every installed app, including the tables
+Django auto-creates for many-to-many fields; proxies, unmanaged and
+swapped-out models are skipped, and so is anything named in the setting
+ANTHIAS_ROLLBACK_EXCLUDE (app labels or `app_label.ModelName`).
+"""
+from dataclasses import dataclass
+
+from django.apps import apps
+from django.db import models
+
+from anthias_rollback import conf
+
+
+@dataclass(frozen=True)
+class ModelsPlan:
+    models: tuple[type[models.Model], ...]
+    # FK fields that close a dependency cycle (self-references included):
+    # targets must tolerate them pointing at rows loaded later (deferred
+    # constraints on PostgreSQL, foreign_keys off during a SQLite load).
+    cyclic_fields: tuple[models.Field, ...]
+
+    @property
+    def labels(self) -> list[str]:
+        return [m._meta.label for m in self.models]
+
+
+def is_excluded(model: type[models.Model], excluded: set[str]) -> bool:
+    meta = model._meta
+    if meta.app_label in excluded or meta.label in excluded:
+        return True
+    # An auto-created M2M table goes with the model that declares it.
+    if meta.auto_created:
+        owner = meta.auto_created
+        return (owner._meta.app_label in excluded
+                or owner._meta.label in excluded)
+    return False
+
+
+def iter_concrete_models(exclude: list[str] | None = None
+                         ) -> list[type[models.Model]]:
+    """Concrete managed models (with auto M2M tables), sorted by label."""
+    excluded = set(conf.get_list_setting('ANTHIAS_ROLLBACK_EXCLUDE'))
+    excluded.update(exclude or [])
+    found = []
+    for model in apps.get_models(include_auto_created=True):
+        meta = model._meta
+        if meta.proxy or not meta.managed or meta.swapped:
+            continue
+        if is_excluded(model, excluded):
+            continue
+        found.append(model)
+    return sorted(found, key=lambda m: m._meta.label)
+
+
+def _dependencies(model: type[models.Model],
+                  included: set) -> list[tuple[models.Field, type]]:
+    deps = []
+    for field in model._meta.concrete_fields:
+        target = field.related_model if field.is_relation else None
+        if target is not None and target in included:
+            deps.append((field, target._meta.concrete_model))
+    # Multi-table inheritance: the parent's row must exist first.
+    for parent in model._meta.parents:
+        if parent in included:
+            deps.append((model._meta.parents[parent], parent))
+    return deps
+
+
+def plan_models(exclude: list[str] | None = None) -> ModelsPlan:
+    """Models in an order where every FK target comes before its users.
+
+    Depth-first topological sort; an edge that would close a cycle (a
+    self-FK, or A->B->A) is recorded in `cyclic_fields` instead.
+    """
+    candidates = iter_concrete_models(exclude)
+    included = set(candidates)
+    ordered: list[type[models.Model]] = []
+    state: dict[type, str] = {}
+    cyclic: list[models.Field] = []
+
+    def visit(model: type[models.Model]) -> None:
+        state[model] = 'visiting'
+        for field, target in _dependencies(model, included):
+            if target is model or state.get(target) == 'visiting':
+                cyclic.append(field)
+            elif target not in state:
+                visit(target)
+        state[model] = 'done'
+        ordered.append(model)
+
+    for model in candidates:
+        if model not in state:
+            visit(model)
+    return ModelsPlan(tuple(ordered), tuple(cyclic))
+
+
+def get_model(label: str) -> type[models.Model]:
+    """Model by `app_label.ModelName`, including auto-created M2M tables."""
+    for model in apps.get_models(include_auto_created=True):
+        if model._meta.label_lower == label.lower():
+            return model
+    raise LookupError(label)

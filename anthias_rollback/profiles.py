@@ -1,0 +1,265 @@
+"""Database profiles: both engines configured at once, one of them active.
+
+`build_databases()` returns a DATABASES dict with three aliases: `sqlite`,
+`postgres` and `default` (a copy of the active one). A host settings module
+adopts it with:
+
+    from anthias_rollback.profiles import build_databases
+    DATABASES = build_databases(data_dir=DATA_DIR)
+
+The active profile comes from the env var ANTHIAS_DB_PROFILE if set, else
+from the state file in the data dir (written only through
+`write_active_profile`, atomically), else `sqlite`.
+
+This module is the one place where the alias names are spelled out.
+"""
+import json
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from anthias_rollback import fsutil
+from anthias_rollback.exceptions import ConfigError, StateFileError
+
+SQLITE = 'sqlite'
+POSTGRES = 'postgres'
+DEFAULT = 'default'
+PROFILES = (SQLITE, POSTGRES)
+
+STATE_FILE_NAME = 'anthias_db_profile.json'
+# Key Django ignores in a DATABASES entry: a config problem found while
+# building settings, reported when the alias is used (not at import, so a
+# bad PostgreSQL URL never stops a device that runs on SQLite).
+PROBLEM_KEY = 'ANTHIAS_CONFIG_PROBLEM'
+
+# Anthias's own SQLite options (anthias_django/settings.py).
+SQLITE_OPTIONS = {
+    'timeout': 20,
+    'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;',
+    'transaction_mode': 'IMMEDIATE',
+}
+DEFAULT_CONNECT_TIMEOUT = 5
+
+
+@dataclass(frozen=True)
+class ActiveProfile:
+    name: str
+    source: str  # 'env' | 'state file' | 'default'
+    detail: str  # where exactly (variable name, file path)
+
+
+def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+def sqlite_settings(path: Path) -> dict[str, Any]:
+    """DATABASES entry for the SQLite file at *path*."""
+    return {
+        'ENGINE': 'django.db.backends.sqlite3',
+        'NAME': str(path),
+        'OPTIONS': dict(SQLITE_OPTIONS),
+    }
+
+
+def parse_postgres_url(url: str, variable: str) -> dict[str, Any]:
+    """DATABASES entry from a postgres:// URL; ConfigError if malformed.
+
+    The message names the variable and the problem, never the URL (it may
+    hold a password).
+    """
+    hint = ('expected postgres://HOST:PORT/DBNAME with user and '
+            'password before the host, or ?host=/socket/dir')
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ('postgres', 'postgresql', 'pgsql'):
+        raise ConfigError(
+            f'{variable} is malformed: scheme must be postgres://, '
+            f'not {scheme or "missing"}; {hint}')
+    try:
+        config = environ.Env.db_url_config(url)
+    except ValueError as err:
+        reason = 'port is not a number' if 'Port' in str(err) else 'bad URL'
+        raise ConfigError(f'{variable} is malformed: {reason}; {hint}') \
+            from None
+    options = dict(config.get('OPTIONS') or {})
+    # A unix-socket host (embedded PostgreSQL) arrives as ?host=/dir.
+    if not config.get('HOST') and 'host' in options:
+        config['HOST'] = options.pop('host')
+    if 'port' in options and not config.get('PORT'):
+        config['PORT'] = options.pop('port')
+    if not config.get('NAME'):
+        raise ConfigError(f'{variable} is malformed: no database name; '
+                          f'{hint}')
+    options.setdefault('connect_timeout', DEFAULT_CONNECT_TIMEOUT)
+    config['OPTIONS'] = options
+    config['ENGINE'] = 'django.db.backends.postgresql'
+    return config
+
+
+def postgres_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """DATABASES entry for PostgreSQL from ANTHIAS_POSTGRES_URL or the
+    runbook's POSTGRES_* variables. A malformed value does not raise: it is
+    recorded under PROBLEM_KEY and raised by `check_alias_configured`."""
+    env = _env(env)
+    url = env.get('ANTHIAS_POSTGRES_URL', '').strip()
+    try:
+        if url:
+            return parse_postgres_url(url, 'ANTHIAS_POSTGRES_URL')
+        port = env.get('POSTGRES_PORT', '5432').strip() or '5432'
+        if not port.isdigit():
+            raise ConfigError('POSTGRES_PORT is malformed: '
+                              f'{port!r} is not a port number')
+        return {
+            'ENGINE': 'django.db.backends.postgresql',
+            'NAME': env.get('POSTGRES_DB', 'anthias'),
+            'USER': env.get('POSTGRES_USER', 'anthias'),
+            'PASSWORD': env.get('POSTGRES_PASSWORD', ''),
+            'HOST': env.get('POSTGRES_HOST', 'localhost'),
+            'PORT': int(port),
+            'OPTIONS': {'connect_timeout': int(env.get(
+                'POSTGRES_CONNECT_TIMEOUT', DEFAULT_CONNECT_TIMEOUT))},
+        }
+    except ConfigError as err:
+        return {
+            'ENGINE': 'django.db.backends.postgresql',
+            'NAME': 'unconfigured', 'HOST': '', 'PORT': '',
+            'USER': '', 'PASSWORD': '', 'OPTIONS': {},
+            PROBLEM_KEY: str(err),
+        }
+
+
+def state_file_path(data_dir: Path) -> Path:
+    return Path(data_dir) / STATE_FILE_NAME
+
+
+def read_state_file(path: Path) -> dict[str, Any] | None:
+    """The state file's content, None if absent; StateFileError if bad."""
+    try:
+        raw = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StateFileError(f'cannot read profile state file {path}: '
+                             f'{err.strerror}') from None
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict) or state.get('profile') not in PROFILES:
+        raise StateFileError(
+            f'profile state file {path} is not valid; fix it with '
+            f'`manage.py switch_database --to sqlite --force`')
+    return state
+
+
+def resolve_active_profile(data_dir: Path,
+                           env: Mapping[str, str] | None = None
+                           ) -> ActiveProfile:
+    """Which profile is active, and where that came from."""
+    env = _env(env)
+    value = env.get('ANTHIAS_DB_PROFILE', '').strip()
+    if value:
+        if value not in PROFILES:
+            raise ConfigError(
+                f'ANTHIAS_DB_PROFILE={value!r} is not a profile; '
+                f'use one of: {", ".join(PROFILES)}')
+        return ActiveProfile(value, 'env', 'ANTHIAS_DB_PROFILE')
+    path = state_file_path(data_dir)
+    state = read_state_file(path)
+    if state is not None:
+        return ActiveProfile(state['profile'], 'state file', str(path))
+    return ActiveProfile(SQLITE, 'default', 'no ANTHIAS_DB_PROFILE, '
+                         'no state file')
+
+
+def build_databases(data_dir: str | Path | None = None,
+                    env: Mapping[str, str] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """DATABASES with `sqlite`, `postgres` and `default` (= active).
+
+    Reads ANTHIAS_DATA_DIR (else *data_dir*), ANTHIAS_SQLITE_PATH,
+    ANTHIAS_POSTGRES_URL / POSTGRES_*, ANTHIAS_DB_PROFILE and the state
+    file. Raises ImproperlyConfigured only when the active profile itself
+    cannot be known (bad ANTHIAS_DB_PROFILE or state file).
+    """
+    env = _env(env)
+    base = env.get('ANTHIAS_DATA_DIR') or data_dir or './var'
+    base = Path(base).expanduser()
+    sqlite_path = Path(env.get('ANTHIAS_SQLITE_PATH')
+                       or base / 'anthias.db').expanduser()
+    databases = {
+        SQLITE: sqlite_settings(sqlite_path),
+        POSTGRES: postgres_settings(env),
+    }
+    try:
+        active = resolve_active_profile(base, env)
+    except (ConfigError, StateFileError) as err:
+        raise ImproperlyConfigured(str(err)) from None
+    databases[DEFAULT] = dict(databases[active.name])
+    # In a host's test run `default` must not become a third database;
+    # and the real aliases must not wait on it (Django makes every alias
+    # depend on `default` by default, which would be circular here).
+    databases[DEFAULT]['TEST'] = {'MIRROR': active.name}
+    for alias in PROFILES:
+        databases[alias]['TEST'] = {'DEPENDENCIES': []}
+    return databases
+
+
+def sqlite_alias_path(alias: str = SQLITE) -> Path:
+    """The file behind a SQLite alias."""
+    from django.db import connections
+
+    return Path(connections.settings[alias]['NAME'])
+
+
+def check_alias_configured(alias: str) -> None:
+    """Raise ConfigError if building the alias's settings found a problem."""
+    from django.db import connections
+
+    problem = connections.settings[alias].get(PROBLEM_KEY)
+    if problem:
+        raise ConfigError(problem)
+
+
+def write_active_profile(data_dir: Path, profile: str,
+                         extra: Mapping[str, Any] | None = None) -> Path:
+    """Atomically record *profile* as active in the data dir's state file.
+
+    A crash leaves the old or the new file, never a torn one. Raises
+    ConfigError for an unknown profile, StateFileError when the data dir
+    is not writable (nothing changed then).
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f'unknown profile {profile!r}; use one of: '
+                          f'{", ".join(PROFILES)}')
+    path = state_file_path(data_dir)
+    state = dict(extra or {})
+    state.update(profile=profile,
+                 changed_at=datetime.now(timezone.utc).isoformat())
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write_json(path, state, mode=0o644)
+    except OSError as err:
+        raise StateFileError(f'cannot write profile state file {path}: '
+                             f'{err.strerror}') from None
+    return path
+
+
+def current_profile() -> ActiveProfile:
+    """The active profile of this process's configuration."""
+    from anthias_rollback import conf
+
+    return resolve_active_profile(conf.data_dir())
+
+
+def alias_for_profile(profile: str) -> str:
+    """Profiles and aliases share names; kept as a function for clarity."""
+    if profile not in PROFILES:
+        raise ConfigError(f'unknown profile {profile!r}')
+    return profile

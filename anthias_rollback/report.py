@@ -1,0 +1,61 @@
+"""Describing aliases without secrets, redaction, and report files."""
+import re
+from pathlib import Path
+from typing import Any
+
+from django.db import connections
+
+from anthias_rollback import fsutil
+
+_DSN_CREDENTIALS = re.compile(r'((?:postgres|postgresql|pgsql)://)[^@\s/]*@')
+
+
+def first_line(err: BaseException) -> str:
+    """First non-empty line of an error's message (psycopg2 adds lines)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def describe_alias(alias: str) -> str:
+    """`alias (Engine location)` with no user, password or full DSN."""
+    settings = connections.settings[alias]
+    engine = settings.get('ENGINE', '')
+    if engine.endswith('sqlite3'):
+        return f'{alias} (SQLite {settings.get("NAME")})'
+    host = settings.get('HOST') or 'localhost'
+    port = settings.get('PORT') or 5432
+    return f'{alias} (PostgreSQL {host}:{port}/{settings.get("NAME")})'
+
+
+def secrets() -> list[str]:
+    """Passwords configured on any alias (to strip from any output)."""
+    found = []
+    for alias in connections.settings:
+        password = connections.settings[alias].get('PASSWORD')
+        if password:
+            found.append(str(password))
+    return found
+
+
+def redact(value: Any) -> Any:
+    """Strip passwords and DSN credentials from strings, lists and dicts."""
+    if isinstance(value, str):
+        value = _DSN_CREDENTIALS.sub(r'\1***@', value)
+        for secret in secrets():
+            value = value.replace(secret, '***')
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def write_json_report(path: Path, data: dict[str, Any]) -> Path:
+    """Write a redacted JSON report atomically, mode 0600."""
+    path = Path(path)
+    fsutil.ensure_private_dir(path.parent)
+    fsutil.atomic_write_json(path, redact(data), mode=0o600)
+    return path

