@@ -13,10 +13,13 @@ from the state file in the data dir (written only through
 
 This module is the one place where the alias names are spelled out.
 """
+import copy
+import itertools
 import json
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -263,3 +266,52 @@ def alias_for_profile(profile: str) -> str:
     if profile not in PROFILES:
         raise ConfigError(f'unknown profile {profile!r}')
     return profile
+
+
+_temporary_counter = itertools.count(1)
+
+
+@contextmanager
+def temporary_alias(settings_dict: dict[str, Any],
+                    prefix: str = 'anthias_tmp') -> Iterator[str]:
+    """Register an extra, short-lived alias (a backup file, a scratch
+    database) and yield its name; closed and removed on exit.
+
+    Adding an alias is not changing DATABASES: the configured aliases are
+    never touched, and no router or model code sees the new one unless a
+    caller names it.
+    """
+    from django.db import connections
+
+    alias = f'{prefix}_{os.getpid()}_{next(_temporary_counter)}'
+    config = copy.deepcopy(settings_dict)
+    for key, value in (('ATOMIC_REQUESTS', False), ('AUTOCOMMIT', True),
+                       ('CONN_MAX_AGE', 0), ('CONN_HEALTH_CHECKS', False),
+                       ('OPTIONS', {}), ('TIME_ZONE', None), ('USER', ''),
+                       ('PASSWORD', ''), ('HOST', ''), ('PORT', '')):
+        config.setdefault(key, value)
+    config['TEST'] = {'CHARSET': None, 'COLLATION': None, 'MIGRATE': True,
+                      'MIRROR': None, 'NAME': None, 'DEPENDENCIES': []}
+    connections.settings[alias] = config
+    try:
+        yield alias
+    finally:
+        try:
+            connections[alias].close()
+        finally:
+            try:
+                del connections[alias]
+            except AttributeError:
+                pass  # never connected
+            connections.settings.pop(alias, None)
+
+
+def sqlite_file_alias(path: Path, wal: bool = False
+                      ) -> AbstractContextManager[str]:
+    """A temporary alias for the SQLite file at *path* (a backup, a new
+    rollback file). WAL only when asked: a file that is not live yet gets
+    a plain rollback journal, so it is one self-contained file."""
+    config = sqlite_settings(path)
+    if not wal:
+        config['OPTIONS'] = {'timeout': SQLITE_OPTIONS['timeout']}
+    return temporary_alias(config, prefix='anthias_file')

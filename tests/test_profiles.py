@@ -129,3 +129,18 @@ def test_state_file_never_torn_when_killed_before_rename(tmp_path):
     subprocess.run([sys.executable, '-c', code], env=env, check=True)
     state = json.loads(profiles.state_file_path(tmp_path).read_text())
     assert state['profile'] == 'postgres'
+
+
+def test_sqlite_file_alias_is_temporary(tmp_path):
+    from django.core.management import call_command
+
+    path = tmp_path / 'scratch.db'
+    with profiles.sqlite_file_alias(path) as alias:
+        call_command('migrate', database=alias, verbosity=0)
+        with connections[alias].cursor() as cursor:
+            cursor.execute('SELECT COUNT(*) FROM assets')
+            assert cursor.fetchone() == (0,)
+            cursor.execute('PRAGMA journal_mode')
+            assert cursor.fetchone()[0] == 'delete'
+    assert alias not in connections.settings
+    assert path.exists()
