@@ -131,6 +131,7 @@ def test_state_file_never_torn_when_killed_before_rename(tmp_path):
     assert state['profile'] == 'postgres'
 
 
+@pytest.mark.django_db(databases=[], transaction=True)
 def test_sqlite_file_alias_is_temporary(tmp_path):
     from django.core.management import call_command
 
