@@ -218,14 +218,14 @@ def sqlite_alias_path(alias: str = SQLITE) -> Path:
     """The file behind a SQLite alias."""
     from django.db import connections
 
-    return Path(connections.settings[alias]['NAME'])
+    return Path(connections[alias].settings_dict['NAME'])
 
 
 def check_alias_configured(alias: str) -> None:
     """Raise ConfigError if building the alias's settings found a problem."""
     from django.db import connections
 
-    problem = connections.settings[alias].get(PROBLEM_KEY)
+    problem = connections[alias].settings_dict.get(PROBLEM_KEY)
     if problem:
         raise ConfigError(problem)
 
@@ -282,6 +282,7 @@ def temporary_alias(settings_dict: dict[str, Any],
     caller names it.
     """
     from django.db import connections
+    from django.db.utils import load_backend
 
     alias = f'{prefix}_{os.getpid()}_{next(_temporary_counter)}'
     config = copy.deepcopy(settings_dict)
@@ -292,18 +293,19 @@ def temporary_alias(settings_dict: dict[str, Any],
         config.setdefault(key, value)
     config['TEST'] = {'CHARSET': None, 'COLLATION': None, 'MIGRATE': True,
                       'MIRROR': None, 'NAME': None, 'DEPENDENCIES': []}
-    connections.settings[alias] = config
+    # Registered on the (thread-local) handler only, not in its settings:
+    # Django treats it as a dynamically created connection, like the ones
+    # `connections.create_connection` makes. Threads that need it are
+    # handed the wrapper itself.
+    wrapper = load_backend(config['ENGINE']).DatabaseWrapper(config, alias)
+    connections[alias] = wrapper
     try:
         yield alias
     finally:
         try:
-            connections[alias].close()
+            wrapper.close()
         finally:
-            try:
-                del connections[alias]
-            except AttributeError:
-                pass  # never connected
-            connections.settings.pop(alias, None)
+            del connections[alias]
 
 
 def sqlite_file_alias(path: Path, wal: bool = False

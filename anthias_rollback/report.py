@@ -20,7 +20,7 @@ def first_line(err: BaseException) -> str:
 
 def describe_alias(alias: str) -> str:
     """`alias (Engine location)` with no user, password or full DSN."""
-    settings = connections.settings[alias]
+    settings = connections[alias].settings_dict
     engine = settings.get('ENGINE', '')
     if engine.endswith('sqlite3'):
         return f'{alias} (SQLite {settings.get("NAME")})'

@@ -144,4 +144,5 @@ def test_sqlite_file_alias_is_temporary(tmp_path):
             cursor.execute('PRAGMA journal_mode')
             assert cursor.fetchone()[0] == 'delete'
     assert alias not in connections.settings
+    assert not hasattr(connections._connections, alias)
     assert path.exists()
