@@ -12,6 +12,7 @@ from pathlib import Path
 
 from anthias_rollback import conf, profiles, schema
 from anthias_rollback.exceptions import SchemaMismatchError
+from anthias_rollback.journal import record_cutover
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SwitchResult:
     forced: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
     restart: RestartResult | None = None
+    cutover_journal: Path | None = None
 
 
 def check_target(alias: str) -> None:
@@ -102,7 +104,10 @@ def switch_profile(target: str, force: bool = False,
             'take effect')
     state = {'previous': previous.name, 'forced': force}
     state.update(extra_state or {})
+    journal = None
+    if target == profiles.POSTGRES and previous.name != target:
+        journal = record_cutover(profiles.SQLITE, alias, data_dir)
     path = profiles.write_active_profile(data_dir, target, state)
     result = restart_after_flip() if restart else None
     return SwitchResult(previous.name, target, path, force,
-                        tuple(warnings), result)
+                        tuple(warnings), result, journal)

@@ -36,7 +36,7 @@ def test_switch_to_migrated_postgres_and_back(data_dir):
     assert active(data_dir) == 'sqlite'
 
 
-@pytest.mark.django_db(databases=['postgres'], transaction=True)
+@pytest.mark.django_db(databases=['sqlite', 'postgres'], transaction=True)
 def test_flip_refused_for_unreachable_postgres(data_dir):
     connections['postgres'].close()
     saved = connections['postgres'].settings_dict.copy()
@@ -55,7 +55,7 @@ def test_flip_refused_for_unreachable_postgres(data_dir):
     assert not profiles.state_file_path(data_dir).exists()
 
 
-@pytest.mark.django_db(databases=['postgres'], transaction=True)
+@pytest.mark.django_db(databases=['sqlite', 'postgres'], transaction=True)
 def test_flip_refused_for_unmigrated_postgres_then_forced(data_dir):
     # Un-apply one migration on the test PostgreSQL database.
     call_command('migrate', 'sessions', 'zero', database='postgres',
@@ -97,7 +97,7 @@ def test_data_dir_not_writable_leaves_profile(readonly_dir):
     assert list(readonly_dir.iterdir()) == []
 
 
-@pytest.mark.django_db(databases=['postgres'])
+@pytest.mark.django_db(databases=['sqlite', 'postgres'])
 def test_restart_command_failure_is_exit_4_and_flip_stays(data_dir,
                                                           settings):
     settings.ANTHIAS_ROLLBACK_RESTART_COMMAND = 'sh -c "echo boom; exit 7"'
@@ -108,7 +108,7 @@ def test_restart_command_failure_is_exit_4_and_flip_stays(data_dir,
     assert active(data_dir) == 'postgres'
 
 
-@pytest.mark.django_db(databases=['postgres'])
+@pytest.mark.django_db(databases=['sqlite', 'postgres'])
 def test_restart_command_runs(data_dir, settings, tmp_path):
     marker = tmp_path / 'restarted'
     settings.ANTHIAS_ROLLBACK_RESTART_COMMAND = f'touch {marker}'
@@ -133,3 +133,17 @@ def test_subprocess_exit_codes(host_env):
         'password before the host, or ?host=/socket/dir')
     done = run_manage(host_env, 'switch_database', '--to', 'nope')
     assert done.returncode == 2
+
+
+@pytest.mark.django_db(databases=['sqlite', 'postgres'])
+def test_cutover_journal_recorded(data_dir):
+    from anthias_rollback import journal
+    from tests.factories import AssetFactory
+
+    AssetFactory.create_batch(3)
+    switch('--to', 'postgres')
+    recorded = journal.read_cutover(data_dir)
+    assert recorded['source']['models']['anthias_app.Asset']['rows'] == 3
+    assert recorded['target']['models']['anthias_app.Asset']['rows'] == 0
+    assert 'anthias_app.0001_initial' in recorded['target']['migrations']
+    assert (journal.journal_path(data_dir).stat().st_mode & 0o777) == 0o600

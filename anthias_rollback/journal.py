@@ -1,0 +1,106 @@
+"""The cutover journal: what both databases held when PostgreSQL became
+the active profile, so a rollback can say how much was written since.
+
+Written by `switch_database --to postgres` as `cutover.json` in the data
+dir (0600); read by the rollback report and `rollback_readiness`.
+"""
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from django.db import DatabaseError
+from django.db.models import Max
+
+from anthias_rollback import fsutil, models_graph, schema
+from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.report import first_line
+
+JOURNAL_NAME = 'cutover.json'
+
+
+@dataclass(frozen=True)
+class ModelSince:
+    label: str
+    rows_at_cutover: int | None
+    rows_now: int
+    new_rows: int | None  # rows with a key above the cutover's largest
+
+
+def journal_path(data_dir: Path) -> Path:
+    return Path(data_dir) / JOURNAL_NAME
+
+
+def snapshot_alias(alias: str) -> dict[str, Any]:
+    """Per model: row count and largest primary key on *alias* (reads)."""
+    models: dict[str, Any] = {}
+    for model in models_graph.plan_models().models:
+        manager = model._base_manager.using(alias)
+        # Only integer keys grow monotonically (and PostgreSQL has no
+        # max(uuid)); text and UUID keys are counted only.
+        largest = None
+        if has_integer_pk(model):
+            largest = manager.aggregate(m=Max('pk'))['m']
+        models[model._meta.label] = {'rows': manager.count(),
+                                     'max_pk': largest}
+    return models
+
+
+def has_integer_pk(model) -> bool:
+    pk = model._meta.pk
+    while pk.is_relation:  # OneToOne primary key: the target's type
+        pk = pk.target_field
+    return pk.get_internal_type() in ('AutoField', 'BigAutoField',
+                                      'SmallAutoField', 'IntegerField',
+                                      'BigIntegerField')
+
+
+def record_cutover(source_alias: str, target_alias: str,
+                   data_dir: Path) -> Path:
+    """Write the journal for a cutover from *source_alias* to
+    *target_alias*. A side that cannot be read is recorded as an error
+    rather than stopping the cutover (it was checked just before)."""
+    journal: dict[str, Any] = {
+        'cutover_at': datetime.now(timezone.utc).isoformat(),
+        'source_alias': source_alias, 'target_alias': target_alias,
+    }
+    for side, alias in (('source', source_alias), ('target', target_alias)):
+        try:
+            journal[side] = {
+                'migrations': sorted(f'{a}.{n}' for a, n in
+                                     schema.applied_migrations(alias)),
+                'models': snapshot_alias(alias),
+            }
+        except (RollbackError, DatabaseError) as err:
+            journal[side] = {'error': first_line(err)}
+    path = journal_path(data_dir)
+    fsutil.atomic_write_json(path, journal, mode=0o600)
+    return path
+
+
+def read_cutover(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(journal_path(data_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def rows_since_cutover(alias: str, journal: dict[str, Any]
+                       ) -> list[ModelSince]:
+    """Compare *alias* now with the journal's target side (reads)."""
+    recorded = (journal.get('target') or {}).get('models') or {}
+    found = []
+    for model in models_graph.plan_models().models:
+        label = model._meta.label
+        manager = model._base_manager.using(alias)
+        before = recorded.get(label) or {}
+        max_pk = before.get('max_pk')
+        new_rows = None
+        if max_pk is not None and isinstance(max_pk, int):
+            new_rows = manager.filter(pk__gt=max_pk).count()
+        elif before and before.get('rows') == 0:
+            new_rows = manager.count()
+        found.append(ModelSince(label, before.get('rows'), manager.count(),
+                                new_rows))
+    return found
