@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     'ANTHIAS_ROLLBACK_VERIFY_URLS': '',
     'ANTHIAS_ROLLBACK_EXCLUDE': '',
     'ANTHIAS_PG_DUMP': 'pg_dump',
+    # Seconds a backup waits for a lock on the source (Anthias's timeout).
+    'ANTHIAS_BACKUP_TIMEOUT': 20,
 }
 
 

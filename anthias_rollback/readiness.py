@@ -1,0 +1,248 @@
+"""Could we roll back right now, and how? A list of small checks.
+
+Each check is a function `(ReadinessContext) -> ReadinessCheck`; CHECKS is
+the list `check_readiness` runs, in order. A later feature (last drill
+result, cutover journal) adds itself by appending one function. Checks
+marked informational are reported but do not decide `ready`.
+"""
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from pathlib import Path
+
+from anthias_rollback import backup, locking, schema
+from anthias_rollback.exceptions import RollbackError
+
+DISK_FACTOR = 3
+PG_DUMP_TIMEOUT = 10
+
+
+@dataclass(frozen=True)
+class ReadinessCheck:
+    name: str
+    ok: bool
+    reason: str
+    informational: bool = False
+
+
+@dataclass(frozen=True)
+class ReadinessReport:
+    ready: bool
+    checks: tuple[ReadinessCheck, ...]
+    checked_at: datetime
+    latest_backup: Path | None
+
+    @property
+    def failed(self) -> tuple[ReadinessCheck, ...]:
+        return tuple(c for c in self.checks
+                     if not c.ok and not c.informational)
+
+
+class ReadinessContext:
+    """The inputs of one readiness run, plus facts several checks share
+    (computed once, on first use)."""
+
+    def __init__(self, *, data_dir: Path, sqlite_path: Path,
+                 backup_dir: Path, postgres_alias: str | None,
+                 pg_dump: str, max_age_hours: float,
+                 free_bytes: int | None, now: datetime):
+        self.data_dir = Path(data_dir)
+        self.sqlite_path = Path(sqlite_path)
+        self.backup_dir = Path(backup_dir)
+        self.postgres_alias = postgres_alias
+        self.pg_dump = pg_dump
+        self.max_age_hours = max_age_hours
+        self.free_bytes_override = free_bytes
+        self.now = now
+
+    @cached_property
+    def backups(self) -> list[backup.BackupInfo]:
+        return backup.list_backups(self.backup_dir)
+
+    @cached_property
+    def newest_verification(self) -> backup.BackupVerification | None:
+        if not self.backups:
+            return None
+        return backup.verify_backup(self.backups[0].path)
+
+    @cached_property
+    def latest_verified(self) -> backup.BackupInfo | None:
+        newest = self.newest_verification
+        if newest is not None and newest.valid:
+            return self.backups[0]
+        return backup.latest_verified_backup(self.backup_dir)
+
+    def free_bytes(self) -> int:
+        if self.free_bytes_override is not None:
+            return self.free_bytes_override
+        return shutil.disk_usage(self.data_dir).free
+
+    def database_bytes(self) -> int:
+        total = 0
+        for suffix in ('', '-wal'):
+            try:
+                total += os.stat(f'{self.sqlite_path}{suffix}').st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+
+Check = Callable[[ReadinessContext], ReadinessCheck]
+
+
+def _age(ctx: ReadinessContext, created_at: datetime) -> str:
+    hours = (ctx.now - created_at).total_seconds() / 3600
+    return f'{hours:.1f}h old'
+
+
+def check_backup_fresh(ctx: ReadinessContext) -> ReadinessCheck:
+    """A verified backup exists and is younger than max_age_hours."""
+    name = 'backup_age'
+    latest = ctx.latest_verified
+    if latest is None:
+        return ReadinessCheck(name, False, f'no verified backup in '
+                              f'{ctx.backup_dir}; run backup_database')
+    limit = timedelta(hours=ctx.max_age_hours)
+    age = _age(ctx, latest.created_at)
+    if ctx.now - latest.created_at > limit:
+        return ReadinessCheck(name, False, f'latest verified backup '
+                              f'{latest.path.name} is {age}, older than '
+                              f'{ctx.max_age_hours:g}h')
+    return ReadinessCheck(name, True, f'{latest.path.name} is {age}')
+
+
+def check_backup_integrity(ctx: ReadinessContext) -> ReadinessCheck:
+    """The newest backup passes verify_backup (a bad newest backup means
+    the backup job itself is broken, even if an older one is fine)."""
+    name = 'backup_integrity'
+    verification = ctx.newest_verification
+    if verification is None:
+        return ReadinessCheck(name, False, 'no backup to check')
+    if not verification.valid:
+        return ReadinessCheck(name, False, f'{verification.path.name}: '
+                              f'{verification.reasons[0]}')
+    return ReadinessCheck(name, True, f'{verification.path.name}: sha256, '
+                          f'integrity and row counts match')
+
+
+def check_disk_space(ctx: ReadinessContext) -> ReadinessCheck:
+    """Free space in the data dir >= 3 x the live database: the rollback
+    writes a new file beside it and keeps the old one."""
+    size = ctx.database_bytes()
+    try:
+        free = ctx.free_bytes()
+    except OSError as err:
+        return ReadinessCheck('disk_space', False, f'cannot measure free '
+                              f'space in {ctx.data_dir}: {err.strerror}')
+    need = DISK_FACTOR * size
+    detail = (f'{_mb(free)} free in {ctx.data_dir}, need {_mb(need)} '
+              f'({DISK_FACTOR} x {_mb(size)} database)')
+    return ReadinessCheck('disk_space', free >= need, detail)
+
+
+def _mb(n: int) -> str:
+    return f'{n / 1e6:.1f} MB'
+
+
+def check_sqlite_writable(ctx: ReadinessContext) -> ReadinessCheck:
+    """The live SQLite file and its folder can be written (the swap
+    creates a file beside it and renames it over the old one)."""
+    path = ctx.sqlite_path
+    folder = path.parent
+    if not folder.is_dir():
+        return ReadinessCheck('sqlite_writable', False,
+                              f'folder {folder} does not exist')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return ReadinessCheck('sqlite_writable', False,
+                              f'folder {folder} is not writable')
+    if path.exists() and not os.access(path, os.W_OK):
+        return ReadinessCheck('sqlite_writable', False,
+                              f'{path} is not writable')
+    return ReadinessCheck('sqlite_writable', True, f'{path} is writable')
+
+
+def check_postgres_reachable(ctx: ReadinessContext) -> ReadinessCheck:
+    """Informational: a reachable PostgreSQL allows a zero-loss rollback
+    from it; otherwise the rollback starts from the backup."""
+    name = 'postgres_reachable'
+    if ctx.postgres_alias is None:
+        return ReadinessCheck(name, False, 'no PostgreSQL alias given',
+                              informational=True)
+    try:
+        schema.check_connection(ctx.postgres_alias)
+    except RollbackError as err:
+        return ReadinessCheck(name, False, f'{err}; a rollback would '
+                              f'start from the backup', informational=True)
+    return ReadinessCheck(name, True, f'{ctx.postgres_alias} answers: '
+                          f'zero-loss rollback from PostgreSQL possible',
+                          informational=True)
+
+
+def check_pg_dump(ctx: ReadinessContext) -> ReadinessCheck:
+    """pg_dump runs: the rollback dumps PostgreSQL before leaving it."""
+    name = 'pg_dump'
+    exe = shutil.which(ctx.pg_dump)
+    if exe is None:
+        return ReadinessCheck(name, False, f'{ctx.pg_dump} not found '
+                              f'(setting ANTHIAS_PG_DUMP)')
+    try:
+        done = subprocess.run([exe, '--version'], capture_output=True,
+                              text=True, timeout=PG_DUMP_TIMEOUT,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return ReadinessCheck(name, False, f'{exe} does not run: {err}')
+    if done.returncode != 0:
+        return ReadinessCheck(name, False, f'{exe} --version exited '
+                              f'{done.returncode}')
+    return ReadinessCheck(name, True, done.stdout.strip() or exe)
+
+
+def check_lock(ctx: ReadinessContext) -> ReadinessCheck:
+    """No other rollback or migration holds the operation lock."""
+    holder = locking.read_lock_holder(ctx.data_dir)
+    if holder is None:
+        return ReadinessCheck('lock', True, 'no operation running')
+    operation = holder.get('operation', 'an operation')
+    return ReadinessCheck('lock', False, f'{operation} holds the lock (pid '
+                          f'{holder.get("pid", "?")}, since '
+                          f'{holder.get("started_at", "?")})')
+
+
+CHECKS: list[Check] = [
+    check_backup_fresh,
+    check_backup_integrity,
+    check_disk_space,
+    check_sqlite_writable,
+    check_postgres_reachable,
+    check_pg_dump,
+    check_lock,
+]
+
+
+def check_readiness(*, data_dir: Path, sqlite_path: Path, backup_dir: Path,
+                    postgres_alias: str | None, pg_dump: str = 'pg_dump',
+                    max_age_hours: float = 24,
+                    free_bytes: int | None = None,
+                    now: datetime | None = None,
+                    checks: list[Check] | None = None) -> ReadinessReport:
+    """Run *checks* (default CHECKS) and say whether a rollback could run.
+
+    Reads the backup dir and the live SQLite file's metadata, and
+    connects to *postgres_alias* (SELECT 1, no transaction). *free_bytes*
+    replaces the measured free space (tests). Raises RollbackError only
+    when a check cannot run at all (e.g. the backup dir cannot be listed).
+    """
+    ctx = ReadinessContext(
+        data_dir=data_dir, sqlite_path=sqlite_path, backup_dir=backup_dir,
+        postgres_alias=postgres_alias, pg_dump=pg_dump,
+        max_age_hours=max_age_hours, free_bytes=free_bytes,
+        now=now or datetime.now(timezone.utc))
+    results = tuple(check(ctx) for check in (checks or CHECKS))
+    ready = all(c.ok for c in results if not c.informational)
+    latest = ctx.latest_verified
+    return ReadinessReport(ready=ready, checks=results, checked_at=ctx.now,
+                           latest_backup=latest.path if latest else None)
