@@ -1,0 +1,145 @@
+"""readiness.py: each check, and the ready/not-ready transitions."""
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from anthias_rollback import backup, locking, profiles, readiness
+from tests import backup_helpers as bh
+
+UNREACHABLE = {'ENGINE': 'django.db.backends.postgresql',
+               'NAME': 'anthias', 'USER': 'anthias',
+               'PASSWORD': 'hunter2', 'HOST': '127.0.0.1', 'PORT': 1,
+               'OPTIONS': {'connect_timeout': 2}}
+PG_DUMP = shutil.which('pg_dump') or 'pg_dump'
+
+
+@pytest.fixture
+def device(tmp_path):
+    """A data dir with a live SQLite file and an empty backup dir."""
+    data = tmp_path / 'data'
+    data.mkdir()
+    live = bh.make_plain_db(data / 'anthias.db', rows=100)
+    return data, live, data / 'backups'
+
+
+def run(device, **kwargs):
+    data, live, backups = device
+    kwargs.setdefault('postgres_alias', 'postgres')
+    kwargs.setdefault('pg_dump', PG_DUMP)
+    return readiness.check_readiness(data_dir=data, sqlite_path=live,
+                                     backup_dir=backups, **kwargs)
+
+
+def by_name(report):
+    return {c.name: c for c in report.checks}
+
+
+def failed(report):
+    return sorted(c.name for c in report.failed)
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_transitions_missing_ready_old_corrupt(device):
+    _data, live, backups = device
+    report = run(device)
+    assert not report.ready
+    assert failed(report) == ['backup_age', 'backup_integrity']
+    assert 'no verified backup' in by_name(report)['backup_age'].reason
+    made = backup.create_backup(live, backups)
+    report = run(device)
+    assert report.ready, report.checks
+    assert report.latest_backup == made.path
+    assert by_name(report)['postgres_reachable'].ok
+    # Too old: the same backup seen 25 hours later.
+    later = datetime.now(timezone.utc) + timedelta(hours=25)
+    report = run(device, now=later)
+    assert failed(report) == ['backup_age']
+    assert 'older than 24h' in by_name(report)['backup_age'].reason
+    assert run(device, now=later, max_age_hours=48).ready
+    # Corrupt: one byte flipped.
+    data_bytes = bytearray(made.path.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    made.path.write_bytes(bytes(data_bytes))
+    report = run(device)
+    assert failed(report) == ['backup_age', 'backup_integrity']
+    assert 'sha256' in by_name(report)['backup_integrity'].reason
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_disk_check_with_injected_free_space(device):
+    _data, live, backups = device
+    backup.create_backup(live, backups)
+    size = live.stat().st_size
+    assert run(device, free_bytes=3 * size).ready
+    report = run(device, free_bytes=3 * size - 1)
+    assert failed(report) == ['disk_space']
+    assert 'need' in by_name(report)['disk_space'].reason
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_disk_check_on_a_really_small_filesystem(tmp_path, small_fs):
+    data = small_fs('256k')
+    live = bh.make_plain_db(data / 'anthias.db', rows=200)
+    assert live.stat().st_size > 256 * 1024 / 4
+    backups = tmp_path / 'backups'
+    backup.create_backup(live, backups)
+    report = run((data, live, backups))
+    assert failed(report) == ['disk_space']
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_lock_held_means_not_ready(device):
+    data, live, backups = device
+    backup.create_backup(live, backups)
+    with locking.operation_lock(data, 'rollback_migration'):
+        report = run(device)
+        assert failed(report) == ['lock']
+        assert 'rollback_migration holds the lock' in \
+            by_name(report)['lock'].reason
+    assert run(device).ready
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_postgres_down_is_informational(device):
+    _data, live, backups = device
+    backup.create_backup(live, backups)
+    with profiles.temporary_alias(UNREACHABLE) as alias:
+        report = run(device, postgres_alias=alias)
+    check = by_name(report)['postgres_reachable']
+    assert not check.ok and check.informational
+    assert '127.0.0.1:1' in check.reason and 'hunter2' not in check.reason
+    assert report.ready
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_pg_dump_missing(device):
+    _data, live, backups = device
+    backup.create_backup(live, backups)
+    report = run(device, pg_dump='/nonexistent/pg_dump')
+    assert failed(report) == ['pg_dump']
+    assert 'not found' in by_name(report)['pg_dump'].reason
+    assert run(device, pg_dump='false').failed[0].name == 'pg_dump'
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_sqlite_path_not_writable(device, readonly_dir):
+    data, live, backups = device
+    backup.create_backup(live, backups)
+    report = readiness.check_readiness(
+        data_dir=data, sqlite_path=readonly_dir / 'anthias.db',
+        backup_dir=backups, postgres_alias='postgres', pg_dump=PG_DUMP)
+    assert failed(report) == ['sqlite_writable']
+
+
+def test_a_later_check_is_one_appended_function(device):
+    data, live, backups = device
+
+    def check_drill(ctx):
+        return readiness.ReadinessCheck('drill', False, 'no drill yet')
+
+    report = readiness.check_readiness(
+        data_dir=data, sqlite_path=live, backup_dir=backups,
+        postgres_alias=None, checks=[check_drill])
+    assert [c.name for c in report.checks] == ['drill']
+    assert not report.ready
