@@ -1,0 +1,828 @@
+"""Prove two aliases hold the same data, and find exactly where they don't.
+
+Both sides are read in primary-key order, each in one read-only snapshot,
+as two streams of canonical rows (see normalize.py). The streams are merged
+segment by segment: a segment ends at the smaller of the two buffers' last
+keys, so it holds every row of both sides in its key range. Segments whose
+key lists and checksums agree are identical; a mismatching segment is
+bisected by key into halves with their own checksums until the differing
+rows are few, and only those are compared field by field. `deep=True`
+compares every row field by field instead of trusting checksums.
+
+Key order: the merge compares keys in Python (code points = UTF-8 bytes),
+so each engine must return that order: SQLite sorts text `COLLATE BINARY`
+(memcmp), PostgreSQL `USING ~<~` (memcmp, served by Django's
+`*_like` text_pattern_ops index), never the database's locale collation.
+Each chunk's keys are checked to be strictly increasing; a disagreement
+raises CompareError instead of reporting false differences. No `IN (...)`
+list is ever built, so SQLite's variable limit cannot be reached.
+Memory holds one chunk per side plus one segment, whatever the table size
+(and the lists of differing keys, which the report must carry).
+"""
+import contextlib
+import hashlib
+import itertools
+import random
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from django.db import DatabaseError, connections, models
+
+from anthias_rollback import models_graph, schema
+from anthias_rollback.exceptions import (
+    CompareError,
+    DeadlineError,
+    SchemaMismatchError,
+)
+from anthias_rollback.normalize import (
+    ColumnPlan,
+    normalize_chunk,
+    plan_columns,
+    value_field,
+)
+from anthias_rollback.report import describe_alias, first_line
+
+CHUNK_ROWS = 5000
+SEGMENT_ROWS = 4000
+# Below this many rows on both sides a bisected segment is compared row
+# by row: cheaper than two more checksums.
+LEAF_ROWS = 16
+SAMPLE_LIMIT = 1_000_000
+
+TEXT_TYPES = {'CharField', 'TextField', 'SlugField', 'EmailField',
+              'URLField', 'FilePathField', 'GenericIPAddressField'}
+
+
+@dataclass(frozen=True)
+class CompareEvent:
+    """Progress: kind is 'model_start', 'batch' or 'model_done'."""
+    kind: str
+    label: str
+    done: int = 0
+    total: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    label: str
+    table: str
+    left_rows: int
+    right_rows: int
+    compared: int          # rows of both sides examined (max per key)
+    identical: int
+    missing_keys: tuple    # on the left, not on the right
+    extra_keys: tuple      # on the right, not on the left
+    changed: tuple         # ((pk, (field names...)), ...)
+    complete: bool
+    seconds: float
+    sampled: int = 0
+    sample_differences: int = 0
+
+    @property
+    def differences(self) -> int:
+        return (len(self.missing_keys) + len(self.extra_keys)
+                + len(self.changed))
+
+    @property
+    def integrity(self) -> float:
+        """identical / max(rows) in percent (100 for two empty tables)."""
+        rows = max(self.left_rows, self.right_rows)
+        return 100.0 if rows == 0 else 100.0 * self.identical / rows
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and self.differences == 0 \
+            and self.left_rows == self.right_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data['changed'] = [{'pk': pk, 'fields': list(names)}
+                           for pk, names in self.changed]
+        data['missing_keys'] = list(self.missing_keys)
+        data['extra_keys'] = list(self.extra_keys)
+        data.update(integrity=round(self.integrity, 4), ok=self.ok,
+                    differences=self.differences)
+        return data
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    left_alias: str
+    right_alias: str
+    left_description: str
+    right_description: str
+    deep: bool
+    sample_size: int
+    models: tuple[ModelComparison, ...]
+    not_compared: tuple[str, ...]
+    complete: bool
+    stopped_reason: str
+    notes: tuple[str, ...]
+    seconds: float
+
+    @property
+    def left_rows(self) -> int:
+        return sum(m.left_rows for m in self.models)
+
+    @property
+    def right_rows(self) -> int:
+        return sum(m.right_rows for m in self.models)
+
+    @property
+    def identical(self) -> int:
+        return sum(m.identical for m in self.models)
+
+    @property
+    def differences(self) -> int:
+        return sum(m.differences for m in self.models)
+
+    @property
+    def integrity(self) -> float:
+        rows = sum(max(m.left_rows, m.right_rows) for m in self.models)
+        return 100.0 if rows == 0 else 100.0 * self.identical / rows
+
+    @property
+    def min_model_integrity(self) -> float:
+        return min((m.integrity for m in self.models), default=100.0)
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and all(m.ok for m in self.models)
+
+    def at_risk_keys(self) -> dict[str, tuple]:
+        """Right-side keys missing on the left or differing from it."""
+        return {m.label: tuple(m.extra_keys)
+                + tuple(pk for pk, _ in m.changed)
+                for m in self.models if m.extra_keys or m.changed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            'left': self.left_description,
+            'right': self.right_description,
+            'mode': 'deep' if self.deep else 'checksum',
+            'sample_size': self.sample_size,
+            'complete': self.complete,
+            'stopped_reason': self.stopped_reason,
+            'ok': self.ok,
+            'integrity': round(self.integrity, 4),
+            'left_rows': self.left_rows,
+            'right_rows': self.right_rows,
+            'identical': self.identical,
+            'differences': self.differences,
+            'seconds': round(self.seconds, 3),
+            'notes': list(self.notes),
+            'not_compared': list(self.not_compared),
+            'models': [m.to_dict() for m in self.models],
+        }
+
+
+@dataclass(frozen=True)
+class QueryTiming:
+    label: str
+    query: str
+    left_ms: float
+    right_ms: float
+    ratio: float          # right / left
+    slow: bool            # above max_query_ms on either side
+    degraded: bool        # ratio above DEGRADED_RATIO
+
+
+@dataclass(frozen=True)
+class PerformanceReport:
+    left_alias: str
+    right_alias: str
+    max_query_ms: float | None
+    timings: tuple[QueryTiming, ...]
+
+    @property
+    def slow(self) -> tuple[QueryTiming, ...]:
+        return tuple(t for t in self.timings if t.slow)
+
+    @property
+    def degraded(self) -> tuple[QueryTiming, ...]:
+        return tuple(t for t in self.timings if t.degraded)
+
+    @property
+    def ok(self) -> bool:
+        return not self.slow
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'max_query_ms': self.max_query_ms, 'ok': self.ok,
+                'degraded_ratio': DEGRADED_RATIO,
+                'timings': [asdict(t) for t in self.timings]}
+
+
+# ---------------------------------------------------------------- snapshots
+
+@contextmanager
+def postgres_read_snapshot(alias: str, deadline: float | None
+                           ) -> Iterator[None]:
+    """One REPEATABLE READ READ ONLY transaction on a PostgreSQL alias."""
+    connection = connections[alias]
+    connection.set_autocommit(False)
+    try:
+        with connection.wrap_database_errors, \
+                connection.connection.cursor() as cursor:
+            # Must be the transaction's first statement.
+            cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ '
+                           'READ ONLY')
+            if deadline is not None:
+                # PostgreSQL: a sort before the first row must not outlive
+                # --timeout; cancelled statements end as DeadlineError.
+                ms = max(1, int((deadline - time.monotonic()) * 1000))
+                cursor.execute(f'SET LOCAL statement_timeout = {ms}')
+        yield
+    finally:
+        try:
+            connection.rollback()
+            connection.set_autocommit(True)
+        except DatabaseError:
+            connection.close()
+
+
+@contextmanager
+def sqlite_read_snapshot(alias: str, deadline: float | None
+                         ) -> Iterator[None]:
+    """One deferred read transaction on a SQLite alias, query_only on."""
+    connection = connections[alias]
+    raw = connection.connection
+    wrap = connection.wrap_database_errors
+    # SQLite: a DEFERRED transaction takes no write lock (Django's atomic()
+    # would BEGIN IMMEDIATE here); its first read pins the WAL snapshot.
+    with wrap:
+        raw.execute('PRAGMA query_only = ON')
+        raw.execute('BEGIN DEFERRED')
+    if deadline is not None:
+        raw.set_progress_handler(
+            lambda: int(time.monotonic() > deadline), 100_000)
+    try:
+        yield
+    finally:
+        raw.set_progress_handler(None, 0)
+        with wrap:
+            try:
+                raw.execute('ROLLBACK')
+            finally:
+                raw.execute('PRAGMA query_only = OFF')
+
+
+@contextmanager
+def read_snapshot(alias: str, deadline: float | None = None
+                  ) -> Iterator[None]:
+    """Read *alias* in one consistent, read-only snapshot.
+
+    Inside a caller's atomic block, that transaction is the snapshot.
+    """
+    connection = connections[alias]
+    connection.ensure_connection()
+    if connection.in_atomic_block:
+        yield
+        return
+    if connection.vendor == 'postgresql':
+        with postgres_read_snapshot(alias, deadline):
+            yield
+    elif connection.vendor == 'sqlite':
+        with sqlite_read_snapshot(alias, deadline):
+            yield
+    else:
+        raise CompareError(f'{describe_alias(alias)}: engine '
+                           f'{connection.vendor} is not supported')
+
+
+# ------------------------------------------------------------------ reading
+
+def postgres_order_by(column: str, pk: models.Field) -> str:
+    # PostgreSQL: ~<~ sorts text bytewise whatever the database locale.
+    if value_field(pk).get_internal_type() in TEXT_TYPES:
+        return f'{column} USING ~<~'
+    return column
+
+
+def sqlite_order_by(column: str, pk: models.Field) -> str:
+    # SQLite: BINARY is memcmp; explicit in case the column has another.
+    if value_field(pk).get_internal_type() in TEXT_TYPES:
+        return f'{column} COLLATE BINARY'
+    return column
+
+
+_cursor_names = iter(range(1, 1 << 62))
+
+
+def postgres_fetch_chunks(alias: str, sql: str) -> Iterator[list[tuple]]:
+    # PostgreSQL: a named (server-side) cursor streams; a plain one would
+    # pull the whole table into client memory on execute().
+    connection = connections[alias]
+    cursor = connection.connection.cursor(
+        name=f'anthias_compare_{next(_cursor_names)}', withhold=False)
+    cursor.itersize = CHUNK_ROWS
+    try:
+        with connection.wrap_database_errors:
+            cursor.execute(sql)
+            while rows := cursor.fetchmany(CHUNK_ROWS):
+                yield rows
+    finally:
+        # Closing fails in an aborted transaction; the rollback ends it.
+        with contextlib.suppress(Exception):
+            cursor.close()
+
+
+def sqlite_fetch_chunks(alias: str, sql: str) -> Iterator[list[tuple]]:
+    connection = connections[alias]
+    cursor = connection.connection.cursor()
+    try:
+        with connection.wrap_database_errors:
+            cursor.execute(sql)
+            while rows := cursor.fetchmany(CHUNK_ROWS):
+                yield rows
+    finally:
+        cursor.close()
+
+
+def select_ordered_sql(model: type[models.Model], alias: str,
+                       plans: tuple[ColumnPlan, ...]) -> str:
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    columns = ', '.join(quote(p.column) for p in plans)
+    pk_column = quote(plans[0].column)
+    if connection.vendor == 'postgresql':
+        order = postgres_order_by(pk_column, model._meta.pk)
+    else:
+        order = sqlite_order_by(pk_column, model._meta.pk)
+    return (f'SELECT {columns} FROM {quote(model._meta.db_table)} '
+            f'ORDER BY {order}')
+
+
+def stream_canonical_rows(model: type[models.Model], alias: str
+                          ) -> Iterator[tuple[list, list[tuple]]]:
+    """(keys, rows) chunks of canonical rows in bytewise pk order."""
+    connection = connections[alias]
+    plans = plan_columns(model, alias)
+    sql = select_ordered_sql(model, alias, plans)
+    if connection.vendor == 'postgresql':
+        chunks = postgres_fetch_chunks(alias, sql)
+    else:
+        chunks = sqlite_fetch_chunks(alias, sql)
+    previous = None
+    for raw in chunks:
+        columns = normalize_chunk(raw, plans, alias)
+        keys = columns[0]
+        first = keys[0]
+        if (previous is not None and not previous < first) or not all(
+                a < b for a, b in itertools.pairwise(keys)):
+            raise CompareError(
+                f'{model._meta.label}: {describe_alias(alias)} does not '
+                f'return primary keys in bytewise order (custom collation '
+                f'on {model._meta.pk.column}?); cannot compare safely')
+        previous = keys[-1]
+        yield keys, list(zip(*columns))
+
+
+# --------------------------------------------------------------- comparing
+
+def checksum_rows(rows: list[tuple]) -> bytes:
+    """Engine-neutral checksum of canonical rows (None/bool/int/float/str
+    have one repr)."""
+    return hashlib.blake2b(repr(rows).encode('utf-8', 'surrogatepass'),
+                           digest_size=16).digest()
+
+
+class _Tally:
+    """Mutable counters for one model while it is compared."""
+
+    def __init__(self, names: list[str], sample: set[int] | None):
+        self.names = names
+        self.identical = 0
+        self.missing: list = []
+        self.extra: list = []
+        self.changed: list = []
+        self.compared = 0
+        self.left_seen = 0
+        self.sample = sample
+        self.sampled = 0
+        self.sample_differences = 0
+
+    def changed_fields(self, left: tuple, right: tuple) -> tuple[str, ...]:
+        return tuple(name for name, a, b in zip(self.names, left, right)
+                     if a != b)
+
+    def compare_rows(self, lkeys: list, lrows: list, rkeys: list,
+                     rrows: list) -> None:
+        """Field by field, merging the two key-sorted lists."""
+        i = j = 0
+        nl, nr = len(lkeys), len(rkeys)
+        while i < nl or j < nr:
+            if j >= nr or (i < nl and lkeys[i] < rkeys[j]):
+                self.missing.append(lkeys[i])
+                i += 1
+            elif i >= nl or rkeys[j] < lkeys[i]:
+                self.extra.append(rkeys[j])
+                j += 1
+            else:
+                if lrows[i] == rrows[j]:
+                    self.identical += 1
+                else:
+                    self.changed.append(
+                        (lkeys[i], self.changed_fields(lrows[i], rrows[j])))
+                i += 1
+                j += 1
+
+    def bisect(self, lkeys: list, lrows: list, rkeys: list,
+               rrows: list) -> None:
+        """Checksums over halves by key until the differing rows are few."""
+        if lkeys == rkeys and checksum_rows(lrows) == checksum_rows(rrows):
+            self.identical += len(lkeys)
+            return
+        if len(lkeys) <= LEAF_ROWS and len(rkeys) <= LEAF_ROWS:
+            self.compare_rows(lkeys, lrows, rkeys, rrows)
+            return
+        longer = lkeys if len(lkeys) >= len(rkeys) else rkeys
+        pivot = longer[len(longer) // 2]
+        li, ri = bisect_left(lkeys, pivot), bisect_left(rkeys, pivot)
+        self.bisect(lkeys[:li], lrows[:li], rkeys[:ri], rrows[:ri])
+        self.bisect(lkeys[li:], lrows[li:], rkeys[ri:], rrows[ri:])
+
+    def check_sample(self, lkeys: list, lrows: list, rkeys: list,
+                     rrows: list) -> None:
+        """Field by field on the sampled left positions of this segment."""
+        start = self.left_seen
+        for offset, key in enumerate(lkeys):
+            if start + offset not in self.sample:
+                continue
+            self.sampled += 1
+            j = bisect_left(rkeys, key)
+            if j == len(rkeys) or rkeys[j] != key or \
+                    self.changed_fields(lrows[offset], rrows[j]):
+                self.sample_differences += 1
+
+
+def resolve_models(models: Iterable | None) -> list[type[models.Model]]:
+    """Model classes from classes or `app.Model` labels (None: all)."""
+    if models is None:
+        return list(models_graph.plan_models().models)
+    resolved = []
+    for item in models:
+        if isinstance(item, str):
+            try:
+                item = models_graph.get_model(item)
+            except LookupError:
+                raise CompareError(f'unknown model {item!r}') from None
+        resolved.append(item)
+    return resolved
+
+
+def check_schema(left_alias: str, right_alias: str,
+                 model_list: list[type[models.Model]]) -> list[str]:
+    """Both aliases answer, carry the same migrations and every model's
+    table and columns. Raises DatabaseUnavailableError or
+    SchemaMismatchError; returns notes (extra columns on one side)."""
+    only_left, only_right = schema.diff_migrations(left_alias, right_alias)
+    if only_left or only_right:
+        parts = []
+        for alias, names in ((left_alias, only_left),
+                             (right_alias, only_right)):
+            if names:
+                shown = ', '.join(names[:5])
+                more = f' (+{len(names) - 5} more)' if len(names) > 5 else ''
+                parts.append(f'applied only on {describe_alias(alias)}: '
+                             f'{shown}{more}')
+        raise SchemaMismatchError(
+            'migration state differs; ' + '; '.join(parts)
+            + '; run `manage.py migrate --database <alias>` on the side '
+            'that is behind')
+    notes = []
+    columns = {alias: _table_columns(alias)
+               for alias in (left_alias, right_alias)}
+    for model in model_list:
+        table = model._meta.db_table
+        wanted = {f.column for f in model._meta.concrete_fields}
+        found = {}
+        for alias in (left_alias, right_alias):
+            if table not in columns[alias]:
+                raise SchemaMismatchError(
+                    f'{model._meta.label}: table {table} is missing on '
+                    f'{describe_alias(alias)}')
+            found[alias] = columns[alias][table]
+            lacking = sorted(wanted - found[alias])
+            if lacking:
+                raise SchemaMismatchError(
+                    f'{model._meta.label}: {describe_alias(alias)} lacks '
+                    f'column(s) {", ".join(lacking)} of table {table}')
+        if found[left_alias] != found[right_alias]:
+            notes.append(
+                f'{model._meta.label}: columns outside the model differ '
+                f'({", ".join(sorted(found[left_alias] ^ found[right_alias]))}'
+                '); not compared')
+    return notes
+
+
+def _table_columns(alias: str) -> dict[str, set[str]]:
+    connection = connections[alias]
+    result = {}
+    with connection.cursor() as cursor:
+        for table in connection.introspection.table_names(cursor):
+            description = connection.introspection.get_table_description(
+                cursor, table)
+            result[table] = {c.name for c in description}
+    return result
+
+
+def _count_rows(model: type[models.Model], alias: str) -> int:
+    return model._base_manager.using(alias).count()
+
+
+def compare_model(model: type[models.Model], left_alias: str,
+                  right_alias: str, *, deep: bool = False,
+                  sample_size: int = 0, deadline: float | None = None,
+                  progress: Callable[[CompareEvent], None] | None = None,
+                  rng: random.Random | None = None) -> ModelComparison:
+    """Compare one model; both aliases must already be in their snapshots.
+
+    Stops at *deadline* (time.monotonic()) with complete=False.
+    """
+    started = time.monotonic()
+    label = model._meta.label
+    left_rows = _count_rows(model, left_alias)
+    right_rows = _count_rows(model, right_alias)
+    sample = None
+    if sample_size:
+        sample = set((rng or random.Random()).sample(
+            range(left_rows), min(sample_size, left_rows)))
+    names = [p.field.name for p in plan_columns(model, left_alias)]
+    tally = _Tally(names, sample)
+    if progress:
+        progress(CompareEvent('model_start', label, 0, left_rows))
+    left = stream_canonical_rows(model, left_alias)
+    right = stream_canonical_rows(model, right_alias)
+    lk: list = []
+    lr: list = []
+    rk: list = []
+    rr: list = []
+    left_done = right_done = False
+    complete = True
+    try:
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                complete = False
+                break
+            while not left_done and len(lk) < SEGMENT_ROWS:
+                chunk = next(left, None)
+                if chunk is None:
+                    left_done = True
+                else:
+                    lk += chunk[0]
+                    lr += chunk[1]
+            while not right_done and len(rk) < SEGMENT_ROWS:
+                chunk = next(right, None)
+                if chunk is None:
+                    right_done = True
+                else:
+                    rk += chunk[0]
+                    rr += chunk[1]
+            if not lk and not rk:
+                break
+            # The segment ends where both sides are known to be complete.
+            if left_done and right_done:
+                nl, nr = len(lk), len(rk)
+            else:
+                if left_done:
+                    bound = rk[-1]
+                elif right_done:
+                    bound = lk[-1]
+                else:
+                    bound = min(lk[-1], rk[-1])
+                nl, nr = bisect_right(lk, bound), bisect_right(rk, bound)
+            seg = (lk[:nl], lr[:nl], rk[:nr], rr[:nr])
+            if deep:
+                tally.compare_rows(*seg)
+            else:
+                tally.bisect(*seg)
+            if sample:
+                tally.check_sample(*seg)
+            tally.left_seen += nl
+            tally.compared += max(nl, nr)
+            del lk[:nl], lr[:nl], rk[:nr], rr[:nr]
+            if progress:
+                progress(CompareEvent('batch', label, tally.left_seen,
+                                      left_rows,
+                                      time.monotonic() - started))
+    except DatabaseError as err:
+        if deadline is not None and time.monotonic() > deadline:
+            complete = False  # the statement timeout / interrupt fired
+        else:
+            raise CompareError(f'{label}: reading failed: '
+                               f'{first_line(err)}') from None
+    finally:
+        left.close()
+        right.close()
+    seconds = time.monotonic() - started
+    if progress:
+        progress(CompareEvent('model_done', label, tally.left_seen,
+                              left_rows, seconds))
+    return ModelComparison(
+        label=label, table=model._meta.db_table, left_rows=left_rows,
+        right_rows=right_rows, compared=tally.compared,
+        identical=tally.identical, missing_keys=tuple(tally.missing),
+        extra_keys=tuple(tally.extra), changed=tuple(tally.changed),
+        complete=complete, seconds=seconds, sampled=tally.sampled,
+        sample_differences=tally.sample_differences)
+
+
+def compare_aliases(left_alias: str, right_alias: str, *,
+                    models: Iterable | None = None, deep: bool = False,
+                    sample_size: int = 0, timeout: float | None = None,
+                    progress: Callable[[CompareEvent], None] | None = None,
+                    seed: int | None = None) -> CompareReport:
+    """Compare every model's rows between two aliases.
+
+    Reads both aliases, writes neither: each is read in one snapshot
+    (SQLite: one deferred read transaction with query_only; PostgreSQL:
+    REPEATABLE READ READ ONLY), rolled back at the end. *left* is the
+    reference (SQLite, a backup); keys only there are `missing_keys`,
+    keys only on *right* are `extra_keys`. With *timeout* (seconds) it
+    stops cleanly and returns complete=False. Raises
+    DatabaseUnavailableError, SchemaMismatchError, CompareError.
+    """
+    started = time.monotonic()
+    if sample_size < 0:
+        raise CompareError(f'sample size must be >= 0, not {sample_size}')
+    if timeout is not None and timeout <= 0:
+        raise CompareError(f'timeout must be > 0 seconds, not {timeout}')
+    deadline = None if timeout is None else started + timeout
+    model_list = resolve_models(models)
+    notes = check_schema(left_alias, right_alias, model_list)
+    rng = random.Random(seed)
+    results: list[ModelComparison] = []
+    stopped = ''
+    try:
+        with read_snapshot(left_alias, deadline), \
+                read_snapshot(right_alias, deadline):
+            for model in model_list:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                result = compare_model(
+                    model, left_alias, right_alias, deep=deep,
+                    sample_size=min(sample_size, SAMPLE_LIMIT),
+                    deadline=deadline, progress=progress, rng=rng)
+                if sample_size > result.left_rows and sample_size:
+                    notes.append(
+                        f'{result.label}: sample size {sample_size} is more '
+                        f'than its {result.left_rows} rows; sampled all')
+                results.append(result)
+                if not result.complete:
+                    break
+    except DatabaseError as err:
+        if deadline is not None and time.monotonic() > deadline:
+            stopped = f'timeout after {timeout:g}s'
+        else:
+            raise CompareError(f'comparing {left_alias} and {right_alias} '
+                               f'failed: {first_line(err)}') from None
+    done = {r.label for r in results if r.complete}
+    not_compared = tuple(m._meta.label for m in model_list
+                         if m._meta.label not in done)
+    if not_compared and not stopped:
+        stopped = f'timeout after {timeout:g}s'
+    return CompareReport(
+        left_alias=left_alias, right_alias=right_alias,
+        left_description=describe_alias(left_alias),
+        right_description=describe_alias(right_alias), deep=deep,
+        sample_size=sample_size, models=tuple(results),
+        not_compared=not_compared, complete=not not_compared,
+        stopped_reason=stopped, notes=tuple(notes),
+        seconds=time.monotonic() - started)
+
+
+def find_at_risk_keys(reference_alias: str, live_alias: str, *,
+                      models: Iterable | None = None,
+                      timeout: float | None = None,
+                      progress: Callable[[CompareEvent], None] | None = None
+                      ) -> dict[str, tuple]:
+    """Keys of rows on *live_alias* that are missing from
+    *reference_alias* (e.g. a backup) or differ from it, per model label.
+
+    Checksum mode (the fast path); reads only. Raises DeadlineError when
+    *timeout* runs out (a partial key list would be unsafe to act on),
+    plus whatever compare_aliases raises.
+    """
+    report = compare_aliases(reference_alias, live_alias, models=models,
+                             timeout=timeout, progress=progress)
+    if not report.complete:
+        raise DeadlineError(
+            f'at-risk rows not fully computed: {report.stopped_reason}; '
+            f'not compared: {", ".join(report.not_compared)}')
+    return report.at_risk_keys()
+
+
+# ------------------------------------------------------------- performance
+
+DEGRADED_RATIO = 3.0
+# Sub-millisecond queries are dominated by the round trip that an
+# in-process SQLite never pays; a ratio there says nothing about the data.
+DEGRADED_FLOOR_MS = 1.0
+PERF_REPEAT = 3
+
+
+def _time_query(run: Callable[[str], Any], alias: str) -> float:
+    times = []
+    for _ in range(PERF_REPEAT):
+        started = time.perf_counter()
+        run(alias)
+        times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def _indexed_field(model: type[models.Model]) -> models.Field | None:
+    for f in model._meta.concrete_fields:
+        if f.primary_key:
+            continue
+        if f.db_index or f.unique or f.is_relation:
+            return f
+    return None
+
+
+def _representative_queries(model: type[models.Model], left_alias: str
+                            ) -> list[tuple[str, Callable[[str], Any]]]:
+    manager = model._base_manager
+    queries = [('count', lambda a: manager.using(a).count())]
+    first = manager.using(left_alias).order_by('pk').first()
+    if first is not None:
+        pk = first.pk
+        queries.append(('pk lookup',
+                        lambda a: list(manager.using(a).filter(pk=pk))))
+        indexed = _indexed_field(model)
+        if indexed is not None:
+            value = getattr(first, indexed.attname)
+            lookup = ({f'{indexed.attname}__isnull': True} if value is None
+                      else {indexed.attname: value})
+            queries.append((f'filter {indexed.name}', lambda a: list(
+                manager.using(a).filter(**lookup)[:100])))
+    queries.append(('order by pk desc limit 20', lambda a: list(
+        manager.using(a).order_by('-pk')[:20])))
+    return queries
+
+
+def measure_query_performance(left_alias: str, right_alias: str, *,
+                              models: Iterable | None = None,
+                              max_query_ms: float | None = None,
+                              progress: Callable[[CompareEvent], None]
+                              | None = None) -> PerformanceReport:
+    """Time representative queries per model on both aliases (median of
+    three): count, pk lookup, filter on an indexed field, ORDER BY pk
+    LIMIT. Reads only, outside any explicit transaction. Raises
+    CompareError if a query fails."""
+    if max_query_ms is not None and max_query_ms <= 0:
+        raise CompareError(f'max query time must be > 0 ms, not '
+                           f'{max_query_ms}')
+    timings = []
+    for model in resolve_models(models):
+        label = model._meta.label
+        if progress:
+            progress(CompareEvent('model_start', label))
+        try:
+            for name, run in _representative_queries(model, left_alias):
+                left_ms = _time_query(run, left_alias)
+                right_ms = _time_query(run, right_alias)
+                ratio = right_ms / left_ms if left_ms > 0 else 0.0
+                slow = max_query_ms is not None and max(
+                    left_ms, right_ms) > max_query_ms
+                degraded = (ratio > DEGRADED_RATIO
+                            and right_ms >= DEGRADED_FLOOR_MS)
+                timings.append(QueryTiming(label, name, round(left_ms, 3),
+                                           round(right_ms, 3),
+                                           round(ratio, 2), slow, degraded))
+        except DatabaseError as err:
+            raise CompareError(f'{label}: performance query failed: '
+                               f'{first_line(err)}') from None
+    return PerformanceReport(left_alias, right_alias, max_query_ms,
+                             tuple(timings))
+
+
+
+SQLITE_HEADER = b'SQLite format 3\x00'
+
+
+def check_sqlite_file(path: Path) -> None:
+    """CompareError unless *path* is an existing SQLite database file.
+
+    Checked before an alias is opened on it: sqlite3 would silently
+    create an empty database at a mistyped path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CompareError(f'SQLite file {path} does not exist')
+    if not path.is_file():
+        raise CompareError(f'SQLite file {path} is not a regular file')
+    try:
+        with path.open('rb') as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise CompareError(f'cannot read SQLite file {path}: '
+                           f'{err.strerror}') from None
+    if header != SQLITE_HEADER:
+        raise CompareError(f'{path} is not a SQLite database '
+                           '(no SQLite header)')

@@ -1,0 +1,302 @@
+import datetime as dt
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+from django.db import connections
+
+from anthias_app.models import Asset
+from anthias_rollback import compare, profiles
+from anthias_rollback.exceptions import (
+    CompareError,
+    DeadlineError,
+    SchemaMismatchError,
+)
+from tests.compare_helpers import asset_copies, build_assets, fill_both
+from tests.kitchensink.models import Item, ItemDetail, Tag
+
+BOTH = ['sqlite', 'postgres']
+
+
+def by_label(report):
+    return {m.label: m for m in report.models}
+
+
+@pytest.mark.parametrize('deep', [False, True])
+@pytest.mark.django_db(databases=BOTH)
+def test_identical_hard_values_are_100_percent(deep):
+    fill_both('sqlite', 'postgres')
+    report = compare.compare_aliases('sqlite', 'postgres', deep=deep)
+    models = by_label(report)
+    assert report.complete and report.ok, [
+        m.to_dict() for m in report.models if not m.ok]
+    assert report.integrity == 100.0
+    assert report.differences == 0
+    assert models['anthias_app.Asset'].identical == 40
+    assert models['kitchensink.Item'].identical == 8
+    assert models['kitchensink.Item_tags'].identical == 6
+    assert models['kitchensink.Tag'].identical == 4
+    assert report.at_risk_keys() == {}
+
+
+def change_rows_on_postgres(assets):
+    """One change of each kind; returns what the report must say."""
+    pg = 'postgres'
+    a_name, a_gone, a_dt = (assets[3].asset_id, assets[4].asset_id,
+                            assets[5].asset_id)
+    Asset.objects.using(pg).filter(pk=a_name).update(name='changed')
+    Asset.objects.using(pg).filter(pk=a_gone).delete()
+    new = asset_copies(assets[:1], 1)[0]
+    new.asset_id = 'added-on-postgres'
+    new.save(using=pg, force_insert=True)
+    moved = Asset.objects.using(pg).get(pk=a_dt)
+    Asset.objects.using(pg).filter(pk=a_dt).update(
+        start_date=moved.start_date + dt.timedelta(microseconds=1))
+    item = Item.objects.using(pg).get(pk=4)
+    item.data['a']['y'][1] = 2.6
+    Item.objects.using(pg).filter(pk=4).update(data=item.data)
+    flag = Item.objects.using(pg).get(pk=5).flag
+    Item.objects.using(pg).filter(pk=5).update(flag=not flag)
+    tag = Tag.objects.using(pg).order_by('pk')[2]
+    Tag.objects.using(pg).filter(pk=tag.pk).update(label='relabelled')
+    return {
+        'anthias_app.Asset': {
+            'missing': [a_gone], 'extra': ['added-on-postgres'],
+            'changed': {a_name: ('name',), a_dt: ('start_date',)}},
+        'kitchensink.Item': {'missing': [], 'extra': [],
+                             'changed': {4: ('data',), 5: ('flag',)}},
+        'kitchensink.Tag': {'missing': [], 'extra': [],
+                            'changed': {tag.pk.hex: ('label',)}},
+    }
+
+
+@pytest.mark.parametrize('deep', [False, True])
+@pytest.mark.django_db(databases=BOTH)
+def test_changes_are_named_exactly(deep):
+    assets = fill_both('sqlite', 'postgres', n_assets=60)
+    expected = change_rows_on_postgres(assets)
+    report = compare.compare_aliases('sqlite', 'postgres', deep=deep)
+    models = by_label(report)
+    assert not report.ok and report.complete
+    for label, want in expected.items():
+        got = models[label]
+        assert list(got.missing_keys) == want['missing'], label
+        assert list(got.extra_keys) == want['extra'], label
+        assert dict(got.changed) == want['changed'], label
+    others = [m for m in report.models if m.label not in expected]
+    assert all(m.ok for m in others)
+    asset = models['anthias_app.Asset']
+    assert (asset.left_rows, asset.right_rows) == (60, 60)
+    assert asset.identical == 57
+    assert asset.integrity == pytest.approx(100 * 57 / 60)
+    at_risk = report.at_risk_keys()
+    assert set(at_risk['anthias_app.Asset']) == {
+        'added-on-postgres', *expected['anthias_app.Asset']['changed']}
+    assert set(at_risk['kitchensink.Item']) == {4, 5}
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_bisection_over_many_segments(monkeypatch):
+    # Small segments: differences land in different segments and the
+    # bisection must still name exactly them.
+    monkeypatch.setattr(compare, 'SEGMENT_ROWS', 7)
+    monkeypatch.setattr(compare, 'CHUNK_ROWS', 5)
+    assets = fill_both('sqlite', 'postgres', n_assets=120)
+    keys = sorted(a.asset_id for a in assets)
+    changed = keys[::17]
+    Asset.objects.using('postgres').filter(pk__in=changed).update(
+        is_enabled=True, nocache=True, play_order=-1)
+    report = compare.compare_aliases('sqlite', 'postgres',
+                                     models=['anthias_app.Asset'])
+    got = report.models[0]
+    assert sorted(pk for pk, _ in got.changed) == changed
+    assert all('play_order' in names for _, names in got.changed)
+    assert got.identical == 120 - len(changed)
+    assert got.missing_keys == () and got.extra_keys == ()
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_find_at_risk_keys_lists_extra_and_changed_rows():
+    assets = fill_both('sqlite', 'postgres')
+    Asset.objects.using('sqlite').filter(pk=assets[7].asset_id).delete()
+    Asset.objects.using('postgres').filter(pk=assets[8].asset_id).update(
+        md5='x')
+    Asset.objects.using('postgres').filter(pk=assets[9].asset_id).delete()
+    keys = compare.find_at_risk_keys('sqlite', 'postgres')
+    assert set(keys) == {'anthias_app.Asset'}
+    assert set(keys['anthias_app.Asset']) == {assets[7].asset_id,
+                                              assets[8].asset_id}
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_sample_is_clamped_and_noted():
+    fill_both('sqlite', 'postgres')
+    report = compare.compare_aliases('sqlite', 'postgres', sample_size=20,
+                                     models=['anthias_app.Asset',
+                                             'kitchensink.Item'])
+    models = by_label(report)
+    assert models['anthias_app.Asset'].sampled == 20
+    assert models['kitchensink.Item'].sampled == 8
+    assert any('kitchensink.Item: sample size 20 is more than its 8 rows'
+               in note for note in report.notes)
+    assert report.ok
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_bad_numbers_and_unknown_model_raise():
+    with pytest.raises(CompareError, match='sample size must be >= 0'):
+        compare.compare_aliases('sqlite', 'postgres', sample_size=-1)
+    with pytest.raises(CompareError, match='timeout must be > 0'):
+        compare.compare_aliases('sqlite', 'postgres', timeout=-2)
+    with pytest.raises(CompareError, match="unknown model 'nope.Nope'"):
+        compare.compare_aliases('sqlite', 'postgres', models=['nope.Nope'])
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_model_missing_on_one_side_is_a_schema_error():
+    # PostgreSQL DDL is transactional: the test's rollback restores it.
+    with connections['postgres'].schema_editor() as editor:
+        editor.delete_model(ItemDetail)
+    with pytest.raises(SchemaMismatchError) as excinfo:
+        compare.compare_aliases('sqlite', 'postgres')
+    message = str(excinfo.value)
+    assert 'kitchensink.ItemDetail' in message
+    assert 'kitchensink_itemdetail is missing on postgres' in message
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_timeout_returns_partial_report():
+    fill_both('sqlite', 'postgres')
+    report = compare.compare_aliases('sqlite', 'postgres', timeout=1e-6)
+    assert not report.complete
+    assert report.stopped_reason.startswith('timeout after')
+    assert report.not_compared
+    with pytest.raises(DeadlineError):
+        compare.find_at_risk_keys('sqlite', 'postgres', timeout=1e-6)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for suffix in ('', '-wal'):
+        part = Path(str(path) + suffix)
+        if part.exists():
+            digest.update(part.read_bytes())
+    return digest.hexdigest()
+
+
+def postgres_write_activity() -> tuple:
+    with connections['postgres'].cursor() as cursor:
+        cursor.execute('SELECT pg_current_wal_lsn()')
+        return cursor.fetchone()
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_read_only_snapshot_no_writes_no_locks_left():
+    assets = fill_both('sqlite', 'postgres')
+    sqlite_path = Path(connections['sqlite'].settings_dict['NAME'])
+    connections['sqlite'].close()
+    before_file = file_digest(sqlite_path)
+    seen = {}
+
+    def progress(event):
+        if event.kind != 'model_start' or seen:
+            return
+        # Inside the comparison: both sides are read-only snapshots.
+        with connections['postgres'].cursor() as cursor:
+            cursor.execute('SHOW transaction_read_only')
+            seen['pg_read_only'] = cursor.fetchone()[0]
+            cursor.execute('SHOW transaction_isolation')
+            seen['pg_isolation'] = cursor.fetchone()[0]
+        with connections['sqlite'].cursor() as cursor:
+            cursor.execute('PRAGMA query_only')
+            seen['sqlite_query_only'] = cursor.fetchone()[0]
+        # A reader never blocks a SQLite writer (no write lock taken).
+        other = sqlite3.connect(sqlite_path, timeout=0.1)
+        other.execute('BEGIN IMMEDIATE')
+        other.execute('ROLLBACK')
+        other.close()
+        # A row committed elsewhere meanwhile is not seen: one snapshot.
+        extra = asset_copies(assets[:1], 1)[0]
+        extra.asset_id = 'committed-during-compare'
+        extra.save(using=writer, force_insert=True)
+
+    with profiles.temporary_alias(
+            connections['postgres'].settings_dict) as writer:
+        wal_before = postgres_write_activity()
+        report = compare.compare_aliases('sqlite', 'postgres',
+                                         progress=progress)
+    assert seen == {'pg_read_only': 'on', 'pg_isolation': 'repeatable read',
+                    'sqlite_query_only': 1}
+    assert report.ok, [m.to_dict() for m in report.models if not m.ok]
+    # The row committed during the run is there now, but was not compared.
+    assert Asset.objects.using('postgres').filter(
+        pk='committed-during-compare').exists()
+    Asset.objects.using('postgres').filter(
+        pk='committed-during-compare').delete()
+    assert wal_before <= postgres_write_activity()
+    # No locks left: both connections are back in autocommit, idle.
+    assert connections['postgres'].get_autocommit()
+    with connections['postgres'].cursor() as cursor:
+        # (This query itself locks pg_locks and catalog views.)
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE pid = "
+                       "pg_backend_pid() AND locktype = 'relation' AND "
+                       "relation::regclass::text NOT LIKE 'pg\\_%'")
+        assert cursor.fetchone()[0] == 0
+    with connections['sqlite'].cursor() as cursor:
+        cursor.execute('PRAGMA query_only')
+        assert cursor.fetchone()[0] == 0
+    connections['sqlite'].close()
+    other = sqlite3.connect(sqlite_path, timeout=0.1)
+    other.execute('BEGIN EXCLUSIVE')
+    other.execute('ROLLBACK')
+    other.close()
+    assert file_digest(sqlite_path) == before_file
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_text_keys_in_bytewise_order_on_both_engines():
+    assets = build_assets(12)
+    Asset.objects.using('sqlite').bulk_create(asset_copies(assets, 0))
+    Asset.objects.using('postgres').bulk_create(asset_copies(assets, 1))
+    keys = {}
+    for alias in BOTH:
+        keys[alias] = [k for chunk, _ in compare.stream_canonical_rows(
+            Asset, alias) for k in chunk]
+    assert keys['sqlite'] == keys['postgres'] == sorted(
+        a.asset_id for a in assets)
+
+
+def test_checksum_is_engine_neutral():
+    rows = [(1, 'é🎉', None, True, 1.5, '2024-01-01 00:00:00.000001')]
+    assert compare.checksum_rows(rows) == compare.checksum_rows(list(rows))
+    assert compare.checksum_rows(rows) != compare.checksum_rows(
+        [(1, 'é🎉', None, 1, 1.5, '2024-01-01 00:00:00.000001')])
+
+
+def test_check_sqlite_file(tmp_path):
+    with pytest.raises(CompareError, match='does not exist'):
+        compare.check_sqlite_file(tmp_path / 'missing.db')
+    text = tmp_path / 'notes.txt'
+    text.write_text('hello')
+    with pytest.raises(CompareError, match='is not a SQLite database'):
+        compare.check_sqlite_file(text)
+    good = tmp_path / 'good.db'
+    sqlite3.connect(good).execute('CREATE TABLE t (x)').connection.close()
+    compare.check_sqlite_file(good)
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_performance_report_times_both_sides():
+    fill_both('sqlite', 'postgres')
+    perf = compare.measure_query_performance(
+        'sqlite', 'postgres', models=['anthias_app.Asset',
+                                      'kitchensink.Item'],
+        max_query_ms=60_000)
+    queries = {(t.label, t.query) for t in perf.timings}
+    assert ('anthias_app.Asset', 'count') in queries
+    assert ('anthias_app.Asset', 'pk lookup') in queries
+    assert ('kitchensink.Item', 'filter category') in queries
+    assert ('kitchensink.Item', 'order by pk desc limit 20') in queries
+    assert perf.ok and all(t.left_ms > 0 and t.right_ms > 0
+                           for t in perf.timings)
