@@ -317,3 +317,52 @@ def sqlite_file_alias(path: Path, wal: bool = False
     if not wal:
         config['OPTIONS'] = {'timeout': SQLITE_OPTIONS['timeout']}
     return temporary_alias(config, prefix='anthias_file')
+
+
+@contextmanager
+def default_as(alias: str) -> Iterator[None]:
+    """In this thread only, let `default` talk to *alias*'s database.
+
+    Used to verify a restored SQLite file through the app's own views
+    right after a rollback, while this process was started with
+    `default` = PostgreSQL. DATABASES is not changed; the original
+    `default` connection is put back on exit (the same technique as
+    Django's LiveServerThread `connections_override`).
+    """
+    from django.db import connections
+    from django.db.utils import load_backend
+
+    original = connections[DEFAULT]
+    config = copy.deepcopy(connections[alias].settings_dict)
+    wrapper = load_backend(config['ENGINE']).DatabaseWrapper(config,
+                                                             DEFAULT)
+    connections[DEFAULT] = wrapper
+    try:
+        yield
+    finally:
+        wrapper.close()
+        connections[DEFAULT] = original
+
+
+@contextmanager
+def postgres_override_alias(overrides: Mapping[str, Any]
+                            ) -> Iterator[str]:
+    """The `postgres` alias, or a temporary copy of it with the runbook's
+    --postgres-host/port/db/user/password applied (DATABASES itself is
+    never changed)."""
+    from django.db import connections
+
+    if not overrides:
+        yield POSTGRES
+        return
+    config = copy.deepcopy(connections[POSTGRES].settings_dict)
+    config.pop(PROBLEM_KEY, None)
+    keys = {'host': 'HOST', 'port': 'PORT', 'db': 'NAME', 'user': 'USER',
+            'password': 'PASSWORD'}
+    for key, value in overrides.items():
+        config[keys[key]] = value
+    if 'port' in overrides and not str(overrides['port']).isdigit():
+        raise ConfigError(f'--postgres-port {overrides["port"]!r} is not a '
+                          'port number')
+    with temporary_alias(config, prefix='anthias_pg') as alias:
+        yield alias

@@ -118,3 +118,25 @@ def small_fs(tmp_path):
 
     with stack:
         yield make
+
+
+@contextlib.contextmanager
+def postgres_stopped():
+    """Really stop the run's embedded PostgreSQL server, then start it
+    again on the same data dir and socket (pg_ctl, as its OS user)."""
+    from tests import pgserver
+
+    server = pgserver._server
+    if server is None:
+        pytest.fail('stopping PostgreSQL needs the embedded test server '
+                    '(unset ANTHIAS_TEST_POSTGRES_URL)')
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+    pg_ctl = str(pgserver.embedded_bin_dir() / 'pg_ctl')
+    subprocess.run([pg_ctl, '-D', str(server.pgdata), '-m', 'fast', '-w',
+                    'stop'], check=True, user=server.system_user,
+                   capture_output=True)
+    try:
+        yield
+    finally:
+        server.ensure_postgres_running()

@@ -1,0 +1,194 @@
+"""Roll the device back onto SQLite: zero loss from PostgreSQL, or from a
+verified backup with the at-risk rows exported. Crash-safe and reported.
+
+    python manage.py rollback_migration --emergency
+    python manage.py rollback_migration --source backup --preserve-postgres --yes
+
+Exit codes: 0 rolled back and verified (or dry run done); 1 refused or
+failed, live database and profile unchanged; 2 usage error; 4 rolled
+back, but post-verification or the restart command failed (look at it).
+"""
+import sys
+
+from django.core.management.base import CommandError
+
+from anthias_rollback import conf, exit_codes, profiles, rollback
+from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.report import redact
+
+
+def positive_float(value: str) -> float:
+    import argparse
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a number') \
+            from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError('must be greater than 0')
+    return number
+
+
+class Command(RollbackCommand):
+    help = ('Roll back onto SQLite from PostgreSQL (zero loss) or a '
+            'verified backup; crash-safe, verified, reported. Exit codes: '
+            '0 done, 1 refused/failed (nothing changed), 2 usage, '
+            '4 rolled back but a follow-up failed.')
+
+    def add_arguments(self, parser):
+        parser.add_argument('--emergency', '--emergency-mode',
+                            action='store_true', dest='emergency',
+                            help='fastest safe path: no prompt, quick_check '
+                                 '+ counts; never skips the safety copy, '
+                                 'the lock or the atomic swap')
+        parser.add_argument('--source', choices=rollback.SOURCES,
+                            help='where the data comes from (default auto: '
+                                 'postgres if usable, else backup)')
+        parser.add_argument('--backup-path',
+                            help='backup to restore (default: newest '
+                                 'verified in the backup dir)')
+        parser.add_argument('--original-db-path',
+                            help='the live SQLite file (default: the '
+                                 'sqlite alias\'s file)')
+        parser.add_argument('--preserve-postgres', action='store_true',
+                            help='pg_dump PostgreSQL into the backup dir '
+                                 'first')
+        parser.add_argument('--no-verify', action='store_true',
+                            help='verify with quick_check only')
+        parser.add_argument('--no-fence', action='store_true',
+                            help='do not make PostgreSQL read-only during '
+                                 'the copy (writes made meanwhile are lost)')
+        parser.add_argument('--no-restart', action='store_true',
+                            help='do not run the restart command')
+        parser.add_argument('--dry-run', action='store_true',
+                            help='build and verify into a scratch file, '
+                                 'change nothing live')
+        parser.add_argument('--timeout-minutes', type=positive_float,
+                            default=5.0,
+                            help='deadline for the whole run (default 5)')
+        parser.add_argument('--batch-size', type=int, default=10_000)
+        parser.add_argument('--yes', '--noinput', action='store_true',
+                            dest='yes', help='do not ask for confirmation')
+        parser.add_argument('--json', action='store_true',
+                            help='print the JSON report only')
+        parser.add_argument('--generate-report', action='store_true',
+                            help='print the latest rollback report again')
+        for name in ('host', 'port', 'db', 'user', 'password'):
+            parser.add_argument(f'--postgres-{name}',
+                                help=f'override the postgres alias\'s '
+                                     f'{name} (runbook compatibility)')
+
+    def run(self, *args, **options):
+        if options['generate_report']:
+            return self.show_latest(options['json'])
+        overrides = {k: options[f'postgres_{k}'] for k in
+                     ('host', 'port', 'db', 'user', 'password')
+                     if options[f'postgres_{k}']}
+        if 'password' in overrides:
+            self.stderr.write(self.style.WARNING(
+                'warning: --postgres-password is visible to other users '
+                'in the process list; prefer POSTGRES_PASSWORD or '
+                'ANTHIAS_POSTGRES_URL in the environment'))
+        if options['batch_size'] <= 0:
+            self.fail('--batch-size must be greater than 0')
+        with profiles.postgres_override_alias(overrides) as pg_alias:
+            opts = rollback.RollbackOptions(
+                source=options['source'] or 'auto',
+                source_explicit=options['source'] is not None,
+                live_path=options['original_db_path'],
+                backup_path=options['backup_path'],
+                postgres_alias=pg_alias,
+                emergency=options['emergency'],
+                dry_run=options['dry_run'],
+                verify=not options['no_verify'],
+                preserve_postgres=options['preserve_postgres'],
+                fence=not options['no_fence'],
+                timeout_seconds=options['timeout_minutes'] * 60,
+                restart=not options['no_restart'],
+                batch_size=options['batch_size'])
+            self.confirm(opts, options)
+            verbose = options['verbosity'] >= 1 and not options['json']
+            if verbose and not opts.dry_run:
+                self.stdout.write(self.style.WARNING(rollback.urgent_notice(
+                    'operator requested a rollback', 'now')))
+            try:
+                result = rollback.run_rollback(
+                    opts, progress=self.render_progress(options))
+            except RollbackError as err:
+                where = getattr(err, 'report_path', None)
+                raise CommandError(
+                    redact(str(err)) + (f' (report: {where})' if where
+                                        else ''),
+                    returncode=exit_codes.FAILED) from err
+        self.render(result, options)
+
+    def confirm(self, opts, options) -> None:
+        if options['yes'] or opts.emergency or opts.dry_run:
+            return
+        if not sys.stdin.isatty():
+            self.fail('refusing to roll back unattended without --yes (or '
+                      '--emergency)')
+        answer = input(f'Roll back {opts.live_path or "the live SQLite "}'
+                       f'database onto SQLite now? [y/N] ')
+        if answer.strip().lower() not in ('y', 'yes'):
+            self.fail('cancelled; nothing changed')
+
+    def render_progress(self, options):
+        if options['json'] or options['verbosity'] < 1:
+            return None
+
+        def show(event):
+            kind = event.get('event')
+            if kind == 'phase-start' and options['verbosity'] >= 2:
+                self.stdout.write(f'-> {event["phase"]}')
+            elif kind == 'phase-done':
+                style = {'ok': self.style.SUCCESS,
+                         'failed': self.style.ERROR}.get(
+                    event['status'], self.style.WARNING)
+                self.stdout.write(style(
+                    f'{event["phase"]:<12} {event["status"]:<8} '
+                    f'{event["seconds"]:7.3f}s  {event["detail"]}'))
+            elif kind == 'warning':
+                self.stderr.write(self.style.WARNING(event['message']))
+            elif kind == 'model-done' and options['verbosity'] >= 2:
+                self.stdout.write(f'   {event.get("label")}: '
+                                  f'{event.get("rows")} rows')
+        return show
+
+    def render(self, result, options) -> None:
+        if options['json']:
+            self.write_json(result.as_dict())
+        else:
+            self.stdout.write(rollback.render_summary(result))
+            if result.outcome != 'dry run':
+                self.stdout.write(rollback.resolved_notice(result))
+            verdict = {
+                'rolled back': self.style.SUCCESS(
+                    'ROLLED BACK: profile sqlite, data loss: '
+                    + rollback.data_loss_line(result)),
+                'dry run': self.style.SUCCESS(
+                    'DRY RUN OK: nothing changed; a rollback from '
+                    f'{result.source} would succeed'),
+            }.get(result.outcome, self.style.ERROR(
+                'ROLLED BACK WITH PROBLEMS: the SQLite database is live; '
+                'check the warnings above'))
+            self.stdout.write(verdict)
+        if result.exit_code != exit_codes.OK:
+            raise CommandError(
+                f'rolled back, but a follow-up failed: '
+                f'{"; ".join(result.warnings) or result.error} '
+                f'(report: {result.report_path})',
+                returncode=result.exit_code)
+
+    def show_latest(self, as_json: bool) -> None:
+        path = rollback.latest_report(conf.reports_dir())
+        if path is None:
+            self.fail(f'no rollback report in {conf.reports_dir()}')
+        result = rollback.load_result(path)
+        if as_json:
+            self.write_json(result.as_dict())
+        else:
+            self.stdout.write(rollback.render_summary(result))
+            self.stdout.write(rollback.resolved_notice(result))
