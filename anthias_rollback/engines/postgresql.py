@@ -1,0 +1,269 @@
+"""PostgreSQL side of the transfer: COPY, snapshots, indexes, sequences."""
+import datetime as dt
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from uuid import UUID
+
+from django.core.management.color import no_style
+from django.db import connections, models
+
+# How long the producer waits on a full queue before checking that the
+# COPY thread is still alive (it may have died on a server error).
+_PUT_POLL_SECONDS = 0.5
+
+
+class CopyAborted(Exception):
+    """Raised inside the COPY reader to make psycopg2 send CopyFail."""
+
+
+def postgres_text(value: object) -> str:
+    """One value (already adapted by its field) in COPY text format.
+
+    COPY text: NULL is \\N; backslash, tab, newline and CR are escaped.
+    """
+    if value is None:
+        return '\\N'
+    if isinstance(value, str):
+        return postgres_escape(value)
+    if value is True:
+        return 't'
+    if value is False:
+        return 'f'
+    if isinstance(value, (int, Decimal, UUID)):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return postgres_interval(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        # bytea hex format; the backslash itself is escaped for COPY.
+        return '\\\\x' + bytes(value).hex()
+    adapted = getattr(value, 'adapted', None)
+    dumps = getattr(value, 'dumps', None)
+    if dumps is not None:
+        # psycopg2 Json/Jsonb wrapper (JSONField on PostgreSQL).
+        return postgres_escape(dumps(adapted))
+    addr = getattr(value, 'addr', None)
+    if addr is not None:
+        # psycopg2 Inet wrapper (GenericIPAddressField).
+        return postgres_escape(str(addr))
+    if adapted is not None:
+        return postgres_text(adapted)
+    return postgres_escape(str(value))
+
+
+def postgres_escape(text: str) -> str:
+    if '\\' in text:
+        text = text.replace('\\', '\\\\')
+    if '\t' in text:
+        text = text.replace('\t', '\\t')
+    if '\n' in text:
+        text = text.replace('\n', '\\n')
+    if '\r' in text:
+        text = text.replace('\r', '\\r')
+    return text
+
+
+def postgres_interval(value: dt.timedelta) -> str:
+    # Days and seconds kept apart, as Django's own interval literals do,
+    # so the value reads back as the same timedelta.
+    return (f'{value.days} days {value.seconds} seconds '
+            f'{value.microseconds} microseconds')
+
+
+def postgres_begin_snapshot(alias: str) -> None:
+    """First statement of a read transaction: one consistent snapshot."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, '
+                       'READ ONLY')
+
+
+def postgres_bulk_load_settings(alias: str) -> None:
+    """Session settings for the load, local to the open transaction.
+
+    PostgreSQL: synchronous_commit=off only risks losing the commit on a
+    server crash right after it, never a torn table; Django's FKs are
+    DEFERRABLE, so deferring them lets tables load in any order.
+    """
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SET LOCAL synchronous_commit = off')
+        cursor.execute('SET CONSTRAINTS ALL DEFERRED')
+        cursor.execute("SET LOCAL maintenance_work_mem = '128MB'")
+
+
+def postgres_truncate(alias: str, tables: Iterable[str]) -> None:
+    """Empty *tables* in one statement (inside the caller's transaction).
+
+    No CASCADE: a table outside the plan that points at one of these
+    makes PostgreSQL refuse, instead of silently emptying it too.
+    """
+    quote = connections[alias].ops.quote_name
+    names = ', '.join(quote(t) for t in tables)
+    if names:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f'TRUNCATE {names}')
+
+
+def postgres_drop_secondary_indexes(alias: str, tables: Iterable[str]
+                                    ) -> list[str]:
+    """Drop indexes that back no constraint; return their definitions.
+
+    Building an index once after the load is several times faster than
+    maintaining it row by row during COPY.
+    """
+    definitions = []
+    quote = connections[alias].ops.quote_name
+    with connections[alias].cursor() as cursor:
+        for table in tables:
+            cursor.execute(
+                'SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x '
+                'JOIN pg_class i ON i.oid = x.indexrelid '
+                'WHERE x.indrelid = %s::regclass AND NOT EXISTS ('
+                'SELECT 1 FROM pg_constraint c '
+                'WHERE c.conindid = x.indexrelid)', [quote(table)])
+            for name, definition in cursor.fetchall():
+                cursor.execute(f'DROP INDEX {quote(name)}')
+                definitions.append(definition)
+    return definitions
+
+
+def postgres_create_indexes(alias: str, definitions: Iterable[str]) -> None:
+    """Rebuild dropped indexes. PostgreSQL refuses CREATE INDEX on a
+    table with pending (deferred) FK checks, so those run first: a
+    dangling key fails here, before the commit."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SET CONSTRAINTS ALL IMMEDIATE')
+        for definition in definitions:
+            cursor.execute(definition)
+
+
+class _QueueReader:
+    """File-like object psycopg2's copy_expert reads COPY data from."""
+
+    def __init__(self, chunks: 'queue.Queue[bytes | None | BaseException]'):
+        self.chunks = chunks
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.chunks.get()
+        if chunk is None:
+            return b''
+        if isinstance(chunk, BaseException):
+            raise CopyAborted(str(chunk))
+        return chunk
+
+
+def postgres_copy_rows(alias: str, table: str, columns: list[str],
+                       chunks: Iterator[bytes], freeze: bool = False
+                       ) -> None:
+    """COPY encoded text chunks into *table*, in the open transaction.
+
+    The chunks are produced (read from the source and converted) in this
+    thread while a second thread runs copy_expert: psycopg2 releases the
+    GIL while libpq sends, so conversion and the server's parsing overlap
+    on two cores. A failure on either side aborts the COPY and re-raises.
+    """
+    connection = connections[alias]
+    connection.ensure_connection()
+    quote = connection.ops.quote_name
+    sql = (f'COPY {quote(table)} ({", ".join(quote(c) for c in columns)}) '
+           f'FROM STDIN' + (' WITH (FREEZE)' if freeze else ''))
+    raw_cursor = connection.connection.cursor()
+    pipe: queue.Queue = queue.Queue(maxsize=8)
+    failure: list[BaseException] = []
+
+    def run_copy() -> None:
+        try:
+            raw_cursor.copy_expert(sql, _QueueReader(pipe), size=1 << 16)
+        except BaseException as err:  # noqa: BLE001 re-raised in caller
+            failure.append(err)
+            # Unblock a producer waiting on a full queue.
+            while True:
+                try:
+                    pipe.get_nowait()
+                except queue.Empty:
+                    break
+
+    worker = threading.Thread(target=run_copy, name=f'copy-{table}',
+                              daemon=True)
+    worker.start()
+
+    def put(item: object) -> bool:
+        while worker.is_alive():
+            try:
+                pipe.put(item, timeout=_PUT_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for chunk in chunks:
+            if failure or not put(chunk):
+                break
+    except BaseException as err:
+        put(err)
+        worker.join()
+        raw_cursor.close()
+        raise
+    put(None)
+    worker.join()
+    raw_cursor.close()
+    if failure:
+        raise failure[0]
+
+
+def postgres_server_side_batches(alias: str, sql: str, batch_size: int
+                                 ) -> Iterator[list[tuple]]:
+    """Rows of *sql* in batches through a named (server-side) cursor, so
+    memory stays constant whatever the table size. Needs an open
+    transaction on *alias*."""
+    connection = connections[alias]
+    connection.ensure_connection()
+    cursor = connection.connection.cursor(name='anthias_transfer')
+    cursor.itersize = batch_size
+    try:
+        cursor.execute(sql)
+        while True:
+            rows = cursor.fetchmany(batch_size)
+            if not rows:
+                return
+            yield rows
+    finally:
+        cursor.close()
+
+
+def postgres_reset_sequences(alias: str,
+                             model_list: Iterable[type[models.Model]]
+                             ) -> None:
+    """Set every sequence of *model_list* past the highest loaded id, so
+    the next ORM insert gets a fresh one (what loaddata does)."""
+    connection = connections[alias]
+    statements = connection.ops.sequence_reset_sql(no_style(),
+                                                   list(model_list))
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+
+def postgres_sequence_values(alias: str,
+                             tables: Iterable[tuple[str, str]]
+                             ) -> dict[str, int]:
+    """The highest value each (table, column) sequence has handed out."""
+    found = {}
+    quote = connections[alias].ops.quote_name
+    with connections[alias].cursor() as cursor:
+        for table, column in tables:
+            cursor.execute('SELECT pg_get_serial_sequence(%s, %s)',
+                           [quote(table), column])
+            sequence = cursor.fetchone()[0]
+            if not sequence:
+                continue
+            cursor.execute(f'SELECT last_value, is_called FROM {sequence}')
+            last_value, is_called = cursor.fetchone()
+            found[table] = last_value if is_called else last_value - 1
+    return found
+

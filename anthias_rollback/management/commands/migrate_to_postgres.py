@@ -1,0 +1,179 @@
+"""Copy every row of the SQLite database into PostgreSQL, all or nothing.
+
+    python manage.py migrate_to_postgres
+    python manage.py migrate_to_postgres --sqlite-db backups/x.db --replace \
+        --json reports/migrate.json
+
+Creates the schema on PostgreSQL (`migrate --database postgres`), refuses
+when the two sides have different migrations applied or PostgreSQL
+already holds data (unless --replace or --repair), checks every source
+value PostgreSQL would reject, then copies in one transaction and resets
+the sequences. --dry-run prints the plan and changes nothing.
+
+Exit codes: 0 copied (or planned); 1 could not do it, PostgreSQL
+unchanged (unreachable, different migrations, data present, rejected
+values, lock held); 2 usage error.
+"""
+from dataclasses import asdict
+from pathlib import Path
+
+from anthias_rollback import conf, exit_codes, profiles, transfer
+from anthias_rollback.engines.sqlite import sqlite_file_problem
+from anthias_rollback.exceptions import TransferError
+from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.report import write_json_report
+
+
+class Command(RollbackCommand):
+    help = ('Copy every model from SQLite into PostgreSQL in one '
+            'transaction (schema first, sequences reset). Exit codes: '
+            '0 done, 1 could not do it (PostgreSQL unchanged), 2 usage.')
+
+    def add_arguments(self, parser):
+        parser.add_argument('--sqlite-db', metavar='PATH',
+                            help='copy from this SQLite file (e.g. a '
+                                 'backup) instead of the sqlite alias')
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument('--replace', action='store_true',
+                          help='empty PostgreSQL and reload it (same '
+                               'transaction)')
+        mode.add_argument('--repair', action='store_true',
+                          help='make PostgreSQL equal to the source with '
+                               'the fewest writes; report per model')
+        parser.add_argument('--batch-size', type=int,
+                            default=transfer.DEFAULT_BATCH_SIZE,
+                            help='rows per batch (default %(default)s)')
+        parser.add_argument('--dry-run', action='store_true',
+                            help='print the plan and preflight problems; '
+                                 'change nothing')
+        parser.add_argument('--json', metavar='PATH',
+                            help='also write the result as JSON (0600); '
+                                 '"-" for stdout only')
+
+    def run(self, *args, **options):
+        self.verbosity = options['verbosity']
+        self.json_path = options['json']
+        if options['batch_size'] < 1:
+            self.fail('--batch-size must be at least 1', exit_codes.USAGE)
+        path = options['sqlite_db']
+        if path:
+            problem = sqlite_file_problem(Path(path))
+            if problem:
+                raise TransferError(problem)
+            with profiles.sqlite_file_alias(Path(path)) as alias:
+                self.migrate(alias, options)
+        else:
+            self.migrate(profiles.SQLITE, options)
+
+    def migrate(self, source_alias, options):
+        self.bars = {}
+        report = transfer.migrate_to_postgres(
+            source_alias, profiles.POSTGRES, data_dir=conf.data_dir(),
+            replace=options['replace'], repair=options['repair'],
+            dry_run=options['dry_run'], batch_size=options['batch_size'],
+            progress=self.on_progress)
+        self.close_bars()
+        data = {'command': 'migrate_to_postgres', **asdict(report)}
+        if report.transfer is not None:
+            data['transfer']['rows_per_second'] = {
+                m.label: round(m.rows_per_second)
+                for m in report.transfer.models}
+        if self.json_path and self.json_path != '-':
+            write_json_report(Path(self.json_path), data)
+        if self.json_path == '-':
+            self.write_json(data)
+        elif report.plan is not None:
+            self.show_plan(report.plan)
+        elif report.repair is not None:
+            self.show_repair(report.repair)
+        else:
+            self.show_transfer(report)
+        if report.plan is not None and report.plan.problem_count:
+            self.fail(f'{report.plan.problem_count} source value(s) would '
+                      f'be rejected by PostgreSQL; see the list above')
+
+    # ----------------------------------------------------------- progress
+
+    def on_progress(self, event):
+        if self.json_path == '-' or self.verbosity < 1:
+            return
+        if event.kind == 'phase':
+            self.stdout.write(f'{event.label}...')
+            return
+        if self.is_tty():
+            self.draw_bar(event)
+        elif event.kind == 'model_done' and event.seconds:
+            self.stdout.write(
+                f'  {event.label}: {event.rows} rows in '
+                f'{event.seconds:.1f}s')
+        elif event.kind == 'batch' and self.verbosity >= 2:
+            self.stdout.write(f'  {event.label}: {event.rows}/'
+                              f'{event.total} rows')
+
+    def draw_bar(self, event):
+        from tqdm import tqdm
+
+        bar = self.bars.get(event.label)
+        if event.kind == 'model_start':
+            self.bars[event.label] = tqdm(
+                total=event.total, desc=event.label, unit='rows',
+                leave=True, file=self.stdout._out, dynamic_ncols=True)
+        elif bar is not None:
+            bar.update(event.rows - bar.n)
+            if event.kind == 'model_done':
+                bar.close()
+
+    def close_bars(self):
+        for bar in self.bars.values():
+            bar.close()
+
+    # ------------------------------------------------------------- output
+
+    def show_plan(self, plan):
+        self.stdout.write(f'dry run ({plan.mode}): {plan.source} -> '
+                          f'{plan.target}; nothing will be changed')
+        if plan.pending_migrations:
+            self.stdout.write(f'migrate would apply '
+                              f'{len(plan.pending_migrations)} migrations')
+        for model in plan.models:
+            note = (f', would truncate {model.target_rows} rows'
+                    if model.truncate else
+                    f', target holds {model.target_rows} rows'
+                    if model.target_rows else '')
+            self.stdout.write(f'  {model.label} ({model.table}): '
+                              f'{model.source_rows} rows{note}')
+        for problem in plan.problems:
+            self.stderr.write(self.style.ERROR(f'  rejected: {problem}'))
+        rows = sum(m.source_rows for m in plan.models)
+        self.stdout.write(self.style.SUCCESS(
+            f'plan: {len(plan.models)} models, {rows} rows, about '
+            f'{plan.estimated_seconds:.0f}s; {plan.problem_count} '
+            f'problem(s)'))
+
+    def show_transfer(self, report):
+        result = report.transfer
+        if report.migrated and self.verbosity >= 1:
+            self.stdout.write(f'migrate applied {len(report.migrated)} '
+                              f'migrations on PostgreSQL')
+        if self.verbosity >= 1:
+            for model in result.models:
+                self.stdout.write(
+                    f'  {model.label}: {model.rows} rows, '
+                    f'{model.rows_per_second:,.0f} rows/s')
+        rate = result.rows / result.seconds if result.seconds else 0
+        self.stdout.write(self.style.SUCCESS(
+            f'copied {result.rows} rows of {len(result.models)} models '
+            f'from {result.source} to {result.target} in '
+            f'{result.seconds:.1f}s ({rate:,.0f} rows/s)'))
+
+    def show_repair(self, result):
+        for model in result.models:
+            if (model.inserted or model.updated or model.deleted
+                    or self.verbosity >= 2):
+                self.stdout.write(
+                    f'  {model.label}: {model.inserted} inserted, '
+                    f'{model.updated} updated, {model.deleted} deleted')
+        self.stdout.write(self.style.SUCCESS(
+            f'repaired {result.target} from {result.source}: '
+            f'{result.changed} row(s) changed in {result.seconds:.1f}s'))
+
