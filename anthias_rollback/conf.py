@@ -17,6 +17,10 @@ DEFAULTS: dict[str, Any] = {
     'ANTHIAS_ROLLBACK_VERIFY_URLS': '',
     'ANTHIAS_ROLLBACK_EXCLUDE': '',
     'ANTHIAS_PG_DUMP': 'pg_dump',
+    # Models whose rows `migrate` itself creates: a target holding only
+    # these counts as empty, and they are reloaded with the source's ids.
+    'ANTHIAS_ROLLBACK_MIGRATE_CREATED': (
+        'contenttypes.ContentType auth.Permission sites.Site'),
     # Seconds a backup waits for a lock on the source (Anthias's timeout).
     'ANTHIAS_BACKUP_TIMEOUT': 20,
 }
