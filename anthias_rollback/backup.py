@@ -34,6 +34,7 @@ MANIFEST_SUFFIX = '.manifest.json'
 SQLITE_HEADER = b'SQLite format 3\x00'
 _NAME_RE = re.compile(r'^anthias_backup_(\d{8}_\d{6})(?:_(\d+))?\.db$')
 _TEMP_GLOB = f'.{PREFIX}*.tmp'
+_TEMP_MIN_AGE = timedelta(hours=1)
 # Measured on the 1M-asset bench file: 8 MiB reads keep sha256 at memory
 # speed; larger buffers gain nothing.
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -591,7 +592,8 @@ def latest_verified_backup(backup_dir: Path) -> BackupInfo | None:
 def apply_retention(backup_dir: Path, days: float,
                     now: datetime | None = None) -> list[Path]:
     """Remove backups (and manifests) older than *days*, never the newest
-    verified backup, plus temp files of crashed runs older than *days*.
+    verified backup, plus temp files of crashed runs older than *days*
+    (and at least an hour old).
 
     Returns the removed paths. Raises BackupError if a file cannot be
     removed (the ones listed before it are gone).
@@ -607,9 +609,12 @@ def apply_retention(backup_dir: Path, days: float,
     for info in list_backups(backup_dir):
         if info.created_at < cutoff and info.path != keep_path:
             targets += [info.path, info.manifest_path]
+    # A temp file younger than an hour may belong to a backup running now.
+    tmp_cutoff = min(cutoff, (now or datetime.now(timezone.utc))
+                     - _TEMP_MIN_AGE)
     for tmp in backup_dir.glob(_TEMP_GLOB):
         mtime = datetime.fromtimestamp(tmp.stat().st_mtime, timezone.utc)
-        if mtime < cutoff:
+        if mtime < tmp_cutoff:
             targets.append(tmp)
     for path in targets:
         try:

@@ -35,7 +35,9 @@ def source(tmp_path):
 def test_backup_is_verified_named_and_private(tmp_path, source):
     backups = tmp_path / 'backups'
     events = []
+    before = source.read_bytes()
     result = backup.create_backup(source, backups, progress=events.append)
+    assert source.read_bytes() == before
     assert result.path.name.startswith('anthias_backup_')
     assert result.path.name.endswith('.db')
     assert result.manifest_path == backup.manifest_path_for(result.path)

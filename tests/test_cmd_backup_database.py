@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+from datetime import datetime, timedelta, timezone
 from io import StringIO
 
 import pytest
@@ -156,3 +157,25 @@ def test_subprocess_exit_codes_with_a_live_writer(host_env, tmp_path):
     assert done.returncode == 1
     done = run_manage(host_env, 'backup_database', '--retention-days', 'x')
     assert done.returncode == 2
+
+
+@pytest.mark.django_db(databases=['sqlite'])
+@pytest.mark.parametrize('point', ['backup:after-copy',
+                                   'backup:before-rename'])
+def test_killed_mid_backup_leaves_no_final_name(host_env, tmp_path, point):
+    live = bh.make_plain_db(tmp_path / 'live.db')
+    before = live.read_bytes()
+    backups = tmp_path / 'backups'
+    env = dict(host_env, ANTHIAS_ROLLBACK_KILL_AT=point)
+    done = run_manage(env, 'backup_database', '--source-db', str(live),
+                      '--backup-dir', str(backups))
+    assert done.returncode == -9
+    assert not [n for n in os.listdir(backups)
+                if n.startswith('anthias_backup_')]
+    assert backup.list_backups(backups) == []
+    assert live.read_bytes() == before
+    # The crashed run's temp files go with a retention pass an hour on.
+    assert backup.apply_retention(backups, days=0) == []
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    assert backup.apply_retention(backups, days=0, now=later)
+    assert os.listdir(backups) == []
