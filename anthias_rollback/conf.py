@@ -17,6 +17,13 @@ DEFAULTS: dict[str, Any] = {
     'ANTHIAS_ROLLBACK_VERIFY_URLS': '',
     'ANTHIAS_ROLLBACK_EXCLUDE': '',
     'ANTHIAS_PG_DUMP': 'pg_dump',
+    # monitor_migration triggers (the runbook's: 1000 ms, 5 % errors,
+    # >300 % slower than baseline). The floor keeps a few ms of jitter
+    # on a 2 ms in-process probe from counting as 300 % degraded.
+    'ANTHIAS_ROLLBACK_MONITOR_MAX_RESPONSE_MS': 1000,
+    'ANTHIAS_ROLLBACK_MONITOR_MAX_ERROR_RATE': 5,
+    'ANTHIAS_ROLLBACK_MONITOR_MAX_DEGRADATION_PCT': 300,
+    'ANTHIAS_ROLLBACK_MONITOR_MIN_SLOWDOWN_MS': 50,
     # Models whose rows `migrate` itself creates: a target holding only
     # these counts as empty, and they are reloaded with the source's ids.
     'ANTHIAS_ROLLBACK_MIGRATE_CREATED': (

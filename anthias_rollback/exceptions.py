@@ -55,3 +55,11 @@ class DeadlineError(RollbackError):
 
 class SwapError(RollbackError):
     """The live SQLite file could not be replaced; the old one stays."""
+
+
+class MonitorInputError(RollbackError):
+    """A monitor option, threshold or target (base URL, URL) is unusable."""
+
+
+class BaselineError(RollbackError):
+    """A monitor baseline could not be recorded or read."""

@@ -1,0 +1,609 @@
+"""Watch the app after a cutover and decide when a rollback is due.
+
+Plain parts, each testable alone:
+
+- probers: `ClientProber` (in-process, Django's test client) and
+  `HttpProber` (a running server at a base URL); both return `Probe`s;
+- `Evaluator`: the sliding window, the baseline and the trigger rules;
+- `run_monitor()`: the loop, bounded by time and probe count;
+- `record_baseline()` / `load_baseline()`: a baseline measured on SQLite.
+
+A round probes the health URL and every ANTHIAS_ROLLBACK_VERIFY_URLS path
+once. A round is *bad* when it breaches a threshold; the trigger fires only
+after `consecutive` bad rounds in a row. Nothing here prints or rolls back:
+the command owns both.
+"""
+import json
+import math
+import statistics
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from anthias_rollback import conf, profiles
+from anthias_rollback.exceptions import (
+    BaselineError,
+    ConfigError,
+    MonitorInputError,
+    RollbackError,
+)
+from anthias_rollback.report import first_line, write_json_report
+
+IN_PROCESS = 'in-process'
+BASELINE_FILE_NAME = 'monitor_baseline.json'
+FALLBACK_HEALTH_PATH = '/health'
+
+RESPONSE_TIME = 'response_time'
+ERROR_RATE = 'error_rate'
+DEGRADATION = 'degradation'
+DATABASE_UNREACHABLE = 'database_unreachable'
+
+STOP_TRIGGER = 'trigger'
+STOP_MAX_DURATION = 'max-duration'
+STOP_MAX_PROBES = 'max-probes'
+STOP_INTERRUPTED = 'interrupted'
+
+THRESHOLD_SETTINGS = {
+    'max_response_ms': 'ANTHIAS_ROLLBACK_MONITOR_MAX_RESPONSE_MS',
+    'max_error_rate': 'ANTHIAS_ROLLBACK_MONITOR_MAX_ERROR_RATE',
+    'max_degradation_pct': 'ANTHIAS_ROLLBACK_MONITOR_MAX_DEGRADATION_PCT',
+    'min_slowdown_ms': 'ANTHIAS_ROLLBACK_MONITOR_MIN_SLOWDOWN_MS',
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_response_ms: float       # any probe slower than this is bad
+    max_error_rate: float        # percent of failed probes in the window
+    max_degradation_pct: float   # percent slower than the baseline
+    min_slowdown_ms: float       # ...and at least this many ms slower
+
+    def __post_init__(self) -> None:
+        for name in THRESHOLD_SETTINGS:
+            check_positive(f'threshold {name}', getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Median latency per URL of a healthy app (SQLite, before cutover)."""
+    target: str                  # IN_PROCESS or the base URL
+    profile: str
+    rounds: int
+    ms: Mapping[str, float]
+    recorded_at: str = ''
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data['ms'] = dict(self.ms)
+        return data
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What to probe, how often, and when to call it a trigger.
+
+    Raises MonitorInputError for a non-positive interval, window,
+    count, timeout or bound, or a base URL that is not http(s).
+    """
+    urls: tuple[str, ...]
+    thresholds: Thresholds
+    interval: float = 5.0
+    window: int = 20
+    baseline_probes: int = 5
+    consecutive: int = 3
+    base_url: str | None = None
+    timeout: float = 10.0
+    max_duration: float | None = None
+    max_probes: int | None = None
+    baseline: Baseline | None = None
+
+    def __post_init__(self) -> None:
+        check_positive('--interval', self.interval)
+        check_positive('--timeout', self.timeout)
+        for name in ('window', 'baseline_probes', 'consecutive'):
+            check_positive_int(f'--{name.replace("_", "-")}',
+                               getattr(self, name))
+        if self.max_duration is not None:
+            check_positive('--max-duration', self.max_duration)
+        if self.max_probes is not None:
+            check_positive_int('--max-probes', self.max_probes)
+        if not self.urls:
+            raise MonitorInputError('nothing to probe: no URLs given')
+        if self.base_url is not None:
+            scheme = urllib.parse.urlsplit(self.base_url).scheme
+            if scheme not in ('http', 'https'):
+                raise MonitorInputError(
+                    f'--base-url {self.base_url!r} must start with '
+                    f'http:// or https://')
+
+    @property
+    def target(self) -> str:
+        if self.base_url is None:
+            return IN_PROCESS
+        return self.base_url.rstrip('/')
+
+
+@dataclass(frozen=True)
+class Probe:
+    url: str
+    status: int | None           # None: no HTTP answer at all
+    ms: float
+    error: str | None            # None when the probe succeeded
+    database_ok: bool | None = None   # from a /health body only
+    profile: str | None = None        # from a /health body only
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Breach:
+    kind: str                    # RESPONSE_TIME, ERROR_RATE, ...
+    message: str
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    number: int
+    elapsed: float               # seconds since the monitor started
+    probes: tuple[Probe, ...]
+    error_rate: float            # percent, over the full window
+    breaches: tuple[Breach, ...]
+    streak: int                  # bad rounds in a row, this one included
+    consecutive: int
+    triggered: bool
+
+    @property
+    def bad(self) -> bool:
+        return bool(self.breaches)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data['probes'] = [asdict(p) for p in self.probes]
+        data['breaches'] = [asdict(b) for b in self.breaches]
+        return data
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    target: str
+    profile: str | None          # what the target's /health says
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    stopped: str                 # STOP_*
+    rounds: int
+    seconds: float
+    triggered: bool
+    reasons: tuple[Breach, ...]  # the breaches of the triggering round
+    last: RoundResult | None
+    baseline: Baseline | None    # per-URL baselines used (file or probes)
+    baseline_source: str         # 'file', 'probes' or 'none yet'
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            'stopped': self.stopped, 'rounds': self.rounds,
+            'seconds': round(self.seconds, 3), 'triggered': self.triggered,
+            'reasons': [asdict(b) for b in self.reasons],
+            'baseline': self.baseline.as_dict() if self.baseline else None,
+            'baseline_source': self.baseline_source,
+        }
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise MonitorInputError(f'{name} must be a positive number, '
+                                f'not {value!r}')
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise MonitorInputError(f'{name} must be a positive whole number, '
+                                f'not {value!r}')
+
+
+def default_thresholds(**overrides: float | None) -> Thresholds:
+    """Thresholds from the ANTHIAS_ROLLBACK_MONITOR_* settings, with
+    *overrides* (None = use the setting). ConfigError if a setting is
+    not a number; MonitorInputError if any value is not positive."""
+    values: dict[str, float] = {}
+    for name, setting in THRESHOLD_SETTINGS.items():
+        value = overrides.get(name)
+        if value is None:
+            raw = conf.get_setting(setting)
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f'{setting}={raw!r} is not a number') \
+                    from None
+        values[name] = value
+    return Thresholds(**values)
+
+
+def health_path() -> str:
+    """The path of this app's /health view in the host's URLconf."""
+    from django.urls import NoReverseMatch, reverse
+
+    try:
+        return reverse('anthias_rollback:health')
+    except NoReverseMatch:
+        return FALLBACK_HEALTH_PATH
+
+
+def monitored_urls(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The health path, then ANTHIAS_ROLLBACK_VERIFY_URLS, then *extra*,
+    without duplicates."""
+    urls = [health_path(), *conf.get_list_setting(
+        'ANTHIAS_ROLLBACK_VERIFY_URLS'), *extra]
+    return tuple(dict.fromkeys(urls))
+
+
+def _health_fields(url: str, body: bytes) -> dict[str, Any]:
+    """database_ok and profile from a /health JSON body, if it is one."""
+    if urllib.parse.urlsplit(url).path.rstrip('/') \
+            != health_path().rstrip('/'):
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    ok = data.get('database_ok')
+    profile = data.get('profile')
+    return {'database_ok': ok if isinstance(ok, bool) else None,
+            'profile': profile if isinstance(profile, str) else None}
+
+
+def _answered(url: str, status: int, ms: float, body: bytes) -> Probe:
+    fields = _health_fields(url, body)
+    error = None
+    if status >= 400:
+        error = f'HTTP {status}'
+        if fields.get('database_ok') is False:
+            error += ': database unreachable'
+    return Probe(url, status, ms, error, **fields)
+
+
+def _client_host() -> str:
+    """A Host header the host's ALLOWED_HOSTS accepts (the test client
+    sends `testserver`, which a production settings file rejects)."""
+    from django.conf import settings
+
+    for host in settings.ALLOWED_HOSTS:
+        if host not in ('*', '') and not host.startswith('.'):
+            return host
+    return 'localhost'
+
+
+class ClientProber:
+    """Probes through the whole Django stack in this process (middleware,
+    URLconf, views, the `default` database), with no server running."""
+
+    def __init__(self) -> None:
+        from django.test import Client
+
+        # A crashing view must become a 500 probe, not stop the monitor.
+        self.client = Client(raise_request_exception=False,
+                             HTTP_HOST=_client_host())
+
+    def __call__(self, url: str) -> Probe:
+        start = time.perf_counter()
+        try:
+            response = self.client.get(url)
+        except Exception as err:  # noqa: BLE001 a failed probe is data
+            ms = (time.perf_counter() - start) * 1000
+            return Probe(url, None, ms, first_line(err))
+        ms = (time.perf_counter() - start) * 1000
+        return _answered(url, response.status_code, ms, response.content)
+
+
+class HttpProber:
+    """Probes a running server at *base_url* over HTTP."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip('/')
+        self.timeout = timeout
+        # No proxy: http_proxy in a device's environment must not route a
+        # probe of 127.0.0.1 elsewhere.
+        self.opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}))
+
+    def full_url(self, url: str) -> str:
+        if urllib.parse.urlsplit(url).scheme:
+            return url
+        return self.base_url + '/' + url.lstrip('/')
+
+    def __call__(self, url: str) -> Probe:
+        request = urllib.request.Request(
+            self.full_url(url), headers={'Accept': 'application/json'})
+        start = time.perf_counter()
+        try:
+            with self.opener.open(request, timeout=self.timeout) as resp:
+                body = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as err:
+            body = err.read()
+            status = err.code
+        except (urllib.error.URLError, OSError) as err:
+            ms = (time.perf_counter() - start) * 1000
+            reason = getattr(err, 'reason', err)
+            return Probe(url, None, ms, f'no answer: {reason}')
+        ms = (time.perf_counter() - start) * 1000
+        return _answered(url, status, ms, body)
+
+
+Prober = Callable[[str], Probe]
+
+
+def make_prober(config: MonitorConfig) -> Prober:
+    if config.base_url is None:
+        return ClientProber()
+    return HttpProber(config.base_url, config.timeout)
+
+
+def check_target(config: MonitorConfig,
+                 prober: Prober | None = None) -> TargetInfo:
+    """Refuse before watching: a base URL must answer its health URL, and
+    in-process every URL must match the URLconf. Reads only; raises
+    MonitorInputError naming the URL."""
+    if config.base_url is None:
+        from django.urls import Resolver404, resolve
+
+        for url in config.urls:
+            try:
+                resolve(urllib.parse.urlsplit(url).path)
+            except Resolver404:
+                raise MonitorInputError(
+                    f'URL {url} matches no URL pattern of this project; '
+                    f'check ANTHIAS_ROLLBACK_VERIFY_URLS') from None
+        try:
+            profile = profiles.current_profile().name
+        except RollbackError:
+            profile = None
+        return TargetInfo(IN_PROCESS, profile)
+    prober = prober or make_prober(config)
+    probe = prober(config.urls[0])
+    if probe.status is None:
+        raise MonitorInputError(
+            f'base URL {config.target} does not answer ({config.urls[0]}: '
+            f'{probe.error}); is the app running there?')
+    return TargetInfo(config.target, probe.profile)
+
+
+class Evaluator:
+    """The sliding window and the trigger rules (state between rounds)."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self.window: deque[tuple[Probe, ...]] = deque(maxlen=config.window)
+        self.stored = dict(config.baseline.ms) if config.baseline else {}
+        self.samples: dict[str, list[float]] = {}
+        self.streak = 0
+
+    def baseline_for(self, url: str) -> float | None:
+        if url in self.stored:
+            return self.stored[url]
+        samples = self.samples.get(url, [])
+        if len(samples) < self.config.baseline_probes:
+            return None
+        return statistics.median(samples)
+
+    def current_baseline(self) -> tuple[Baseline | None, str]:
+        ms = {url: self.baseline_for(url) for url in self.config.urls}
+        ms = {url: value for url, value in ms.items() if value is not None}
+        if not ms:
+            return None, 'none yet'
+        from_file = set(ms) <= set(self.stored)
+        profile = self.config.baseline.profile if from_file else ''
+        baseline = Baseline(self.config.target, profile,
+                            self.config.baseline_probes, ms)
+        return baseline, 'file' if from_file else 'probes'
+
+    def error_rate(self) -> float:
+        # Over the *full* window: before it fills, missing probes count
+        # as successes, so one early failure is not a 50 % error rate.
+        failed = sum(not p.ok for probes in self.window for p in probes)
+        size = self.config.window * len(self.config.urls)
+        return 100.0 * failed / size
+
+    def breaches(self, probes: tuple[Probe, ...], rate: float
+                 ) -> list[Breach]:
+        limits = self.config.thresholds
+        found: list[Breach] = []
+        for probe in probes:
+            if probe.database_ok is False:
+                found.append(Breach(DATABASE_UNREACHABLE,
+                                    f'database unreachable ({probe.url} '
+                                    f'answers {probe.status})'))
+        slow = [p for p in probes if p.ms > limits.max_response_ms]
+        for probe in slow:
+            found.append(Breach(RESPONSE_TIME,
+                                f'response time {probe.ms:.0f} ms > '
+                                f'{limits.max_response_ms:g} ms '
+                                f'({probe.url})'))
+        if rate > limits.max_error_rate:
+            found.append(Breach(ERROR_RATE,
+                                f'error rate {rate:.1f} % > '
+                                f'{limits.max_error_rate:g} % over '
+                                f'{self.config.window} probes'))
+        for probe in probes:
+            base = self.baseline_for(probe.url)
+            if base is None or not probe.ok:
+                continue
+            slower = probe.ms - base
+            pct = 100.0 * slower / max(base, 0.001)
+            if pct > limits.max_degradation_pct \
+                    and slower >= limits.min_slowdown_ms:
+                found.append(Breach(DEGRADATION,
+                                    f'{probe.url} {pct:.0f} % slower than '
+                                    f'baseline {base:.1f} ms > '
+                                    f'{limits.max_degradation_pct:g} %'))
+        return found
+
+    def evaluate(self, number: int, elapsed: float,
+                 probes: tuple[Probe, ...]) -> RoundResult:
+        """Add one round to the window and judge it."""
+        self.window.append(probes)
+        rate = self.error_rate()
+        found = self.breaches(probes, rate)
+        # Baselines learn only from rounds that looked healthy.
+        if not found:
+            for probe in probes:
+                samples = self.samples.setdefault(probe.url, [])
+                if probe.ok and len(samples) < self.config.baseline_probes:
+                    samples.append(probe.ms)
+        self.streak = self.streak + 1 if found else 0
+        return RoundResult(number, elapsed, probes, rate, tuple(found),
+                           self.streak, self.config.consecutive,
+                           self.streak >= self.config.consecutive)
+
+
+def probe_round(prober: Prober, urls: tuple[str, ...]) -> tuple[Probe, ...]:
+    return tuple(prober(url) for url in urls)
+
+
+def run_monitor(config: MonitorConfig,
+                on_probe: Callable[[RoundResult], None] | None = None,
+                sleep: Callable[[float], None] = time.sleep,
+                clock: Callable[[], float] = time.monotonic,
+                prober: Prober | None = None) -> MonitorResult:
+    """Probe every `interval` seconds until a trigger, `max_duration`,
+    `max_probes` or Ctrl-C. Reads only (through the probed views); calls
+    *on_probe* after each round. Never raises for a failing probe: that
+    is data. A KeyboardInterrupt ends the run cleanly."""
+    prober = prober or make_prober(config)
+    evaluator = Evaluator(config)
+    start = clock()
+    number = 0
+    last: RoundResult | None = None
+    stopped = STOP_INTERRUPTED
+    try:
+        while True:
+            if config.max_probes is not None \
+                    and number >= config.max_probes:
+                stopped = STOP_MAX_PROBES
+                break
+            if config.max_duration is not None \
+                    and clock() - start >= config.max_duration:
+                stopped = STOP_MAX_DURATION
+                break
+            number += 1
+            probes = probe_round(prober, config.urls)
+            last = evaluator.evaluate(number, clock() - start, probes)
+            if on_probe is not None:
+                on_probe(last)
+            if last.triggered:
+                stopped = STOP_TRIGGER
+                break
+            # Keep the cadence (round n starts at n * interval) but never
+            # sleep past --max-duration.
+            wake = start + number * config.interval
+            if config.max_duration is not None:
+                wake = min(wake, start + config.max_duration)
+            wait = wake - clock()
+            if wait > 0:
+                sleep(wait)
+    except KeyboardInterrupt:
+        stopped = STOP_INTERRUPTED
+    baseline, source = evaluator.current_baseline()
+    triggered = stopped == STOP_TRIGGER
+    return MonitorResult(stopped, number, clock() - start, triggered,
+                         last.breaches if triggered and last else (),
+                         last, baseline, source)
+
+
+def baseline_path() -> Path:
+    return conf.data_dir() / BASELINE_FILE_NAME
+
+
+def record_baseline(config: MonitorConfig,
+                    on_probe: Callable[[RoundResult], None] | None = None,
+                    sleep: Callable[[float], None] = time.sleep,
+                    path: Path | None = None,
+                    prober: Prober | None = None) -> tuple[Baseline, Path]:
+    """Probe `baseline_probes` rounds on SQLite and save the per-URL median
+    latency as JSON (0600) in the data dir. Refuses (BaselineError) when the
+    target's profile is not SQLite or any probe fails; then nothing is
+    written. Raises MonitorInputError when the target does not answer."""
+    prober = prober or make_prober(config)
+    info = check_target(config, prober)
+    if info.profile != profiles.SQLITE:
+        raise BaselineError(
+            f'a baseline is recorded on SQLite, before the cutover; '
+            f'{info.target} runs on {info.profile or "an unknown profile"}')
+    samples: dict[str, list[float]] = {url: [] for url in config.urls}
+    evaluator = Evaluator(config)
+    start = time.monotonic()
+    for number in range(1, config.baseline_probes + 1):
+        probes = probe_round(prober, config.urls)
+        result = evaluator.evaluate(number, time.monotonic() - start,
+                                    probes)
+        if on_probe is not None:
+            on_probe(result)
+        for probe in probes:
+            if not probe.ok:
+                raise BaselineError(
+                    f'baseline not recorded: {probe.url} failed '
+                    f'({probe.error}); fix the app first')
+            samples[probe.url].append(probe.ms)
+        if number < config.baseline_probes:
+            sleep(config.interval)
+    baseline = Baseline(
+        config.target, info.profile, config.baseline_probes,
+        {url: round(statistics.median(ms), 3) for url, ms in samples.items()},
+        datetime.now(timezone.utc).isoformat())
+    path = Path(path or baseline_path())
+    try:
+        write_json_report(path, baseline.as_dict())
+    except OSError as err:
+        raise BaselineError(f'cannot write baseline file {path}: '
+                            f'{err.strerror}') from None
+    return baseline, path
+
+
+def load_baseline(path: Path | None = None) -> Baseline | None:
+    """The stored baseline, None if there is none; BaselineError if the
+    file is unreadable or malformed."""
+    path = Path(path or baseline_path())
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise BaselineError(f'cannot read baseline file {path}: '
+                            f'{err.strerror}') from None
+    try:
+        data = json.loads(raw)
+        ms = {str(url): float(value) for url, value in data['ms'].items()}
+        return Baseline(str(data['target']), str(data['profile']),
+                        int(data['rounds']), ms,
+                        str(data.get('recorded_at', '')))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BaselineError(f'baseline file {path} is not valid; record it '
+                            f'again with --record-baseline') from None
+
+
+def select_baseline(config: MonitorConfig, path: Path | None = None
+                    ) -> tuple[Baseline | None, str | None]:
+    """The stored baseline if it was recorded against the same target
+    (in-process and HTTP latencies differ), plus a warning otherwise."""
+    baseline = load_baseline(path)
+    if baseline is None:
+        return None, None
+    if baseline.target != config.target:
+        return None, (f'stored baseline was recorded for '
+                      f'{baseline.target}, not {config.target}; using the '
+                      f'first {config.baseline_probes} probes instead')
+    return baseline, None
+
