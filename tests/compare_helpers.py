@@ -8,6 +8,9 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
+
 from anthias_app.models import Asset
 from tests.factories import AssetFactory
 from tests.kitchensink.models import (
@@ -105,9 +108,24 @@ def build_assets(n: int) -> list[Asset]:
     return assets
 
 
+def mirror_rows(models: list, source: str, target: str) -> None:
+    """Make *target* hold exactly *source*'s rows of *models* (FK order)."""
+    for model in reversed(models):
+        model._base_manager.using(target).all().delete()
+    for model in models:
+        rows = list(model._base_manager.using(source).order_by('pk'))
+        model._base_manager.using(target).bulk_create(rows)
+
+
 def fill_both(left_alias: str, right_alias: str, n_assets: int = 40
               ) -> list[Asset]:
-    """The same rows on both aliases; returns the (left) assets."""
+    """The same rows on both aliases; returns the (left) assets.
+
+    Content types and permissions are re-created after each transactional
+    test's flush with ids that differ per engine (PostgreSQL sequences are
+    not reset), so they are mirrored first.
+    """
+    mirror_rows([ContentType, Permission], left_alias, right_alias)
     assets = build_assets(n_assets)
     for side, alias in enumerate((left_alias, right_alias)):
         for batch in kitchen_objects(side):
