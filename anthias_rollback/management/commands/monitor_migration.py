@@ -1,0 +1,219 @@
+"""Watch the app after a cutover; alert or roll back when it misbehaves.
+
+    python manage.py monitor_migration --interval 5 --max-duration 3600
+    python manage.py monitor_migration --base-url http://127.0.0.1:8080 \\
+        --auto-rollback --json
+
+Every --interval seconds, probes /health and ANTHIAS_ROLLBACK_VERIFY_URLS,
+in-process (Django's test client) or over HTTP with --base-url. A trigger
+(response time, window error rate, slowdown against the baseline, database
+unreachable) counts only after --consecutive bad rounds in a row. Record a
+baseline on SQLite first with --record-baseline.
+
+Exit codes: 0 ran to --max-duration/--max-probes or Ctrl-C with no trigger,
+baseline recorded, or triggered and rolled back; 1 could not run (bad
+input, base URL not answering, nothing changed) or the rollback failed;
+2 usage error; 3 a trigger fired (no --auto-rollback): roll back; 4 rolled
+back, but its follow-up (restart, post-checks) failed.
+"""
+import dataclasses
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from django.core.management import call_command, get_commands
+from django.core.management.base import CommandError
+
+from anthias_rollback import exit_codes, monitor, profiles
+from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.report import redact
+
+ROLLBACK_COMMAND = 'rollback_migration'
+
+
+def run_rollback(stdout: Any, stderr: Any) -> None:
+    """Start the emergency rollback, with the same lock and report as when
+    a person runs it. Returns on success; raises CommandError carrying the
+    rollback's exit code (1 nothing changed, 4 follow-up failed)."""
+    call_command(ROLLBACK_COMMAND, '--emergency', '--yes', stdout=stdout,
+                 stderr=stderr)
+
+
+class Command(RollbackCommand):
+    help = ('Probe /health and ANTHIAS_ROLLBACK_VERIFY_URLS every '
+            '--interval seconds after a cutover; on a persisting trigger, '
+            'alert (exit 3) or, with --auto-rollback, run rollback_migration '
+            '--emergency. Exit codes: 0 no trigger (or rolled back), '
+            '1 could not run / rollback failed, 2 usage, 3 trigger fired, '
+            '4 rolled back but its follow-up failed.')
+
+    def add_arguments(self, parser):
+        parser.add_argument('--interval', type=float, default=5.0,
+                            help='seconds between probe rounds (default 5)')
+        parser.add_argument('--window', type=int, default=20,
+                            help='rounds in the error-rate window '
+                                 '(default 20)')
+        parser.add_argument('--baseline-probes', type=int, default=5,
+                            help='rounds that make the baseline when none '
+                                 'is stored, and rounds --record-baseline '
+                                 'measures (default 5)')
+        parser.add_argument('--consecutive', type=int, default=3,
+                            help='bad rounds in a row before a trigger '
+                                 'counts (default 3)')
+        parser.add_argument('--max-response-ms', type=float,
+                            help='slowest acceptable probe, ms (default '
+                                 'ANTHIAS_ROLLBACK_MONITOR_MAX_RESPONSE_MS'
+                                 ', 1000)')
+        parser.add_argument('--max-error-rate', type=float,
+                            help='failed probes in the window, percent '
+                                 '(default ANTHIAS_ROLLBACK_MONITOR_MAX_'
+                                 'ERROR_RATE, 5)')
+        parser.add_argument('--max-degradation-pct', type=float,
+                            help='percent slower than the baseline '
+                                 '(default ANTHIAS_ROLLBACK_MONITOR_MAX_'
+                                 'DEGRADATION_PCT, 300)')
+        parser.add_argument('--base-url',
+                            help='probe a running server over HTTP, e.g. '
+                                 'http://127.0.0.1:8080 (default: '
+                                 'in-process)')
+        parser.add_argument('--timeout', type=float, default=10.0,
+                            help='HTTP timeout per probe, seconds '
+                                 '(default 10)')
+        parser.add_argument('--max-duration', type=float,
+                            help='stop after this many seconds (default: '
+                                 'run until a trigger or Ctrl-C)')
+        parser.add_argument('--max-probes', type=int,
+                            help='stop after this many rounds')
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument('--record-baseline', action='store_true',
+                          help='measure --baseline-probes rounds on SQLite '
+                               'and store them as the baseline')
+        mode.add_argument('--auto-rollback', action='store_true',
+                          help='on a trigger, run rollback_migration '
+                               '--emergency --yes')
+        parser.add_argument('--json', action='store_true',
+                            help='one JSON object per line on stdout')
+
+    def run(self, *args, **options):
+        self.as_json = options['json']
+        self.verbosity = options['verbosity']
+        thresholds = monitor.default_thresholds(
+            max_response_ms=options['max_response_ms'],
+            max_error_rate=options['max_error_rate'],
+            max_degradation_pct=options['max_degradation_pct'])
+        config = monitor.MonitorConfig(
+            urls=monitor.monitored_urls(), thresholds=thresholds,
+            interval=options['interval'], window=options['window'],
+            baseline_probes=options['baseline_probes'],
+            consecutive=options['consecutive'],
+            base_url=options['base_url'], timeout=options['timeout'],
+            max_duration=options['max_duration'],
+            max_probes=options['max_probes'])
+        if options['record_baseline']:
+            return self.record(config)
+        info = monitor.check_target(config)
+        if options['auto_rollback']:
+            self.check_can_roll_back()
+        baseline, warning = monitor.select_baseline(config)
+        if warning:
+            self.stderr.write(self.style.WARNING(warning))
+        config = dataclasses.replace(config, baseline=baseline)
+        if not self.as_json and self.verbosity >= 1:
+            self.stdout.write(
+                f'watching {info.target} (profile '
+                f'{info.profile or "unknown"}): {", ".join(config.urls)} '
+                f'every {config.interval:g}s; trigger after '
+                f'{config.consecutive} bad rounds'
+                + ('; baseline from file' if baseline else ''))
+        result = monitor.run_monitor(config, on_probe=self.show_round)
+        self.finish(result, options['auto_rollback'])
+
+    def check_can_roll_back(self) -> None:
+        """--auto-rollback is refused up front when it could not work."""
+        if ROLLBACK_COMMAND not in get_commands():
+            self.fail(f'--auto-rollback needs the {ROLLBACK_COMMAND} '
+                      f'command, which is not installed')
+        active = profiles.current_profile()
+        if active.name != profiles.POSTGRES:
+            self.fail(f'--auto-rollback rolls back from PostgreSQL, but '
+                      f'the active profile is {active.name} (from '
+                      f'{active.source}); nothing to roll back')
+
+    def record(self, config: monitor.MonitorConfig) -> None:
+        baseline, path = monitor.record_baseline(config,
+                                                 on_probe=self.show_round)
+        if self.as_json:
+            self.write_line({'event': 'baseline', 'path': str(path),
+                             **baseline.as_dict()})
+            return
+        values = ', '.join(f'{url} {ms:.1f} ms'
+                           for url, ms in baseline.ms.items())
+        self.stdout.write(self.style.SUCCESS(
+            f'baseline recorded ({baseline.rounds} rounds on '
+            f'{baseline.profile}): {values}; saved to {path}'))
+
+    def finish(self, result: monitor.MonitorResult,
+               auto_rollback: bool) -> None:
+        if self.as_json:
+            self.write_line({'event': 'result', **result.as_dict()})
+        if not result.triggered:
+            if not self.as_json:
+                self.stdout.write(self.style.SUCCESS(
+                    f'no trigger: {result.rounds} rounds in '
+                    f'{result.seconds:.1f}s (stopped: {result.stopped}; '
+                    f'baseline from {result.baseline_source})'))
+            return
+        reasons = '; '.join(b.message for b in result.reasons)
+        alert = (f'ROLLBACK TRIGGER after {result.last.consecutive} bad '
+                 f'rounds in a row: {reasons}')
+        if not auto_rollback:
+            if not self.as_json:
+                self.stdout.write(self.style.ERROR(alert))
+            self.fail(f'{alert}; roll back with `manage.py '
+                      f'{ROLLBACK_COMMAND} --emergency`', exit_codes.NO)
+        self.stderr.write(self.style.ERROR(f'{alert}; rolling back now'))
+        # With --json, stdout holds only JSON lines: the rollback's own
+        # output goes to stderr.
+        out = self.stderr if self.as_json else self.stdout
+        try:
+            run_rollback(out, self.stderr)
+        except CommandError as err:
+            code = getattr(err, 'returncode', exit_codes.FAILED)
+            if self.as_json:
+                self.write_line({'event': 'rollback', 'returncode': code,
+                                 'error': str(err)})
+            self.fail(f'{alert}; the rollback failed: {err}', code)
+        if self.as_json:
+            self.write_line({'event': 'rollback', 'returncode': 0})
+        else:
+            self.stdout.write(self.style.SUCCESS(
+                f'rolled back after the trigger ({reasons})'))
+
+    def show_round(self, rnd: monitor.RoundResult) -> None:
+        if self.as_json:
+            self.write_line({'event': 'probe', **rnd.as_dict()})
+            return
+        if self.verbosity < 1:
+            return
+        probes = ', '.join(
+            f'{p.url} {p.status if p.status is not None else "---"} '
+            f'{p.ms:.0f} ms' for p in rnd.probes)
+        line = (f'#{rnd.number} +{rnd.elapsed:.1f}s '
+                f'{"BAD" if rnd.bad else "ok "} {probes} | window errors '
+                f'{rnd.error_rate:.1f} %')
+        if rnd.bad:
+            line += (f' | bad {rnd.streak}/{rnd.consecutive}: '
+                     + '; '.join(b.message for b in rnd.breaches))
+            self.stdout.write(self.style.WARNING(line))
+        else:
+            self.stdout.write(line)
+        if self.verbosity >= 2:
+            for probe in rnd.probes:
+                if probe.error:
+                    self.stderr.write(f'  {probe.url}: {probe.error}')
+
+    def write_line(self, data: dict[str, Any]) -> None:
+        """One JSON object per line (log shippers), secrets redacted."""
+        data = {'time': datetime.now(timezone.utc).isoformat(), **data}
+        self.stdout.write(json.dumps(redact(data), sort_keys=True,
+                                     default=str))
