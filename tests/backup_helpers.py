@@ -23,7 +23,7 @@ def payload(seq: int, part: int) -> str:
     return f'{seq}-{part}-{PAYLOAD}'
 
 
-def make_writer_db(path: Path) -> Path:
+def make_writer_db(path: Path, ballast: int = 20000) -> Path:
     conn = sqlite3.connect(path)
     conn.execute('PRAGMA journal_mode=WAL')
     conn.executescript(
@@ -33,7 +33,12 @@ def make_writer_db(path: Path) -> Path:
         'parent_id INTEGER REFERENCES parent(id));'
         'CREATE TABLE counter (id INTEGER PRIMARY KEY, last INTEGER);'
         'INSERT INTO parent VALUES (1, \'p\');'
-        'INSERT INTO counter VALUES (1, 0);')
+        'INSERT INTO counter VALUES (1, 0);'
+        'CREATE TABLE ballast (id INTEGER PRIMARY KEY, payload TEXT);')
+    # Ballast makes each backup take long enough for the writer to commit
+    # many transactions while it runs.
+    conn.executemany('INSERT INTO ballast (payload) VALUES (?)',
+                     [(f'{i} {PAYLOAD}',) for i in range(ballast)])
     conn.commit()
     conn.close()
     return path

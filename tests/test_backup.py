@@ -133,6 +133,8 @@ def test_concurrent_writer_every_backup_is_an_exact_snapshot(tmp_path):
                             for p in range(bh.PARTS)]
         seen.add(last)
     assert len(seen) > 1  # the writer really moved on between backups
+    # ...and committed while at least one backup was running.
+    assert any(after - before > 2 for _, before, after in results)
 
 
 def test_plain_copy_without_wal_loses_rows(tmp_path):
