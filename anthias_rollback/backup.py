@@ -9,6 +9,7 @@ linked under its final name `anthias_backup_YYYYMMDD_HHMMSS[_N].db`, next
 to `<backup>.manifest.json`. Nothing here uses Django connections: these
 are files, and the rollback must be able to read them with no alias.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ _MMAP_SIZE = 1 << 30
 Progress = Callable[[dict[str, Any]], None] | None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BackupResult:
     path: Path
     manifest_path: Path
@@ -55,7 +55,7 @@ class BackupResult:
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BackupVerification:
     path: Path
     valid: bool
@@ -64,7 +64,7 @@ class BackupVerification:
     manifest: dict[str, Any] | None
     size: int = 0
     sha256: str = ''
-    row_counts: dict[str, int] = field(default_factory=dict)
+    row_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -74,7 +74,7 @@ class BackupVerification:
         return 'invalid' if self.has_manifest else 'unverified'
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BackupInfo:
     path: Path
     manifest_path: Path
@@ -579,13 +579,14 @@ def list_backups(backup_dir: Path, verify: bool = False) -> list[BackupInfo]:
     return found
 
 
-def latest_verified_backup(backup_dir: Path) -> BackupInfo | None:
-    """The newest backup that passes verify_backup, or None."""
-    for info in list_backups(backup_dir):
+def latest_verified_backup(backup_dir: Path,
+                           skip: int = 0) -> BackupInfo | None:
+    """The newest backup that passes verify_backup, or None; *skip*
+    leaves out that many of the newest (already found invalid)."""
+    for info in list_backups(backup_dir)[skip:]:
         verification = verify_backup(info.path)
         if verification.valid:
-            return BackupInfo(**{**info.__dict__,
-                                 'verification': verification})
+            return dataclasses.replace(info, verification=verification)
     return None
 
 

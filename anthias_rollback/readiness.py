@@ -72,9 +72,11 @@ class ReadinessContext:
     @cached_property
     def latest_verified(self) -> backup.BackupInfo | None:
         newest = self.newest_verification
-        if newest is not None and newest.valid:
+        if newest is None:
+            return None
+        if newest.valid:
             return self.backups[0]
-        return backup.latest_verified_backup(self.backup_dir)
+        return backup.latest_verified_backup(self.backup_dir, skip=1)
 
     def free_bytes(self) -> int:
         if self.free_bytes_override is not None:

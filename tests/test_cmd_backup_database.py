@@ -51,6 +51,8 @@ def test_backup_of_the_live_database(data_dir):
         connections['sqlite'].settings_dict['NAME']
     out, _ = command('--verify', str(path))
     assert out.startswith('valid: ')
+    out, _ = command('-v2', '--backup-dir', str(data_dir / 'timed'))
+    assert '] copy' in out and '] verify' in out
     # Verbosity 0 prints the path alone.
     out, _ = command('-v0', '--backup-dir', str(data_dir / 'other'))
     assert out.strip().startswith(str(data_dir / 'other'))

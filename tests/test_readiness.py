@@ -143,3 +143,16 @@ def test_a_later_check_is_one_appended_function(device):
         postgres_alias=None, checks=[check_drill])
     assert [c.name for c in report.checks] == ['drill']
     assert not report.ready
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_corrupt_newest_with_an_older_verified_backup(device):
+    _data, live, backups = device
+    older = backup.create_backup(live, backups)
+    newest = backup.create_backup(live, backups)
+    with open(newest.path, 'r+b') as fh:
+        fh.truncate(1000)
+    report = run(device)
+    assert failed(report) == ['backup_integrity']
+    assert by_name(report)['backup_age'].ok
+    assert report.latest_backup == older.path

@@ -14,6 +14,7 @@ could not check (nothing kept under a final name); 2 usage error; 3 the
 backup checked is not valid (or has no manifest); 4 backup made, but
 removing old backups failed.
 """
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +68,8 @@ class Command(RollbackCommand):
         if days is not None and days < 0:
             self.fail('--retention-days must be 0 or more', exit_codes.USAGE)
         verbose = options['verbosity'] >= 1 and not as_json
+        self.timings = options['verbosity'] >= 2
+        self.started = time.perf_counter()
         result = backup.create_backup(
             source, backup_dir, timeout=timeout,
             progress=self.progress if verbose else None)
@@ -96,6 +99,9 @@ class Command(RollbackCommand):
                       f'{retention_error}', exit_codes.FOLLOW_UP)
 
     def progress(self, event):
+        if self.timings:
+            elapsed = time.perf_counter() - self.started
+            self.stdout.write(f'[{elapsed:7.2f}s] {event["phase"]}')
         if event['phase'] == 'copy':
             self.stdout.write(f'backing up {event["source"]} (online '
                               f'backup API)')
