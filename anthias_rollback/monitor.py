@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -167,7 +167,10 @@ class RoundResult:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data['probes'] = [asdict(p) for p in self.probes]
+        data['elapsed'] = round(self.elapsed, 3)
+        data['error_rate'] = round(self.error_rate, 2)
+        data['probes'] = [dict(asdict(p), ms=round(p.ms, 1))
+                          for p in self.probes]
         data['breaches'] = [asdict(b) for b in self.breaches]
         return data
 
@@ -261,17 +264,20 @@ def _health_fields(url: str, body: bytes) -> dict[str, Any]:
         return {}
     ok = data.get('database_ok')
     profile = data.get('profile')
+    problems = data.get('problems')
     return {'database_ok': ok if isinstance(ok, bool) else None,
-            'profile': profile if isinstance(profile, str) else None}
+            'profile': profile if isinstance(profile, str) else None,
+            'problem': str(problems[0]) if isinstance(problems, list)
+            and problems else None}
 
 
 def _answered(url: str, status: int, ms: float, body: bytes) -> Probe:
     fields = _health_fields(url, body)
+    problem = fields.pop('problem', None)
     error = None
     if status >= 400:
-        error = f'HTTP {status}'
-        if fields.get('database_ok') is False:
-            error += ': database unreachable'
+        # /health says why (already redacted by the view): name it.
+        error = f'HTTP {status}' + (f': {problem}' if problem else '')
     return Probe(url, status, ms, error, **fields)
 
 
@@ -404,11 +410,10 @@ class Evaluator:
         ms = {url: value for url, value in ms.items() if value is not None}
         if not ms:
             return None, 'none yet'
-        from_file = set(ms) <= set(self.stored)
-        profile = self.config.baseline.profile if from_file else ''
-        baseline = Baseline(self.config.target, profile,
-                            self.config.baseline_probes, ms)
-        return baseline, 'file' if from_file else 'probes'
+        if set(ms) <= set(self.stored):
+            return replace(self.config.baseline, ms=ms), 'file'
+        return Baseline(self.config.target, '', self.config.baseline_probes,
+                        ms), 'probes'
 
     def error_rate(self) -> float:
         # Over the *full* window: before it fills, missing probes count
@@ -425,7 +430,7 @@ class Evaluator:
             if probe.database_ok is False:
                 found.append(Breach(DATABASE_UNREACHABLE,
                                     f'database unreachable ({probe.url} '
-                                    f'answers {probe.status})'))
+                                    f'{probe.error})'))
         slow = [p for p in probes if p.ms > limits.max_response_ms]
         for probe in slow:
             found.append(Breach(RESPONSE_TIME,
@@ -436,7 +441,7 @@ class Evaluator:
             found.append(Breach(ERROR_RATE,
                                 f'error rate {rate:.1f} % > '
                                 f'{limits.max_error_rate:g} % over '
-                                f'{self.config.window} probes'))
+                                f'the last {self.config.window} rounds'))
         for probe in probes:
             base = self.baseline_for(probe.url)
             if base is None or not probe.ok:

@@ -9,7 +9,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from anthias_rollback import monitor, profiles
+from anthias_rollback import conf, locking, monitor, profiles
 from tests import monitor_views
 from tests.conftest import run_manage
 from tests.monitor_views import FAIL, OK, closed_port_url, serve_test_app
@@ -198,7 +198,8 @@ def test_subprocess_exit_3_when_database_unreachable(host_env):
     proc = run_manage(env, 'monitor_migration', '--interval', '0.01',
                       '--consecutive', '2', '--max-duration', '60')
     assert proc.returncode == 3, proc.stderr
-    assert 'database unreachable (/health answers 503)' in proc.stdout
+    assert 'database unreachable (/health HTTP 503: default (PostgreSQL ' \
+        '127.0.0.1:1/anthias) does not answer' in proc.stdout
     assert 'ROLLBACK TRIGGER after 2 bad rounds' in proc.stderr
     assert 'hunter2' not in proc.stdout + proc.stderr
 
@@ -219,13 +220,25 @@ def test_auto_rollback_leaves_device_on_sqlite_with_zero_loss(data_dir,
     helpers = pytest.importorskip('tests.rollback_helpers')
     device = helpers.seed_device(settings)
     helpers.write_on_postgres(device)
+    args = (*FAST, '--window', '4', '--consecutive', '2', '--max-probes',
+            '10', '--auto-rollback')
+    # A rollback that cannot run passes its exit code on; nothing changed.
+    flaky.queue(FAIL, FAIL)
+    with locking.operation_lock(data_dir, 'someone else'):
+        message, _ = refused(*args, code=1)
+    assert 'the rollback failed' in message
+    assert 'another operation holds the lock' in message
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
+
     # Two failing rounds, then healthy again: the rollback's own
     # post-verify of the verify URLs must pass on the restored file.
     flaky.queue(FAIL, FAIL)
-    out, err = watch(*FAST, '--window', '4', '--consecutive', '2',
-                     '--max-probes', '10', '--auto-rollback')
+    out, err = watch(*args)
     assert 'ROLLBACK TRIGGER after 2 bad rounds' in err
     assert out.splitlines()[-1].startswith('rolled back after the trigger')
     assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
     assert helpers.normalise(helpers.fingerprint_sqlite(device.live)) == \
         helpers.normalise(helpers.fingerprint_postgres())
+    # The same report a person's rollback writes.
+    from anthias_rollback import rollback
+    assert rollback.latest_report(conf.reports_dir()) is not None

@@ -303,7 +303,7 @@ def test_record_baseline_then_a_run_reads_it(data_dir, flaky):
     flaky.set_behaviour(sleep=0.08)
     result, rounds = watch(config(baseline=stored, consecutive=2))
     assert result.triggered and len(rounds) == 2
-    assert result.baseline_source == 'file'
+    assert result.baseline_source == 'file' and result.baseline == stored
 
 
 @pytest.mark.django_db(**DB)
