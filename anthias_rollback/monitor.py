@@ -13,6 +13,7 @@ once. A round is *bad* when it breaches a threshold; the trigger fires only
 after `consecutive` bad rounds in a row. Nothing here prints or rolls back:
 the command owns both.
 """
+import http.client
 import json
 import math
 import statistics
@@ -341,7 +342,8 @@ class HttpProber:
         except urllib.error.HTTPError as err:
             body = err.read()
             status = err.code
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError,
+                http.client.HTTPException) as err:
             ms = (time.perf_counter() - start) * 1000
             reason = getattr(err, 'reason', err)
             return Probe(url, None, ms, f'no answer: {reason}')
@@ -384,6 +386,10 @@ def check_target(config: MonitorConfig,
         raise MonitorInputError(
             f'base URL {config.target} does not answer ({config.urls[0]}: '
             f'{probe.error}); is the app running there?')
+    if probe.status == 404:
+        raise MonitorInputError(
+            f'base URL {config.target} answers 404 for {config.urls[0]}; '
+            f'is it this project, with anthias_rollback.urls included?')
     return TargetInfo(config.target, probe.profile)
 
 

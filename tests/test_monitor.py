@@ -364,3 +364,11 @@ def test_base_url_not_answering_is_refused():
     message = str(excinfo.value)
     assert f'base URL {url} does not answer' in message
     assert '\n' not in message
+
+
+@pytest.mark.django_db(**DB)
+def test_base_url_of_another_app_is_refused(data_dir):
+    with (serve_test_app() as base_url,
+          pytest.raises(MonitorInputError, match='answers 404')):
+        monitor.check_target(config(urls=('/not-health', FLAKY),
+                                    base_url=base_url))
