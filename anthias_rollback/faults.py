@@ -17,6 +17,12 @@ def checkpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     pause_at = os.environ.get('ANTHIAS_ROLLBACK_PAUSE_AT')
     if pause_at:
-        point, _, seconds = pause_at.partition(':')
+        # Point names contain ':' themselves: the seconds are the last
+        # field when it is a number.
+        point, _, seconds = pause_at.rpartition(':')
+        try:
+            pause = float(seconds)
+        except ValueError:
+            point, pause = pause_at, 5.0
         if point == name:
-            time.sleep(float(seconds or 5))
+            time.sleep(pause)

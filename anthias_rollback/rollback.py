@@ -93,6 +93,9 @@ class RollbackOptions:
     timeout_seconds: float = 300.0
     restart: bool = True
     batch_size: int = 10_000
+    # None: the configured dirs. A drill points them at its sandbox.
+    data_dir: Path | None = None
+    backup_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,14 @@ class _Run:
     flipped_at: float | None = None
     fenced: bool = False
     swapped: bool = False
+
+    @property
+    def backup_dir(self) -> Path:
+        return Path(self.options.backup_dir or conf.backup_dir())
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / 'reports'
 
     def emit(self, **event: Any) -> None:
         if self.progress is not None:
@@ -417,10 +428,11 @@ def pick_backup(run: _Run) -> Path:
         if not path.is_file():
             raise BackupError(f'backup {path} does not exist')
         return path
-    info = backup.latest_verified_backup(conf.backup_dir())
+    directory = run.backup_dir
+    info = backup.latest_verified_backup(directory)
     if info is None:
         raise BackupError(
-            f'no verified backup in {conf.backup_dir()} and PostgreSQL '
+            f'no verified backup in {directory} and PostgreSQL '
             'cannot be the source; nothing to roll back from')
     return info.path
 
@@ -473,7 +485,7 @@ def preserve_postgres(run: _Run) -> None:
             run.warn(message + '; PostgreSQL was not preserved')
             return
         stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
-        dest = conf.backup_dir() / f'postgresql_pre_rollback_{stamp}.dump'
+        dest = run.backup_dir / f'postgresql_pre_rollback_{stamp}.dump'
         try:
             result = preserve.postgres_dump(
                 opts.postgres_alias, dest,
@@ -572,7 +584,7 @@ def at_risk_rows(run: _Run, backup_alias: str) -> None:
     run.at_risk_rows = {label: len(pks) for label, pks in keys.items()}
     run.resurrected_rows = resurrected
     if keys and not run.options.dry_run:
-        run.at_risk_file = export_rows(pg, keys, conf.reports_dir())
+        run.at_risk_file = export_rows(pg, keys, run.reports_dir)
     total = sum(run.at_risk_rows.values())
     run.at_risk_note = (f'{total} rows written on PostgreSQL after the '
                         'backup' + (f', exported to {run.at_risk_file}'
@@ -767,7 +779,7 @@ def run_rollback(options: RollbackOptions,
         raise ConfigError(f'unknown source {options.source!r}')
     if options.timeout_seconds <= 0:
         raise ConfigError('the deadline must be positive')
-    data_dir = conf.data_dir()
+    data_dir = Path(options.data_dir or conf.data_dir())
     data_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(options, data_dir, progress,
                Deadline(options.timeout_seconds))
@@ -845,9 +857,8 @@ def finish(run: _Run, outcome: str, code: int,
         seconds=round(now - run.started, 3),
         downtime_seconds=(round(run.flipped_at - run.started, 3)
                           if run.flipped_at else None))
-    reports = conf.reports_dir()
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
-    path = reports / f'rollback_{stamp}.json'
+    path = run.reports_dir / f'rollback_{stamp}.json'
     result = replace(result, report_path=str(path))
     write_json_report(path, result.as_dict())
     fsutil.atomic_write_bytes(path.with_suffix('.txt'),

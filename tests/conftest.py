@@ -61,7 +61,7 @@ def host_env(data_dir):
     process against this test's data dir and the test databases."""
     env = dict(os.environ)
     env.update({
-        'DJANGO_SETTINGS_MODULE': 'settings_profiles.settings',
+        'DJANGO_SETTINGS_MODULE': 'tests.child_settings',
         'ANTHIAS_DATA_DIR': str(data_dir),
         'ANTHIAS_SQLITE_PATH': connections['sqlite'].settings_dict['NAME'],
         'ANTHIAS_POSTGRES_URL': postgres_url_for('postgres'),

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from django.db import connections
+
+from anthias_rollback import preserve, profiles
+from tests.conftest import run_manage
+from tests.rollback_helpers import (
+    fingerprint_postgres,
+    fingerprint_sqlite,
+    normalise,
+    seed_device,
+    write_on_postgres,
+)
+
+ALL = ['default', 'sqlite', 'postgres']
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_real_process_exit_codes_and_json(data_dir, settings, host_env):
+    device = seed_device(settings)
+    write_on_postgres(device)
+    connections['sqlite'].close()
+    done = run_manage(host_env, 'rollback_migration', '--timeout-minutes',
+                      '0')
+    assert done.returncode == 2
+    assert 'must be greater than 0' in done.stderr
+    done = run_manage(host_env, 'rollback_migration', '--source', 'backup',
+                      '--backup-path', str(data_dir / 'nope.db'), '--yes')
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        'CommandError: backup ')
+    assert 'Traceback' not in done.stderr
+    # Unattended without --yes/--emergency: refused, nothing changed.
+    done = run_manage(host_env, 'rollback_migration')
+    assert done.returncode == 1
+    assert 'unattended' in done.stderr
+    done = run_manage(host_env, 'rollback_migration', '--emergency',
+                      '--json')
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result['outcome'] == 'rolled back'
+    assert result['source'] == 'postgres'
+    connections['postgres'].close()
+    assert normalise(fingerprint_sqlite(device.live)) == \
+        normalise(fingerprint_postgres())
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_password_never_printed_with_runbook_flags(data_dir, settings,
+                                                   host_env):
+    seed_device(settings)
+    connections['sqlite'].close()
+    done = run_manage(host_env, 'rollback_migration', '--emergency',
+                      '--source', 'postgres', '--postgres-host',
+                      '127.0.0.1', '--postgres-port', '1',
+                      '--postgres-password', 'hunter2')
+    assert done.returncode == 1
+    assert 'hunter2' not in done.stdout + done.stderr
+    assert '127.0.0.1:1' in done.stderr
+    assert 'visible to other users' in done.stderr
+    for report in (data_dir / 'reports').glob('*'):
+        assert 'hunter2' not in report.read_text()
+    log = (data_dir / 'rollback.log').read_text()
+    assert 'hunter2' not in log
+    connections['postgres'].close()
+    preserve.postgres_lift_fence('postgres')

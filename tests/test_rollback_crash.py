@@ -1,0 +1,109 @@
+"""SIGKILL the rollback at many points: the live file is always whole
+(old or new data, integrity ok) and a rerun finishes the job."""
+import subprocess
+import sys
+import time
+
+import pytest
+from django.db import connections
+
+from anthias_rollback import preserve, profiles
+from tests.conftest import ROOT, run_manage
+from tests.rollback_helpers import (
+    fingerprint_postgres,
+    fingerprint_sqlite,
+    normalise,
+    seed_device,
+    write_on_postgres,
+)
+
+ALL = ['default', 'sqlite', 'postgres']
+KILL_POINTS = [
+    'rollback:locked',
+    'atomic-write:before-rename',      # first durable write: run state
+    'rollback:preflight-done',
+    'rollback:source-done',
+    'rollback:fence-done',
+    'rollback:schema-created',
+    'rollback:copied-migrations.Migration',
+    'rollback:copied-contenttypes.ContentType',
+    'rollback:copied-auth.Permission',
+    'rollback:copied-auth.User',
+    'rollback:copied-anthias_app.Asset',
+    'rollback:copied-sessions.Session',
+    'transfer_before_commit',
+    'rollback:build-done',
+    'rollback:verify-done',
+    'swap:intent-written',
+    'swap:checkpointed',
+    'swap:safety-linked',
+    'swap:side-files-removed',
+    'swap:renamed',
+    'rollback:swap-done',
+    'rollback:profile-done',
+    'rollback:post-verify-done',
+]
+
+
+@pytest.fixture
+def unfence():
+    yield
+    connections['postgres'].close()
+    preserve.postgres_lift_fence('postgres')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('point', KILL_POINTS)
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
+        point, data_dir, settings, host_env, unfence):
+    device = seed_device(settings)
+    write_on_postgres(device)
+    old = normalise(fingerprint_sqlite(device.live))
+    new = normalise(fingerprint_postgres())
+    assert old != new
+    connections['sqlite'].close()
+    connections['default'].close()
+
+    env = dict(host_env, ANTHIAS_ROLLBACK_KILL_AT=point)
+    done = run_manage(env, 'rollback_migration', '--emergency')
+    assert done.returncode == -9, (point, done.stdout, done.stderr)
+    assert normalise(fingerprint_sqlite(device.live)) in (old, new), point
+
+    done = run_manage(host_env, 'rollback_migration', '--emergency')
+    assert done.returncode == 0, (point, done.stdout, done.stderr)
+    assert 'ROLLED BACK' in done.stdout.strip().splitlines()[-1]
+    assert normalise(fingerprint_sqlite(device.live)) == new
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
+    connections['postgres'].close()
+    assert normalise(fingerprint_postgres()) == new
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_second_rollback_is_refused_while_first_runs(data_dir, settings,
+                                                     host_env, unfence):
+    device = seed_device(settings)
+    write_on_postgres(device)
+    connections['sqlite'].close()
+    env = dict(host_env, ANTHIAS_ROLLBACK_PAUSE_AT='rollback:locked:10')
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / 'manage.py'), 'rollback_migration',
+         '--emergency'], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        lock = data_dir / 'anthias_rollback.lock'
+        for _ in range(100):
+            if lock.exists() and 'rollback_migration' in lock.read_text():
+                break
+            time.sleep(0.1)
+        before = fingerprint_sqlite(device.live)
+        second = run_manage(host_env, 'rollback_migration', '--emergency')
+        assert second.returncode == 1
+        assert 'another operation holds the lock' in second.stderr
+        assert f'pid {first.pid}' in second.stderr
+        assert fingerprint_sqlite(device.live) == before
+        assert profiles.resolve_active_profile(data_dir, {}).name == \
+            'postgres'
+    finally:
+        _out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
