@@ -63,3 +63,8 @@ class MonitorInputError(RollbackError):
 
 class BaselineError(RollbackError):
     """A monitor baseline could not be recorded or read."""
+
+
+class DrillError(RollbackError):
+    """A rollback drill could not run (no PostgreSQL, scratch database
+    name clash, unusable sandbox); nothing live was touched."""
