@@ -13,12 +13,14 @@ value is the cost that matters at 1,000,000 rows.
 import datetime as dt
 import decimal
 import json
+import json.scanner
 import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import connections, models
 
 Canonical = Callable[[Any], Any]
@@ -27,11 +29,29 @@ _UTC = dt.timezone.utc
 _MICROSECOND = dt.timedelta(microseconds=1)
 
 
+# Key order and whitespace are storage details (SQLite keeps the text as
+# written, PostgreSQL jsonb reorders keys): sort and compact. One encoder
+# instance: json.dumps() would build one per value.
+_encode_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False,
+                                separators=(',', ':')).encode
+_decode_json = json.JSONDecoder().decode
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())
+
+
+def _loads(text: str) -> Any:
+    # json.loads() without its per-call checks: the C scanner, and the
+    # full decoder only for text with surrounding whitespace.
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        return _decode_json(text)
+    if end != len(text):
+        return _decode_json(text)
+    return value
+
+
 def canonical_json(value: Any) -> str:
-    # Key order and whitespace are storage details (SQLite keeps the text
-    # as written, PostgreSQL jsonb reorders keys): sort and compact.
-    return json.dumps(value, sort_keys=True, ensure_ascii=False,
-                      separators=(',', ':'))
+    return _encode_json(value)
 
 
 def canonical_decimal(value: Any) -> str:
@@ -127,18 +147,137 @@ def canonical_for(field: models.Field) -> Canonical | None:
 
 @dataclass(frozen=True)
 class ColumnPlan:
-    """How to read and normalize one concrete field on one alias."""
+    """How to read and normalize one concrete field on one alias.
+
+    `sql` is the select expression; `fast` (when set) turns the whole raw
+    column into canonical values at once and is used instead of the
+    field's converters. Fast paths exist only where they give exactly
+    what the converters + canonical form give (tests/test_compare.py
+    checks this on both engines for every kitchen-sink field).
+    """
     field: models.Field
     column: str
+    sql: str
     expression: Any
     converters: tuple[Callable, ...]
     canonical: Canonical | None
+    fast: Callable[[Sequence[Any]], list] | None = None
 
 
-def plan_columns(model: type[models.Model], alias: str
+def _slow_values(plan: 'ColumnPlan', alias: str) -> Callable[[Any], Any]:
+    """The field's own conversion of one raw value (fast-path fallback)."""
+    def convert(value: Any) -> Any:
+        for converter in plan.converters:
+            value = converter(value, plan.expression, connections[alias])
+        if value is None or plan.canonical is None:
+            return value
+        return plan.canonical(value)
+    return convert
+
+
+def _json_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
+    # As JSONField.from_db_value (json.loads, text kept if not JSON),
+    # then the canonical text; values already decoded take the slow path.
+    def fast(values: Sequence[Any]) -> list:
+        out = []
+        for value in values:
+            if value is None:
+                out.append(None)
+            elif isinstance(value, str):
+                try:
+                    out.append(_encode_json(_loads(value)))
+                except ValueError:
+                    out.append(_encode_json(value))
+            else:
+                out.append(slow(value))
+        return out
+    return fast
+
+
+def _padded_text_column(full: int, mark: tuple[int, str],
+                        slow: Callable[[Any], Any]
+                        ) -> Callable[[Sequence], list]:
+    """SQLite text already in canonical shape (`...SS.ffffff`, *full*
+    long) or without the fraction; anything else takes the slow path.
+    *mark* is a (position, character) that must match too."""
+    short = full - 7
+    pos, char = mark
+
+    def fast(values: Sequence[Any]) -> list:
+        out = []
+        for v in values:
+            if v is None:
+                out.append(None)
+            elif type(v) is not str or v[pos:pos + 1] != char:
+                out.append(slow(v))
+            elif len(v) == full and v[short] == '.':
+                out.append(v)
+            elif len(v) == short:
+                out.append(v + '.000000')
+            else:
+                out.append(slow(v))
+        return out
+    return fast
+
+
+def sqlite_fast_column(plan: ColumnPlan, alias: str, quoted: str
+                       ) -> tuple[str, Callable | None]:
+    """(select expression, fast path) for a column on SQLite."""
+    internal = value_field(plan.field).get_internal_type()
+    slow = _slow_values(plan, alias)
+    utc_storage = (not settings.USE_TZ
+                   or connections[alias].timezone_name == 'UTC')
+    # SQLite: `+col` has no declared type, so sqlite3 hands over the
+    # stored text instead of parsing it into datetime objects.
+    if internal == 'DateTimeField' and utc_storage:
+        return f'+{quoted}', _padded_text_column(26, (10, ' '), slow)
+    if internal == 'TimeField':
+        return f'+{quoted}', _padded_text_column(15, (2, ':'), slow)
+    if internal == 'DateField':
+        return f'+{quoted}', _date_column(slow)
+    if internal == 'JSONField' and value_field(plan.field).decoder is None:
+        return quoted, _json_column(slow)
+    return quoted, None
+
+
+def _date_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
+    def fast(values: Sequence[Any]) -> list:
+        return [v if v is None or (type(v) is str and len(v) == 10
+                                   and v[4] == '-') else slow(v)
+                for v in values]
+    return fast
+
+
+def postgres_fast_column(plan: ColumnPlan, alias: str, quoted: str
+                         ) -> tuple[str, Callable | None]:
+    """(select expression, fast path) for a column on PostgreSQL."""
+    field = value_field(plan.field)
+    internal = field.get_internal_type()
+    # PostgreSQL formats the canonical text itself: no datetime objects.
+    if internal == 'DateTimeField':
+        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
+            else quoted
+        return (f"to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US')",
+                _identity)
+    if internal == 'TimeField':
+        return f"to_char({quoted}, 'HH24:MI:SS.US')", _identity
+    if internal == 'DateField':
+        return f"to_char({quoted}, 'YYYY-MM-DD')", _identity
+    if internal == 'JSONField' and field.decoder is None:
+        return f'{quoted}::text', _json_column(_slow_values(plan, alias))
+    return quoted, None
+
+
+def _identity(values: Sequence[Any]) -> list:
+    return values if isinstance(values, list) else list(values)
+
+
+def plan_columns(model: type[models.Model], alias: str, fast: bool = True
                  ) -> tuple[ColumnPlan, ...]:
-    """Concrete fields of *model*, pk first, with *alias*'s converters."""
+    """Concrete fields of *model*, pk first, with *alias*'s converters
+    (and engine fast paths unless *fast* is False)."""
     connection = connections[alias]
+    quote = connection.ops.quote_name
     meta = model._meta
     fields = [meta.pk] + [f for f in meta.concrete_fields
                           if f is not meta.pk]
@@ -148,8 +287,21 @@ def plan_columns(model: type[models.Model], alias: str
         # As SQLCompiler.get_converters: backend converters, then field's.
         converters = (connection.ops.get_db_converters(col)
                       + col.get_db_converters(connection))
-        plans.append(ColumnPlan(field, field.column, col, tuple(converters),
-                                canonical_for(field)))
+        plan = ColumnPlan(field, field.column, quote(field.column), col,
+                          tuple(converters), canonical_for(field))
+        if fast and not field.primary_key:
+            if connection.vendor == 'postgresql':
+                sql, fast_path = postgres_fast_column(plan, alias,
+                                                      plan.sql)
+            elif connection.vendor == 'sqlite':
+                sql, fast_path = sqlite_fast_column(plan, alias, plan.sql)
+            else:
+                sql, fast_path = plan.sql, None
+            if fast_path is not None:
+                plan = ColumnPlan(field, field.column, sql, col,
+                                  tuple(converters), plan.canonical,
+                                  fast_path)
+        plans.append(plan)
     return tuple(plans)
 
 
@@ -161,6 +313,9 @@ def normalize_chunk(rows: Sequence[tuple], plans: Sequence[ColumnPlan],
     connection = connections[alias]
     columns = []
     for plan, column in zip(plans, zip(*rows)):
+        if plan.fast is not None:
+            columns.append(plan.fast(column))
+            continue
         values: Sequence[Any] = column
         for converter in plan.converters:
             expr = plan.expression
