@@ -49,7 +49,7 @@ def test_embedded_seed_1000_passes_in_a_real_process(data_dir, host_env):
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_json_prints_the_report_only(data_dir):
-    out, err = drill_cmd('--seed', '50', '--no-embedded-postgres', '--json')
+    out, _ = drill_cmd('--seed', '50', '--no-embedded-postgres', '--json')
     data = json.loads(out)
     assert data['outcome'] == 'PASS' and data['exit_code'] == 0
     assert data['server'] == 'configured'

