@@ -27,6 +27,7 @@ from django.db.migrations.recorder import MigrationRecorder
 from anthias_rollback import conf, schema
 from anthias_rollback.engines import postgresql as pg
 from anthias_rollback.engines import sqlite as lite
+from anthias_rollback.engines.rows import compile_row_converter
 from anthias_rollback.exceptions import (
     PreflightError,
     SchemaMismatchError,
@@ -246,8 +247,14 @@ def _checker(field: models.Field, target_vendor: str
         encoder = getattr(typed, 'encoder', None)
 
         def check_json(value: Any) -> None:
-            if value is not None and '\\u0000' in json.dumps(value,
-                                                             cls=encoder):
+            if value is None:
+                return
+            try:
+                text = json.dumps(value, cls=encoder, allow_nan=False)
+            except ValueError:
+                raise _Problem('JSON holds NaN or Infinity, which '
+                               'PostgreSQL jsonb rejects') from None
+            if '\\u0000' in text:
                 raise _Problem('JSON holds a NUL character (\\u0000), '
                                'which PostgreSQL jsonb rejects')
         return check_json
@@ -367,6 +374,10 @@ class _Converter:
                      else None)
             self.steps.append((read, check, write))
         self.funcs = [self._compose(*s) for s in self.steps]
+        self.joined = target_vendor == 'postgresql' and bool(target_alias)
+        self.row = (compile_row_converter(list(spec.fields), self.funcs,
+                                          source_alias, target_alias)
+                    if target_alias else None)
 
     @staticmethod
     def _compose(read, check, write) -> Callable[[Any], Any]:
@@ -387,11 +398,16 @@ class _Converter:
             return value
         return convert
 
-    def convert(self, rows: list[tuple]) -> list[list]:
-        funcs = self.funcs
+    def convert(self, rows: list[tuple]) -> list:
+        """Converted rows (COPY text lines for PostgreSQL, parameter
+        tuples for SQLite, lists when only checking); rows with a bad
+        value are left out and recorded."""
         try:
+            if self.row is not None:
+                return list(map(self.row, rows))
+            funcs = self.funcs
             return [[f(v) for f, v in zip(funcs, row)] for row in rows]
-        except Exception:  # noqa: BLE001 re-done row by row below
+        except Exception:  # noqa: BLE001 re-done value by value below
             return self._convert_slowly(rows)
 
     def _convert_slowly(self, rows: list[tuple]) -> list[list]:
@@ -405,7 +421,8 @@ class _Converter:
                     bad = True
                     self.record(row, fld, value, err)
             if not bad:
-                done.append(values)
+                done.append('\t'.join(values) if self.joined else
+                            tuple(values) if self.row else values)
         return done
 
     def record(self, row: tuple, fld: models.Field, value: Any,
@@ -717,8 +734,7 @@ def _copy_model(spec: _ModelSpec, source_alias: str, target_alias: str,
         def chunks() -> Iterator[bytes]:
             for rows in converted_batches():
                 if rows:
-                    yield ''.join(['\t'.join(r) + '\n' for r in rows]
-                                  ).encode('utf-8')
+                    yield ('\n'.join(rows) + '\n').encode('utf-8')
         # COPY FREEZE: the tables were truncated in this transaction, so
         # PostgreSQL may write the rows already frozen (no hint-bit or
         # vacuum rewrite later).
