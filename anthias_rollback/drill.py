@@ -427,7 +427,7 @@ def choose_server(run: _Run) -> _Server:
     try:
         schema.check_connection(alias)
     except ConfigError:
-        raise
+        raise   # malformed settings are an error, not a missing server
     except RollbackError as err:
         if opts.embedded is False:
             raise DrillError(f'{err}; start it, or run the drill with '
@@ -449,7 +449,7 @@ def _server_alias(server: _Server, name: str | None = None
     config = dict(server.settings)
     if name is not None:
         config['NAME'] = name
-    with profiles.temporary_alias(config, prefix='anthias_drill') as alias:
+    with profiles.temporary_alias(config, prefix='drill_pg') as alias:
         yield alias
 
 
