@@ -14,6 +14,8 @@ from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
 
+from django.db import DatabaseError
+
 from anthias_rollback import backup, locking, schema
 from anthias_rollback.exceptions import RollbackError
 
@@ -214,6 +216,54 @@ def check_lock(ctx: ReadinessContext) -> ReadinessCheck:
                           f'{holder.get("started_at", "?")})')
 
 
+def check_last_drill(ctx: ReadinessContext) -> ReadinessCheck:
+    """The last rehearsal: date, result, measured rollback time. A failed
+    last drill means the rollback itself is in doubt: not ready. Never
+    drilled is reported, not held against the device."""
+    from anthias_rollback.drill import last_drill
+
+    name = 'last_drill'
+    try:
+        last = last_drill(ctx.data_dir)
+    except RollbackError as err:
+        return ReadinessCheck(name, False, str(err))
+    if last is None:
+        return ReadinessCheck(name, True, 'no drill has run yet; run '
+                              '`manage.py rollback_drill`',
+                              informational=True)
+    age = _age(ctx, last.finished_at)
+    if not last.passed:
+        return ReadinessCheck(name, False, f'last drill {last.outcome} '
+                              f'({age}) at step {last.failed_step}: '
+                              f'{last.error}')
+    timing = (f'rollback took {last.rollback_seconds:.2f}s'
+              if last.rollback_seconds is not None else 'no timing')
+    return ReadinessCheck(name, True, f'last drill PASS ({age}); {timing}')
+
+
+def check_cutover(ctx: ReadinessContext) -> ReadinessCheck:
+    """Informational: when the device moved to PostgreSQL, and how many
+    rows were written there since (what a backup-only rollback loses)."""
+    from anthias_rollback import journal
+
+    recorded = journal.read_cutover(ctx.data_dir)
+    if recorded is None:
+        return ReadinessCheck('cutover', True, 'no cutover recorded',
+                              informational=True)
+    reason = f'cutover to PostgreSQL at {recorded.get("cutover_at")}'
+    if ctx.postgres_alias is not None:
+        try:
+            since = journal.rows_since_cutover(ctx.postgres_alias, recorded)
+            new = sum(s.new_rows or 0 for s in since)
+            changed = sum(abs(s.rows_now - (s.rows_at_cutover or 0))
+                          for s in since)
+            reason += (f'; since then {new} new rows by key, row counts '
+                       f'moved by {changed} on PostgreSQL')
+        except (RollbackError, DatabaseError):
+            reason += '; PostgreSQL not readable for the rows since'
+    return ReadinessCheck('cutover', True, reason, informational=True)
+
+
 CHECKS: list[Check] = [
     check_backup_fresh,
     check_backup_integrity,
@@ -222,6 +272,8 @@ CHECKS: list[Check] = [
     check_postgres_reachable,
     check_pg_dump,
     check_lock,
+    check_last_drill,
+    check_cutover,
 ]
 
 

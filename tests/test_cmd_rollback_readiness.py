@@ -38,7 +38,7 @@ def test_not_ready_then_ready(data_dir):
     names = [c['name'] for c in report['checks']]
     assert names == ['backup_age', 'backup_integrity', 'disk_space',
                      'sqlite_writable', 'postgres_reachable', 'pg_dump',
-                     'lock']
+                     'lock', 'last_drill', 'cutover']
     assert report['latest_backup'].startswith(str(data_dir / 'backups'))
 
 

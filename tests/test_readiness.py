@@ -156,3 +156,51 @@ def test_corrupt_newest_with_an_older_verified_backup(device):
     assert failed(report) == ['backup_integrity']
     assert by_name(report)['backup_age'].ok
     assert report.latest_backup == older.path
+
+
+def _history_line(data, outcome, failed_step=None):
+    import json
+
+    drills = data / 'drills'
+    drills.mkdir(exist_ok=True)
+    line = {'finished_at': datetime.now(timezone.utc).isoformat(),
+            'outcome': outcome, 'seconds': 3.2, 'rollback_seconds': 1.25,
+            'downtime_seconds': 1.1, 'failed_step': failed_step,
+            'error': 'boom' if failed_step else None, 'rows': 1000,
+            'server': 'embedded', 'report_path': None}
+    with open(drills / 'history.jsonl', 'a') as fh:
+        fh.write(json.dumps(line) + '\n')
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_last_drill_reported_and_failed_drill_is_not_ready(device):
+    data = device[0]
+    backup.create_backup(device[1], device[2])
+    check = by_name(run(device))['last_drill']
+    assert check.ok and check.informational
+    assert 'no drill has run yet' in check.reason
+    _history_line(data, 'PASS')
+    report = run(device)
+    assert report.ready
+    assert 'last drill PASS' in by_name(report)['last_drill'].reason
+    assert 'rollback took 1.25s' in by_name(report)['last_drill'].reason
+    _history_line(data, 'FAIL', failed_step='verify')
+    report = run(device)
+    assert not report.ready
+    assert failed(report) == ['last_drill']
+    assert 'at step verify: boom' in by_name(report)['last_drill'].reason
+
+
+@pytest.mark.django_db(databases=['sqlite', 'postgres'])
+def test_cutover_journal_shown(device):
+    from anthias_rollback import journal
+    from tests.factories import AssetFactory
+
+    AssetFactory.create_batch(2)
+    journal.record_cutover('sqlite', 'postgres', device[0])
+    asset = AssetFactory.build()
+    asset.save(using='postgres')
+    check = by_name(run(device))['cutover']
+    assert check.informational
+    assert 'cutover to PostgreSQL at' in check.reason
+    assert 'row counts moved by 1' in check.reason
