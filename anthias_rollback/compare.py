@@ -59,7 +59,7 @@ LEAF_ROWS = 16
 SAMPLE_LIMIT = 1_000_000
 
 TEXT_TYPES = {'CharField', 'TextField', 'SlugField', 'EmailField',
-              'URLField', 'FilePathField', 'GenericIPAddressField'}
+              'URLField', 'FilePathField'}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ value is the cost that matters at 1,000,000 rows.
 import datetime as dt
 import decimal
 import json
+import json.encoder
 import json.scanner
 import math
 import uuid
@@ -32,8 +33,20 @@ _MICROSECOND = dt.timedelta(microseconds=1)
 # Key order and whitespace are storage details (SQLite keeps the text as
 # written, PostgreSQL jsonb reorders keys): sort and compact. One encoder
 # instance: json.dumps() would build one per value.
-_encode_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False,
-                                separators=(',', ':')).encode
+_encoder = json.JSONEncoder(sort_keys=True, ensure_ascii=False,
+                            separators=(',', ':'))
+_encode_json = _encoder.encode
+# The C encoder behind json.dumps, built once (json builds it per call);
+# same arguments as `_encoder`, checked against it in the tests.
+_c_encode = json.encoder.c_make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ':', ',',
+    True, False, True) if json.encoder.c_make_encoder else None
+
+
+def _dumps(value: Any) -> str:
+    if _c_encode is None or isinstance(value, str):
+        return _encode_json(value)
+    return ''.join(_c_encode(value, 0))
 _decode_json = json.JSONDecoder().decode
 _scan_json = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -185,7 +198,7 @@ def _json_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
                 out.append(None)
             elif isinstance(value, str):
                 try:
-                    out.append(_encode_json(_loads(value)))
+                    out.append(_dumps(_loads(value)))
                 except ValueError:
                     out.append(_encode_json(value))
             else:
@@ -203,20 +216,15 @@ def _padded_text_column(full: int, mark: tuple[int, str],
     short = full - 7
     pos, char = mark
 
+    def pad(v: Any) -> Any:
+        if type(v) is str and len(v) == short and v[pos:pos + 1] == char:
+            return v + '.000000'
+        return slow(v)
+
     def fast(values: Sequence[Any]) -> list:
-        out = []
-        for v in values:
-            if v is None:
-                out.append(None)
-            elif type(v) is not str or v[pos:pos + 1] != char:
-                out.append(slow(v))
-            elif len(v) == full and v[short] == '.':
-                out.append(v)
-            elif len(v) == short:
-                out.append(v + '.000000')
-            else:
-                out.append(slow(v))
-        return out
+        return [v if v is None or (type(v) is str and len(v) == full
+                                   and v[short] == '.' and v[pos] == char)
+                else pad(v) for v in values]
     return fast
 
 
@@ -237,6 +245,10 @@ def sqlite_fast_column(plan: ColumnPlan, alias: str, quoted: str
         return f'+{quoted}', _date_column(slow)
     if internal == 'JSONField' and value_field(plan.field).decoder is None:
         return quoted, _json_column(slow)
+    if internal == 'BooleanField' and not plan.field.is_relation:
+        # SQLite: Django's sqlite3 converter for the `bool` declared type
+        # already returned bool, which the field converters keep as is.
+        return quoted, _identity
     return quoted, None
 
 

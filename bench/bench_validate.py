@@ -177,8 +177,11 @@ def run_reladiff(reladiff: str, left_url: str, right_url: str
                '-k', 'asset_id', '--json']
     for column in columns:
         command += ['-c', column]
+    # reladiff prints through rich, which wraps lines at 80 columns when
+    # not on a terminal; a wide console keeps one JSON document a line.
+    env = dict(os.environ, COLUMNS='1000000')
     seconds, result = timed(subprocess.run, command, capture_output=True,
-                            text=True)
+                            text=True, env=env)
     keys = set()
     for line in result.stdout.splitlines():
         try:

@@ -163,8 +163,9 @@ class Command(RollbackCommand):
     def print_report(self, report, perf):
         write = self.stdout.write
         mode = 'deep (field by field)' if report.deep else 'checksum'
-        write(f'{report.left_description} vs {report.right_description}, '
-              f'{mode} mode')
+        if self.verbosity >= 1:
+            write(f'{report.left_description} vs '
+                  f'{report.right_description}, {mode} mode')
         for note in report.notes:
             self.stderr.write(self.style.WARNING(note))
         for m in report.models:
