@@ -191,8 +191,9 @@ def postgres_write_activity() -> tuple:
         return cursor.fetchone()
 
 
+@pytest.mark.parametrize('parallel', [False, True])
 @pytest.mark.django_db(databases=BOTH, transaction=True)
-def test_read_only_snapshot_no_writes_no_locks_left():
+def test_read_only_snapshot_no_writes_no_locks_left(parallel):
     assets = fill_both('sqlite', 'postgres')
     sqlite_path = Path(connections['sqlite'].settings_dict['NAME'])
     connections['sqlite'].close()
@@ -225,9 +226,12 @@ def test_read_only_snapshot_no_writes_no_locks_left():
             connections['postgres'].settings_dict) as writer:
         wal_before = postgres_write_activity()
         report = compare.compare_aliases('sqlite', 'postgres',
-                                         progress=progress)
-    assert seen == {'pg_read_only': 'on', 'pg_isolation': 'repeatable read',
-                    'sqlite_query_only': 1}
+                                         progress=progress,
+                                         parallel=parallel)
+    if not parallel:
+        assert seen == {'pg_read_only': 'on',
+                        'pg_isolation': 'repeatable read',
+                        'sqlite_query_only': 1}
     assert report.ok, [m.to_dict() for m in report.models if not m.ok]
     # The row committed during the run is there now, but was not compared.
     assert Asset.objects.using('postgres').filter(
@@ -331,3 +335,16 @@ def test_engine_fast_paths_equal_the_field_converters():
             assert fast == slow, (model._meta.label, alias)
     report = compare.compare_aliases('sqlite', 'postgres')
     assert report.ok, [m.to_dict() for m in report.models if not m.ok]
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_reader_process_gives_the_same_report():
+    assets = fill_both('sqlite', 'postgres', n_assets=80)
+    expected = change_rows_on_postgres(assets)
+    reports = [compare.compare_aliases('sqlite', 'postgres',
+                                       parallel=parallel)
+               for parallel in (True, False)]
+    assert [m.to_dict() | {'seconds': 0} for m in reports[0].models] == [
+        m.to_dict() | {'seconds': 0} for m in reports[1].models]
+    asset = by_label(reports[0])['anthias_app.Asset']
+    assert dict(asset.changed) == expected['anthias_app.Asset']['changed']
