@@ -282,3 +282,43 @@ def test_wrong_password_names_host_and_port(private_server):
         hba.write_text(saved)
         pg_ctl(['reload'], pgdata=private_server.pgdata,
                user=private_server.system_user)
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_json_edge_values_keep_their_python_types():
+    # 1E2 is a float to Python but would read back from jsonb as an int
+    # if the text were copied verbatim; the fast path must not do that.
+    assets = make_assets(3)
+    odd = [{'x': 1E2, 'big': 10 ** 30, 's': 'a\tb\\c\n'},
+           [1.5, -0.0, 'é'], 'just a string']
+    for asset, value in zip(assets, odd):
+        Asset.objects.using('sqlite').filter(pk=asset.pk).update(
+            metadata=value)
+    transfer.transfer_data('sqlite', 'postgres')
+    assert_same_rows('sqlite', 'postgres', [Asset])
+    got = Asset.objects.using('postgres').get(pk=assets[0].pk).metadata
+    assert type(got['x']) is float and got['big'] == 10 ** 30
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_json_nan_reported_by_preflight():
+    asset = make_assets(1)[0]
+    with connections['sqlite'].cursor() as cursor:
+        # Python's json wrote it; SQLite's JSON_VALID check predates it.
+        cursor.execute('PRAGMA ignore_check_constraints = ON')
+        cursor.execute("UPDATE assets SET metadata = '[NaN]' "
+                       "WHERE asset_id = %s", [asset.pk])
+        cursor.execute('PRAGMA ignore_check_constraints = OFF')
+    with pytest.raises(PreflightError, match='NaN or Infinity'):
+        transfer.transfer_data('sqlite', 'postgres')
+    assert Asset.objects.using('postgres').count() == 0
+
+
+@pytest.mark.django_db(databases=['postgres'], transaction=True)
+def test_corrupt_source_file_is_refused(tmp_path):
+    bad = tmp_path / 'corrupt.db'
+    bad.write_bytes(b'SQLite format 3\x00' + b'\xff' * 4000)
+    with (profiles.sqlite_file_alias(bad) as alias,
+          pytest.raises(TransferError, match='corrupt.db')):
+        transfer.migrate_to_postgres(alias, 'postgres',
+                                     data_dir=tmp_path)

@@ -54,8 +54,11 @@ def _sqlite_to_postgres_helpers() -> dict[str, Callable]:
     # Same result as SQLite's convert_datetimefield_value (parse, then
     # make_aware in UTC) followed by COPY's isoformat().
     def datetime_text(value: str) -> str:
-        parsed = fromiso(value)
+        parsed = fromiso(value)   # validates
         if parsed.tzinfo is None:
+            # Django's own 'YYYY-MM-DD HH:MM:SS[.ffffff]' goes as is.
+            if len(value) in (19, 26) and value[10] == ' ':
+                return value + '+00:00'
             return parsed.isoformat() + '+00:00'
         return parsed.isoformat()
 
@@ -69,7 +72,6 @@ def _sqlite_to_postgres_helpers() -> dict[str, Callable]:
             parsed = parsed.replace(tzinfo=None)
         return parsed.isoformat()
 
-    loads = json.loads
     exponent = re.compile(r'\d[eE][+-]?\d').search
 
     def json_plain(value: str) -> bool:
@@ -80,13 +82,8 @@ def _sqlite_to_postgres_helpers() -> dict[str, Callable]:
         return not (exponent(value) or 'NaN' in value
                     or 'Infinity' in value or '\\u0000' in value)
 
-    def json_text(value: str) -> str:
-        loads(value)   # only to validate: bad JSON raises
-        return postgres_escape(value)
-
     return {'datetime_text': datetime_text, 'date_text': date_text,
-            'time_text': time_text, 'json_text': json_text,
-            'json_plain': json_plain}
+            'time_text': time_text, 'json_plain': json_plain}
 
 
 def _postgres_to_sqlite_helpers(tz: Any) -> dict[str, Callable]:
@@ -104,15 +101,17 @@ def _postgres_to_sqlite_helpers(tz: Any) -> dict[str, Callable]:
 
 
 def _postgres_expression(i: int, field: models.Field, source_vendor: str,
-                         tz: Any, ranges: dict) -> str | None:
+                         tz: Any, ranges: dict, json_flags: list[int]
+                         ) -> str | None:
     v, f, none = f'v{i}', f'f{i}', "'\\\\N'"
     internal = field.get_internal_type()
     if internal in PG_TEXT_TYPES:
         checks = f"type({v}) is str and '\\x00' not in {v}"
         if field.max_length:
             checks += f' and len({v}) <= {int(field.max_length)}'
-        return f'({none} if {v} is None else esc({v}) if {checks} ' \
-               f'else {f}({v}))'
+        # The escape call only for the rare text that needs it.
+        return (f'({none} if {v} is None else ({v} if not special({v}) '
+                f'else esc({v})) if {checks} else {f}({v}))')
     if internal in INT_TYPES:
         low, high = ranges[internal]
         return (f'({none} if {v} is None else str({v}) if type({v}) is int '
@@ -123,9 +122,10 @@ def _postgres_expression(i: int, field: models.Field, source_vendor: str,
     if source_vendor != 'sqlite' or tz is None:
         return None
     if internal == 'JSONField' and field.encoder is None \
-            and field.decoder is None:
-        return (f'({none} if {v} is None else json_text({v}) if type({v}) '
-                f'is str and json_plain({v}) else {f}({v}))')
+            and field.decoder is None and i in json_flags:
+        flag = f'j{json_flags.index(i)}'
+        return (f'({none} if {v} is None else text({v}) if {flag} == 1 '
+                f'and type({v}) is str and json_plain({v}) else {f}({v}))')
     helper = {'DateTimeField': 'datetime_text', 'DateField': 'date_text',
               'TimeField': 'time_text'}.get(internal)
     if helper is None:
@@ -135,7 +135,8 @@ def _postgres_expression(i: int, field: models.Field, source_vendor: str,
 
 
 def _sqlite_expression(i: int, field: models.Field, source_vendor: str,
-                       tz: Any, ranges: dict) -> str | None:
+                       tz: Any, ranges: dict, json_flags: list[int]
+                       ) -> str | None:
     v, f = f'v{i}', f'f{i}'
     internal = field.get_internal_type()
     if internal in TEXT_TYPES:
@@ -163,6 +164,19 @@ def _sqlite_expression(i: int, field: models.Field, source_vendor: str,
     return None
 
 
+def sqlite_json_columns(fields: list[models.Field]) -> list[int]:
+    """Indexes of the JSON columns among *fields* (SQLite sources select
+    a json_valid() flag for each, after the fields)."""
+    found = []
+    for i, field in enumerate(fields):
+        typed = field
+        while typed.is_relation and getattr(typed, 'target_field', None):
+            typed = typed.target_field
+        if typed.get_internal_type() == 'JSONField':
+            found.append(i)
+    return found
+
+
 def compile_row_converter(fields: list[models.Field],
                           generic: list[Callable[[Any], Any]],
                           source_alias: str, target_alias: str
@@ -176,8 +190,13 @@ def compile_row_converter(fields: list[models.Field],
     source_vendor = connections[source_alias].vendor
     target_vendor = connections[target_alias].vendor
     tz = _utc(source_alias if source_vendor == 'sqlite' else target_alias)
+    special = re.compile('[\\\\\t\n\r]').search
+
+    def text(value: str) -> str:
+        return postgres_escape(value) if special(value) else value
+
     namespace: dict[str, Any] = {
-        'esc': postgres_escape, 'datetime': dt.datetime, 'date': dt.date,
+        'text': text, 'special': special, 'esc': postgres_escape, 'datetime': dt.datetime, 'date': dt.date,
         'time': dt.time, 'str': str, 'type': type, 'int': int,
     }
     if target_vendor == 'postgresql':
@@ -187,16 +206,20 @@ def compile_row_converter(fields: list[models.Field],
         namespace.update(_postgres_to_sqlite_helpers(tz))
         build = _sqlite_expression
     ranges = connections[target_alias].ops.integer_field_ranges
+    json_flags = (sqlite_json_columns(fields) if source_vendor == 'sqlite'
+                  else [])
     expressions = []
     for i, (field, func) in enumerate(zip(fields, generic)):
         namespace[f'f{i}'] = func
         typed = field
         while typed.is_relation and getattr(typed, 'target_field', None):
             typed = typed.target_field
-        expression = build(i, typed, source_vendor, tz, ranges) \
+        expression = build(i, typed, source_vendor, tz, ranges,
+                           json_flags) \
             if _builtin(typed) and _builtin(field) else None
         expressions.append(expression or f'f{i}(v{i})')
-    names = ', '.join(f'v{i}' for i in range(len(fields)))
+    names = ', '.join([f'v{i}' for i in range(len(fields))]
+                      + [f'j{k}' for k in range(len(json_flags))])
     body = ', '.join(expressions)
     if target_vendor == 'postgresql':
         source = (f'def convert_row(row):\n'
