@@ -3,11 +3,13 @@
 Both sides are read in primary-key order, each in one read-only snapshot,
 as two streams of canonical rows (see normalize.py). The streams are merged
 segment by segment: a segment ends at the smaller of the two buffers' last
-keys, so it holds every row of both sides in its key range. Segments whose
-key lists and checksums agree are identical; a mismatching segment is
-bisected by key into halves with their own checksums until the differing
-rows are few, and only those are compared field by field. `deep=True`
-compares every row field by field instead of trusting checksums.
+keys, so it holds every row of both sides in its key range. A segment whose
+keys and canonical rows are equal is identical; a mismatching one is
+bisected by key into halves compared by engine-neutral checksums until the
+differing rows are few, and only those are compared field by field, which
+names the keys and fields. `deep=True` compares every row field by field.
+Each side is read (and normalized) by a forked reader process holding that
+side's snapshot, so the two sides use two cores (SideReader).
 
 Key order: the merge compares keys in Python (code points = UTF-8 bytes),
 so each engine must return that order: SQLite sorts text `COLLATE BINARY`
