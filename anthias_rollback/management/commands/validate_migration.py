@@ -13,6 +13,7 @@ Exit codes: 0 pass; 1 could not validate (unreachable, unmigrated,
 timeout, bad input); 2 usage error; 3 differences below --min-integrity
 or queries above --max-query-time.
 """
+import shutil
 from pathlib import Path
 
 from anthias_rollback import compare, exit_codes, profiles
@@ -150,9 +151,14 @@ class Command(RollbackCommand):
 
         def render(event):
             if event.kind == 'model_start':
+                # A pty that reports a 0x0 size (script(1), some CI
+                # runners) gets no bar at all from tqdm; shutil falls
+                # back to 80x24.
+                size = shutil.get_terminal_size()
                 bars[event.label] = tqdm(
                     total=event.total, desc=event.label, unit='row',
-                    leave=False, file=self.stdout._out)
+                    leave=False, file=self.stdout._out, ncols=size.columns,
+                    nrows=size.lines)
             elif event.kind == 'batch' and event.label in bars:
                 bar = bars[event.label]
                 bar.update(event.done - bar.n)
