@@ -59,8 +59,13 @@ def _dependencies(model: type[models.Model],
     deps = []
     for field in model._meta.concrete_fields:
         target = field.related_model if field.is_relation else None
-        if target is not None and target in included:
-            deps.append((field, target._meta.concrete_model))
+        if target is None or isinstance(target, str):
+            continue
+        # An FK to a proxy model points at its concrete model's table
+        # (proxies themselves are never in the plan).
+        target = target._meta.concrete_model
+        if target in included:
+            deps.append((field, target))
     # Multi-table inheritance: the parent's row must exist first.
     for parent in model._meta.parents:
         if parent in included:

@@ -12,7 +12,6 @@ also reports the problem. Custom field classes always take the generic
 path.
 """
 import datetime as dt
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -87,17 +86,16 @@ def _sqlite_to_postgres_helpers() -> dict[str, Callable]:
 
 
 def _postgres_to_sqlite_helpers(tz: Any) -> dict[str, Callable]:
-    loads, dumps = json.loads, json.dumps
+    utc = dt.timezone.utc
 
     # SQLite's adapt_datetimefield_value: make_naive in the connection's
-    # zone, then str().
+    # zone (UTC here), then str().
     def datetime_param(value: dt.datetime) -> str:
-        return value.astimezone(tz).replace(tzinfo=None).isoformat(' ')
+        if value.tzinfo is not utc:
+            value = value.astimezone(utc)
+        return value.replace(tzinfo=None).isoformat(' ')
 
-    def json_param(value: str) -> str:
-        return dumps(loads(value))
-
-    return {'datetime_param': datetime_param, 'json_param': json_param}
+    return {'datetime_param': datetime_param}
 
 
 def _postgres_expression(i: int, field: models.Field, source_vendor: str,
@@ -159,8 +157,11 @@ def _sqlite_expression(i: int, field: models.Field, source_vendor: str,
                 f'is time and {v}.tzinfo is None else {f}({v}))')
     if internal == 'JSONField' and field.encoder is None \
             and field.decoder is None:
-        return (f'({v} if {v} is None else json_param({v}) if type({v}) '
-                f'is str else {f}({v}))')
+        # jsonb text as PostgreSQL prints it: Django reads it back with
+        # json.loads, the same call that reads it from PostgreSQL, so the
+        # value is the one the app saw (only key order and \u escapes
+        # of the stored text differ from a fresh json.dumps).
+        return f'({v} if {v} is None or type({v}) is str else {f}({v}))'
     return None
 
 
