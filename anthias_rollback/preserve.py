@@ -93,6 +93,9 @@ def postgres_fence_writes(alias: str) -> int:
     name = connections[alias].settings_dict['NAME']
     with connections[alias].cursor() as cursor:
         quoted = connections[alias].ops.quote_name(name)
+        # A rollback killed while fenced leaves the database read-only;
+        # this session then starts read-only and could not re-fence.
+        cursor.execute('SET default_transaction_read_only = off')
         cursor.execute(f'ALTER DATABASE {quoted} '
                        'SET default_transaction_read_only = on')
         cursor.execute(

@@ -306,10 +306,26 @@ def close_connections_to(path: Path) -> None:
             conn.close()
 
 
+SCRATCH_KINDS = ('rollback-new', 'dry-run')
+
+
 def new_file_path(live_path: Path, dry_run: bool) -> Path:
-    kind = 'dry-run' if dry_run else 'rollback-new'
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
+    kind = SCRATCH_KINDS[1] if dry_run else SCRATCH_KINDS[0]
+    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
     return live_path.with_name(f'{live_path.name}.{kind}-{stamp}')
+
+
+def remove_stale_scratch_files(live_path: Path) -> list[Path]:
+    """Half-built files of a killed run (never live: the swap renames them
+    away). Safe to delete: the caller holds the operation lock."""
+    found = []
+    for kind in SCRATCH_KINDS:
+        for path in live_path.parent.glob(f'{live_path.name}.{kind}-*'):
+            if path.name.endswith(tuple(swap.SIDE_FILES)):
+                continue
+            remove_sqlite_file(path)
+            found.append(path)
+    return found
 
 
 def remove_sqlite_file(path: Path) -> None:
@@ -332,6 +348,10 @@ def preflight(run: _Run) -> None:
         live = Path(opts.live_path or
                     profiles.sqlite_alias_path(opts.sqlite_alias))
         run.live_path = live
+        stale = remove_stale_scratch_files(live)
+        if stale:
+            run.warn(f'removed {len(stale)} half-built file(s) of an '
+                     f'interrupted run: {", ".join(p.name for p in stale)}')
         if not live.parent.is_dir():
             raise ConfigError(f'live SQLite directory {live.parent} does '
                               'not exist')

@@ -348,3 +348,24 @@ def test_reader_process_gives_the_same_report():
         m.to_dict() | {'seconds': 0} for m in reports[1].models]
     asset = by_label(reports[0])['anthias_app.Asset']
     assert dict(asset.changed) == expected['anthias_app.Asset']['changed']
+
+
+@pytest.mark.django_db(databases=['sqlite', 'postgres'], transaction=True)
+def test_parent_connections_survive_parallel_compare():
+    """Forked readers must never close the parent's sockets: the
+    rollback keeps using its PostgreSQL session after comparing."""
+    from tests.factories import AssetFactory
+
+    AssetFactory.create_batch(5)
+    with connections['postgres'].cursor() as c:
+        c.execute('SELECT pg_backend_pid()')
+        pid = c.fetchone()[0]
+    with connections['sqlite'].cursor() as c:
+        c.execute('SELECT 1')
+    compare.compare_aliases('sqlite', 'postgres', parallel=True)
+    with connections['postgres'].cursor() as c:
+        c.execute('SELECT pg_backend_pid()')
+        assert c.fetchone()[0] == pid
+    with connections['sqlite'].cursor() as c:
+        c.execute('SELECT count(*) FROM assets')
+        assert c.fetchone()[0] == 5

@@ -77,6 +77,14 @@ def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
     assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
     connections['postgres'].close()
     assert normalise(fingerprint_postgres()) == new
+    # The rerun lifted the write fence a killed run may have left, and
+    # left no half-built file behind.
+    with connections['postgres'].cursor() as cursor:
+        cursor.execute('SHOW default_transaction_read_only')
+        assert cursor.fetchone()[0] == 'off', point
+    leftovers = [p.name for p in device.live.parent.iterdir()
+                 if '.rollback-new-' in p.name or '.dry-run-' in p.name]
+    assert leftovers == [], point
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
