@@ -47,3 +47,15 @@ def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
     status = 'ok' if database_ok and not problems else 'degraded'
     return HealthReport(status, name, source, database_ok, pending,
                         tuple(problems))
+
+
+def client_host() -> str:
+    """A Host header the host's ALLOWED_HOSTS accepts, for in-process
+    requests through Django's test client (which sends `testserver`, a
+    name production settings reject)."""
+    from django.conf import settings
+
+    for host in settings.ALLOWED_HOSTS:
+        if host not in ('*', '') and not host.startswith('.'):
+            return host
+    return 'localhost'

@@ -35,6 +35,7 @@ from anthias_rollback.exceptions import (
     MonitorInputError,
     RollbackError,
 )
+from anthias_rollback.health import client_host
 from anthias_rollback.report import first_line, write_json_report
 
 IN_PROCESS = 'in-process'
@@ -282,17 +283,6 @@ def _answered(url: str, status: int, ms: float, body: bytes) -> Probe:
     return Probe(url, status, ms, error, **fields)
 
 
-def _client_host() -> str:
-    """A Host header the host's ALLOWED_HOSTS accepts (the test client
-    sends `testserver`, which a production settings file rejects)."""
-    from django.conf import settings
-
-    for host in settings.ALLOWED_HOSTS:
-        if host not in ('*', '') and not host.startswith('.'):
-            return host
-    return 'localhost'
-
-
 class ClientProber:
     """Probes through the whole Django stack in this process (middleware,
     URLconf, views, the `default` database), with no server running."""
@@ -302,7 +292,7 @@ class ClientProber:
 
         # A crashing view must become a 500 probe, not stop the monitor.
         self.client = Client(raise_request_exception=False,
-                             HTTP_HOST=_client_host())
+                             HTTP_HOST=client_host())
 
     def __call__(self, url: str) -> Probe:
         start = time.perf_counter()

@@ -64,6 +64,7 @@ from anthias_rollback.exceptions import (
     DeadlineError,
     RollbackError,
 )
+from anthias_rollback.health import client_host
 from anthias_rollback.report import (
     describe_alias,
     first_line,
@@ -730,16 +731,11 @@ def verify_urls() -> list[str]:
 
 def post_verify(run: _Run) -> bool:
     """Requests through the app's own views on the restored file."""
-    from django.conf import settings
-
     with run.phase('post-verify', check_deadline=False) as record:
         failures = []
-        hosts = [h for h in settings.ALLOWED_HOSTS if h not in ('*', '')]
-        host = hosts[0].lstrip('.') if hosts and '*' not in \
-            settings.ALLOWED_HOSTS else 'testserver'
         with profiles.sqlite_file_alias(run.live_path, wal=True) as alias, \
                 profiles.default_as(alias):
-            client = Client(HTTP_HOST=host)
+            client = Client(HTTP_HOST=client_host())
             for url in verify_urls():
                 try:
                     response = client.get(url)

@@ -4,6 +4,7 @@ Commands subclass `RollbackCommand` and implement `run()`; any
 RollbackError it raises becomes one line on stderr and exit code 1 (or the
 code the error carries), never a traceback.
 """
+import argparse
 import json
 import sys
 from typing import Any
@@ -44,3 +45,27 @@ class RollbackCommand(BaseCommand):
 
     def fail(self, message: str, code: int = exit_codes.FAILED) -> None:
         raise CommandError(redact(message), returncode=code)
+
+
+def positive_int(value: str) -> int:
+    """argparse type: a whole number >= 1 (else a usage error, exit 2)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a whole '
+                                         'number') from None
+    if number < 1:
+        raise argparse.ArgumentTypeError('must be at least 1')
+    return number
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a number > 0 (else a usage error, exit 2)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a number') \
+            from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError('must be greater than 0')
+    return number

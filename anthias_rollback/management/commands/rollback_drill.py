@@ -19,29 +19,11 @@ import argparse
 from pathlib import Path
 
 from anthias_rollback import drill, exit_codes, transfer
-from anthias_rollback.management.base import RollbackCommand
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{value!r} is not a whole '
-                                         'number') from None
-    if number < 1:
-        raise argparse.ArgumentTypeError('must be at least 1')
-    return number
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{value!r} is not a number') \
-            from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError('must be greater than 0')
-    return number
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    positive_float,
+    positive_int,
+)
 
 
 class Command(RollbackCommand):

@@ -14,21 +14,12 @@ from django.core.management.base import CommandError
 
 from anthias_rollback import conf, exit_codes, profiles, rollback
 from anthias_rollback.exceptions import RollbackError
-from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    positive_float,
+    positive_int,
+)
 from anthias_rollback.report import redact
-
-
-def positive_float(value: str) -> float:
-    import argparse
-
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{value!r} is not a number') \
-            from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError('must be greater than 0')
-    return number
 
 
 class Command(RollbackCommand):
@@ -68,7 +59,8 @@ class Command(RollbackCommand):
         parser.add_argument('--timeout-minutes', type=positive_float,
                             default=5.0,
                             help='deadline for the whole run (default 5)')
-        parser.add_argument('--batch-size', type=int, default=10_000)
+        parser.add_argument('--batch-size', type=positive_int,
+                            default=10_000)
         parser.add_argument('--yes', '--noinput', action='store_true',
                             dest='yes', help='do not ask for confirmation')
         parser.add_argument('--json', action='store_true',
@@ -91,8 +83,6 @@ class Command(RollbackCommand):
                 'warning: --postgres-password is visible to other users '
                 'in the process list; prefer POSTGRES_PASSWORD or '
                 'ANTHIAS_POSTGRES_URL in the environment'))
-        if options['batch_size'] <= 0:
-            self.fail('--batch-size must be greater than 0')
         with profiles.postgres_override_alias(overrides) as pg_alias:
             opts = rollback.RollbackOptions(
                 source=options['source'] or 'auto',
