@@ -3,6 +3,7 @@ import datetime as dt
 import random
 
 import factory
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import User
 
 from anthias_app.models import Asset
@@ -58,4 +59,5 @@ class UserFactory(factory.django.DjangoModelFactory):
     username = factory.Sequence(lambda n: f'user{n}')
     email = factory.LazyAttribute(lambda o: f'{o.username}@example.com')
     first_name = factory.Iterator(['Zoë', 'José', '李', 'Ann'])
-    password = factory.PostGenerationMethodCall('set_password', 'pw-123')
+    # Hashed up front: no post-generation save (deprecated in factory-boy).
+    password = factory.LazyFunction(lambda: make_password('pw-123'))
