@@ -547,12 +547,18 @@ def build_from_postgres(run: _Run, new_path: Path) -> None:
 
 def build_from_backup(run: _Run, new_path: Path) -> None:
     checked = backup.verify_backup(run.backup_used)
-    if not checked.valid:
+    # A backup without a manifest (older tools) cannot be checksummed; an
+    # operator who names one with --backup-path gets it if everything
+    # else checks out (integrity, foreign keys, schema below).
+    only_unverified = (not checked.has_manifest
+                       and len(checked.reasons) == 1
+                       and run.options.backup_path is not None)
+    if not checked.valid and not only_unverified:
         raise BackupError(f'backup {run.backup_used} is not valid: '
                           f'{"; ".join(checked.reasons)}')
     if not checked.has_manifest:
         run.warn(f'backup {run.backup_used} has no manifest: checked for '
-                 'integrity only')
+                 'integrity only, no checksum')
     src = sqlite3.connect(f'file:{run.backup_used}?mode=ro', uri=True)
     dst = sqlite3.connect(new_path)
     try:

@@ -222,3 +222,50 @@ def test_generate_report_prints_latest(data_dir, settings):
     out, _ = roll_back('--generate-report')
     assert 'Rollback ROLLED BACK' in out
     assert 'Data Loss: none' in out
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_backup_from_another_schema_is_refused(data_dir, settings):
+    import shutil
+    import sqlite3
+
+    device = seed_device(settings)
+    other = data_dir / 'other_schema.db'
+    shutil.copyfile(device.backup, other)
+    conn = sqlite3.connect(other)
+    conn.execute("DELETE FROM django_migrations WHERE app = 'sessions'")
+    conn.commit()
+    conn.close()
+    connections['sqlite'].close()
+    before = file_digest(device.live)
+    with pytest.raises(CommandError) as excinfo:
+        roll_back('--emergency', '--source', 'backup', '--backup-path',
+                  str(other))
+    message = str(excinfo.value)
+    assert excinfo.value.returncode == 1
+    assert "does not match this code's schema" in message
+    assert 'sessions.0001_initial' in message
+    assert file_digest(device.live) == before
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_named_backup_without_manifest_is_used_with_a_warning(data_dir,
+                                                              settings):
+    import shutil
+
+    device = seed_device(settings)
+    old_style = data_dir / 'old_tool_backup.db'
+    shutil.copyfile(device.backup, old_style)
+    backup_fp = fingerprint_sqlite(device.backup)
+    _, err = roll_back('--emergency', '--source', 'backup', '--backup-path',
+                       str(old_style))
+    assert 'has no manifest' in err
+    assert fingerprint_sqlite(device.live) == backup_fp
+    # A corrupt one without a manifest is still refused.
+    raw = bytearray(old_style.read_bytes())
+    raw[100:4096] = b'\0' * (4096 - 100)
+    old_style.write_bytes(bytes(raw))
+    with pytest.raises(CommandError, match='is not valid'):
+        roll_back('--emergency', '--source', 'backup', '--backup-path',
+                  str(old_style))
