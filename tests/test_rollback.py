@@ -65,6 +65,9 @@ def test_emergency_rollback_from_postgres_loses_nothing(data_dir, settings):
     assert [p['name'] for p in data['phases']] == [
         'preflight', 'source', 'fence', 'build', 'verify', 'swap',
         'profile', 'post-verify']
+    users = data['since_cutover']['models']['auth.User']
+    assert users == {'rows_at_cutover': 3, 'rows_now': 4, 'new_rows': 1}
+    assert 'since the cutover at' in out
     assert 'data loss: none' in out.splitlines()[-1]
     assert 'RESOLVED: Database Migration Rollback Completed' in out
     # PostgreSQL accepts writes again once the rollback is over.
