@@ -6,7 +6,8 @@ the new file. SQLite's WAL header does not identify the database it
 belongs to, so a `-wal` left beside a renamed-in file would be replayed
 into it (https://www.sqlite.org/walformat.html). Hence the order:
 
-1. record the intent (a small JSON file beside the live one);
+1. fsync the new file, record the intent (a small JSON file beside the
+   live one);
 2. checkpoint the old database with TRUNCATE, so its main file alone is
    complete; refuse if another process keeps the WAL busy;
 3. hard-link the old main file to the safety-copy name (no data copied);
@@ -85,6 +86,14 @@ def sqlite_checkpoint_truncate(path: Path, attempts: int = 20,
                     'WAL busy; stop the app processes and rerun')
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def recover_interrupted_swap(live_path: Path) -> RecoveryResult:
     """Finish the bookkeeping of a swap that a crash interrupted.
 
@@ -131,6 +140,10 @@ def swap_in(new_path: Path, live_path: Path) -> SwapResult:
             raise SwapError(f'{new_path} has a {suffix} file: it is still '
                             'open or was not closed cleanly')
     directory = live_path.parent
+    # The new file may have been written with synchronous=OFF (bulk
+    # load): its bytes must be on disk before its name becomes the live
+    # one, or a power cut after the rename could leave a torn database.
+    fsync_file(new_path)
     safety = safety_copy_path(live_path) if live_path.exists() else None
     fsutil.atomic_write_json(intent_path(live_path), {
         'new': str(new_path), 'live': str(live_path),
