@@ -277,14 +277,7 @@ def sqlite_full_check(path: Path) -> list[str]:
     """integrity_check and foreign_key_check problems (empty if fine)."""
     conn = sqlite3.connect(path)
     try:
-        problems = [r[0] for r in conn.execute('PRAGMA integrity_check')
-                    if r[0] != 'ok']
-        for table, rowid, parent, _ in conn.execute(
-                'PRAGMA foreign_key_check'):
-            problems.append(f'{table} row {rowid}: missing {parent} row')
-            if len(problems) > 20:
-                break
-        return problems
+        return backup.sqlite_problems(conn)
     finally:
         conn.close()
 
@@ -559,14 +552,8 @@ def build_from_backup(run: _Run, new_path: Path) -> None:
     if not checked.has_manifest:
         run.warn(f'backup {run.backup_used} has no manifest: checked for '
                  'integrity only, no checksum')
-    src = sqlite3.connect(f'file:{run.backup_used}?mode=ro', uri=True)
-    dst = sqlite3.connect(new_path)
-    try:
-        src.backup(dst, pages=4096)
-        dst.execute('PRAGMA journal_mode=DELETE')
-    finally:
-        dst.close()
-        src.close()
+    backup.sqlite_snapshot(run.backup_used, new_path,
+                           timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
         applied = {f'{a}.{n}' for a, n in schema.applied_migrations(alias)}
         known = code_migrations()
