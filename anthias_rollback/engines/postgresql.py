@@ -9,6 +9,8 @@ from uuid import UUID
 from django.core.management.color import no_style
 from django.db import connections, models
 
+from anthias_rollback.engines import fetch_batches
+
 # How long the producer waits on a full queue before checking that the
 # COPY thread is still alive (it may have died on a server error).
 _PUT_POLL_SECONDS = 0.5
@@ -234,15 +236,7 @@ def postgres_server_side_batches(alias: str, sql: str, batch_size: int
     connection.ensure_connection()
     cursor = connection.connection.cursor(name='anthias_transfer')
     cursor.itersize = batch_size
-    try:
-        cursor.execute(sql)
-        while True:
-            rows = cursor.fetchmany(batch_size)
-            if not rows:
-                return
-            yield rows
-    finally:
-        cursor.close()
+    yield from fetch_batches(cursor, sql, batch_size)
 
 
 def postgres_reset_sequences(alias: str,

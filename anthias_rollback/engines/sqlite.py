@@ -6,6 +6,8 @@ from pathlib import Path
 
 from django.db import connections
 
+from anthias_rollback.engines import fetch_batches
+
 SQLITE_HEADER = b'SQLite format 3\x00'
 
 
@@ -47,16 +49,8 @@ def sqlite_end_snapshot(alias: str) -> None:
 def sqlite_batches(alias: str, sql: str, batch_size: int
                    ) -> Iterator[list[tuple]]:
     """Rows of *sql* in batches (sqlite3 steps lazily: constant memory)."""
-    cursor = connections[alias].connection.cursor()
-    try:
-        cursor.execute(sql)
-        while True:
-            rows = cursor.fetchmany(batch_size)
-            if not rows:
-                return
-            yield rows
-    finally:
-        cursor.close()
+    yield from fetch_batches(connections[alias].connection.cursor(), sql,
+                             batch_size)
 
 
 @contextmanager
