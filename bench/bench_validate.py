@@ -9,18 +9,32 @@ used), then times `manage.py validate_migration` (checksum and --deep,
 peak memory from /usr/bin/time) and reladiff on the same tables, first
 identical, then with rows changed on PostgreSQL.
 
-reladiff 0.6 has no SQLite driver, so it diffs a PostgreSQL copy of the
-SQLite file (database `bench_mirror`, loaded by the same helper) against
-the target: the most favourable setting for it (md5 in the server on both
-sides). PostgreSQL: ANTHIAS_BENCH_POSTGRES_URL if set (a server where we
+reladiff 0.6 has no SQLite driver, so it runs on two PostgreSQL copies of
+the SQLite file, each diffed against the target's `assets`:
+
+- `reladiff (typed PG copy)`: database `bench_mirror`, migrated and loaded
+  by the same helper (real jsonb/timestamptz/boolean columns): the most
+  favourable setting for it (md5 in the server on both sides).
+- `reladiff (SQLite values as stored)`: database `bench_mirror_raw`, an
+  `assets` table with the same column names, all `text`, holding the
+  values exactly as SQLite stores them (Django's JSON text, datetimes as
+  text, booleans as 0/1, NULL as NULL): what reladiff would see of the
+  SQLite file itself. reladiff 0.6 refuses it: it logs "Incompatible
+  types for column ..." for the first non-text target column and exits
+  0 having compared nothing; the bench records such a refusal (or any
+  false differences) as the result (--skip-raw-mirror).
+
+PostgreSQL: ANTHIAS_BENCH_POSTGRES_URL if set (a server where we
 may create databases), else an embedded server under bench/out/pg.
 reladiff is run from its own venv (--reladiff, default
 /tmp/reladiff-venv/bin/reladiff), never from this project's.
 """
 import argparse
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -125,6 +139,45 @@ def postgres_copy_from_sqlite(sqlite_path: Path, postgres_url: str,
     return total
 
 
+def postgres_raw_copy_from_sqlite(sqlite_path: Path, postgres_url: str,
+                                  table: str = 'assets',
+                                  chunk: int = 50_000) -> int:
+    """*table* of the SQLite file into a new all-`text` table of the same
+    name and columns, each value as SQLite stores it. Returns rows."""
+    source = sqlite3.connect(sqlite_path)
+    info = list(source.execute(f'PRAGMA table_info("{table}")'))
+    columns = [r[1] for r in info]
+    # The same primary key as the typed copy, so reladiff's key-range
+    # segments cost it the same on both baselines.
+    keys = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5]]
+    names = ', '.join(f'"{c}"' for c in columns)
+    definition = ', '.join(f'"{c}" text' for c in columns)
+    if keys:
+        definition += (', PRIMARY KEY ('
+                       + ', '.join(f'"{c}"' for c in keys) + ')')
+    target = psycopg2.connect(postgres_url)
+    total = 0
+    with target.cursor() as cursor:
+        cursor.execute(f'DROP TABLE IF EXISTS "{table}"')
+        cursor.execute(f'CREATE TABLE "{table}" ({definition})')
+        rows = source.execute(f'SELECT {names} FROM "{table}"')
+        while batch := rows.fetchmany(chunk):
+            buffer = io.StringIO()
+            for row in batch:
+                # str() of what sqlite3 returns is the stored value: TEXT
+                # as is, INTEGER (booleans too) as its decimal digits.
+                buffer.write('\t'.join(map(_copy_text, row)) + '\n')
+            buffer.seek(0)
+            cursor.copy_expert(f'COPY "{table}" ({names}) FROM STDIN',
+                               buffer)
+            total += len(batch)
+        cursor.execute(f'ANALYZE "{table}"')
+    target.commit()
+    target.close()
+    source.close()
+    return total
+
+
 def change_rows_on_postgres(postgres_url: str, n: int) -> list[str]:
     """Change *n* assets on PostgreSQL in different ways; their keys."""
     conn = psycopg2.connect(postgres_url)
@@ -170,8 +223,9 @@ def run_validate(env: dict, *args: str) -> tuple[float, int, dict, int]:
 
 
 def run_reladiff(reladiff: str, left_url: str, right_url: str
-                 ) -> tuple[float, int, set[str]]:
-    """(seconds, exit code, keys reported) for reladiff on `assets`."""
+                 ) -> tuple[float, int, set[str], str | None]:
+    """(seconds, exit code, keys reported, None or "refused: <why>" /
+    "failed: <why>") for reladiff on `assets`."""
     columns = [c for c in ASSET_COLUMNS if c != 'asset_id']
     command = [reladiff, left_url, 'assets', right_url, 'assets',
                '-k', 'asset_id', '--json']
@@ -189,10 +243,24 @@ def run_reladiff(reladiff: str, left_url: str, right_url: str
             keys.add(json.loads(line)[1][0])
         except (ValueError, KeyError, IndexError, TypeError):
             continue
-    if result.returncode != 0:
-        sys.stderr.write(f'reladiff exit {result.returncode}: '
-                         f'{result.stderr[-400:]}\n')
-    return seconds, result.returncode, keys
+    lines = [line.strip() for line in result.stderr.splitlines()
+             if line.strip()]
+    # reladiff 0.6 refuses a diff (e.g. text vs timestamptz columns) by
+    # logging "ERROR - <reason>" and exiting 0 with no rows: not a clean
+    # comparison, so the log line is the result.
+    errors = [line.split(' ERROR - ', 1)[1] for line in lines
+              if ' ERROR - ' in line]
+    failure = None
+    if errors:
+        failure = 'refused: ' + errors[0]
+    elif result.returncode != 0:
+        # The last stderr line is the exception reladiff died of.
+        failure = 'failed: ' + (lines[-1] if lines else 'no message')
+    if failure:
+        # "<sqeleton...Boolean object at 0x7f..>" -> "Boolean()"
+        failure = re.sub(r'<[\w.]*?(\w+) object at 0x[0-9a-f]+>', r'\1()',
+                         ' '.join(failure.split()))[:200]
+    return seconds, result.returncode, keys, failure
 
 
 def reladiff_url(url: str) -> str:
@@ -213,6 +281,9 @@ def main() -> None:
     parser.add_argument('--reladiff',
                         default='/tmp/reladiff-venv/bin/reladiff')
     parser.add_argument('--skip-reladiff', action='store_true')
+    parser.add_argument('--skip-raw-mirror', action='store_true',
+                        help='no reladiff run on the SQLite values as '
+                             'stored (bench_mirror_raw)')
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix='bench-validate-', dir=OUT))
@@ -230,7 +301,17 @@ def main() -> None:
     postgres_copy_from_sqlite(sqlite_path, mirror_url)
     print(f'{args.assets} assets; PostgreSQL loaded with {copied} rows '
           f'in {load_seconds:.1f}s (COPY)')
+    baselines = [('reladiff (typed PG copy)', mirror_url)]
+    if not args.skip_reladiff and not args.skip_raw_mirror:
+        raw_url = postgres_recreate_database(server_url, 'bench_mirror_raw')
+        raw_seconds, raw_rows = timed(postgres_raw_copy_from_sqlite,
+                                      sqlite_path, raw_url)
+        print(f'bench_mirror_raw.assets: {raw_rows} rows as text in '
+              f'{raw_seconds:.1f}s')
+        baselines.append(('reladiff (SQLite values as stored)', raw_url))
 
+    # (case, tool, seconds, exit code, rows found or why none were,
+    #  exact or None, peak MB or None)
     rows = []
 
     def measure(case: str, expected: list[str]) -> None:
@@ -246,19 +327,25 @@ def main() -> None:
             exact = found == expected
             rows.append((case, mode, seconds, code, len(found), exact,
                          peak))
-            print(f'  {case:10} {mode:27} {seconds:7.1f}s exit {code} '
+            print(f'  {case:10} {mode:34} {seconds:7.1f}s exit {code} '
                   f'found {len(found)} exact={exact} peak {peak} MB',
                   flush=True)
         if args.skip_reladiff:
             return
-        seconds, code, keys = run_reladiff(args.reladiff,
-                                           reladiff_url(mirror_url),
-                                           reladiff_url(target_url))
-        exact = sorted(keys) == expected
-        rows.append((case, 'reladiff (PG copy vs PG)', seconds, code,
-                     len(keys), exact, None))
-        print(f'  {case:10} {"reladiff":27} {seconds:7.1f}s exit {code} '
-              f'found {len(keys)} exact={exact}', flush=True)
+        for label, url in baselines:
+            seconds, code, keys, failure = run_reladiff(
+                args.reladiff, reladiff_url(url), reladiff_url(target_url))
+            if failure and not keys:
+                # Nothing compared: no row count to report, no exactness.
+                found, exact = failure, None
+            else:
+                found, exact = len(keys), sorted(keys) == expected
+            rows.append((case, label, seconds, code, found, exact, None))
+            print(f'  {case:10} {label:34} {seconds:7.1f}s exit {code} '
+                  f'found {found} exact={"-" if exact is None else exact}',
+                  flush=True)
+            if failure and keys:
+                print(f'    (and {failure})', flush=True)
 
     measure('identical', [])
     changed = change_rows_on_postgres(target_url, args.changed)
@@ -268,20 +355,28 @@ def main() -> None:
           f'{args.repeat}) | rows found | exact | peak RSS |')
     print('|---|---|---|---|---|---|')
     for case, mode, seconds, _, found, exact, peak in rows:
-        print(f'| {case} | {mode} | {seconds:.1f} | {found} | '
-              f'{"yes" if exact else "NO"} | '
+        verdict = '-' if exact is None else 'yes' if exact else 'NO'
+        print(f'| {case} | {mode} | {seconds:.1f} | {found} | {verdict} | '
               f'{f"{peak} MB" if peak else "-"} |')
-    by = {(c, m): s for c, m, s, *_ in rows}
-    case = f'{args.changed} changed'
-    base = by.get((case, 'validate_migration'))
-    if base:
-        deep = by[(case, 'validate_migration --deep')]
-        print(f'\n--deep / default: {deep / base:.2f}x')
-        rel = by.get((case, 'reladiff (PG copy vs PG)'))
-        if rel:
-            print(f'reladiff / default: {rel / base:.1f}x')
+    by = {(c, m): (s, f) for c, m, s, _, f, *_ in rows}
+    print()
+    for case in ('identical', f'{args.changed} changed'):
+        base = by[(case, 'validate_migration')][0]
+        for tool in ['validate_migration --deep'] + [b for b, _ in
+                                                     baselines]:
+            if (case, tool) not in by:
+                continue
+            seconds, found = by[(case, tool)]
+            # A refusal's time is not a comparison's: say so beside it.
+            note = (f' ({found.split(":")[0]}, nothing compared)'
+                    if isinstance(found, str) else '')
+            print(f'{case}: {tool} / validate_migration: '
+                  f'{seconds / base:.2f}x{note}')
     if server is not None:
         server.cleanup()
+        # The server deletes only pgdata; its (now empty) parent is ours.
+        with contextlib.suppress(OSError):
+            server.pgdata.parent.rmdir()
     shutil.rmtree(work, ignore_errors=True)
 
 
