@@ -284,10 +284,128 @@ def _identity(values: Sequence[Any]) -> list:
     return values if isinstance(values, list) else list(values)
 
 
-def plan_columns(model: type[models.Model], alias: str, fast: bool = True
-                 ) -> tuple[ColumnPlan, ...]:
+# ------------------------------------------------------------ digest forms
+#
+# Checksum mode compares bucket digests first and re-reads mismatching
+# buckets through the exact forms above. A digest form may differ from
+# the exact one, if equal digest forms still imply equal exact values:
+# then a false mismatch costs a re-read and a false match cannot happen.
+# They are chosen so that each engine does the least work per value:
+# SQLite datetimes stay the text Django wrote (PostgreSQL prints that
+# shape), PostgreSQL JSON stays jsonb text (SQLite's is put in that
+# shape: keys by length then bytes, ", " and ": ", no \u escapes).
+
+def _jsonb_key(pair: tuple[str, Any]) -> tuple[int, Any]:
+    key = pair[0]
+    if key.isascii():
+        return len(key), key
+    raw = key.encode()
+    return len(raw), raw
+
+
+def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict:
+    if len(pairs) > 1:
+        pairs.sort(key=_jsonb_key)  # stable: duplicates keep the last
+    return dict(pairs)
+
+
+_scan_jsonb = json.scanner.make_scanner(
+    json.JSONDecoder(object_pairs_hook=_jsonb_object))
+_c_encode_jsonb = json.encoder.c_make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ': ',
+    ', ', False, False, True) if json.encoder.c_make_encoder else None
+_encode_jsonb = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def jsonb_text(text: str) -> str:
+    """JSON text as PostgreSQL prints the same value stored as jsonb
+    (text that is not JSON: as Django reads it, a string)."""
+    try:
+        value, end = _scan_jsonb(text, 0)
+        if end != len(text):
+            value = json.JSONDecoder(
+                object_pairs_hook=_jsonb_object).decode(text)
+    except (StopIteration, ValueError):
+        value = text
+    if _c_encode_jsonb is None or isinstance(value, str):
+        return _encode_jsonb(value)
+    return ''.join(_c_encode_jsonb(value, 0))
+
+
+def _without_zero_fraction(slow: Callable[[Any], Any]) -> Callable:
+    # Python's isoformat() (what Django writes to SQLite) omits a zero
+    # fraction; the exact form always has six digits.
+    def convert(value: Any) -> Any:
+        text = slow(value)
+        return text.removesuffix('.000000') if type(text) is str else text
+    return convert
+
+
+def _text_or(convert: Callable[[Any], Any]) -> Callable[[Sequence], list]:
+    def fast(values: Sequence[Any]) -> list:
+        return [v if v is None or type(v) is str else convert(v)
+                for v in values]
+    return fast
+
+
+def _all_through(convert: Callable[[Any], Any]
+                 ) -> Callable[[Sequence], list]:
+    def fast(values: Sequence[Any]) -> list:
+        return [None if v is None else convert(v) for v in values]
+    return fast
+
+
+def _json_digest_column(slow: Callable[[Any], Any]
+                        ) -> Callable[[Sequence], list]:
+    def fast(values: Sequence[Any]) -> list:
+        return [None if v is None else jsonb_text(v) if type(v) is str
+                else slow(v) for v in values]
+    return fast
+
+
+def sqlite_digest_column(plan: ColumnPlan, alias: str, quoted: str
+                         ) -> tuple[str, Callable | None]:
+    """(select expression, digest form) for a column on SQLite."""
+    field = value_field(plan.field)
+    internal = field.get_internal_type()
+    if internal in ('DateTimeField', 'TimeField'):
+        trimmed = _without_zero_fraction(_slow_values(plan, alias))
+        utc_storage = (internal == 'TimeField' or not settings.USE_TZ
+                       or connections[alias].timezone_name == 'UTC')
+        if utc_storage:
+            # The stored text as is: if it equals PostgreSQL's text, it
+            # parses to the same value; odd shapes just mismatch.
+            return f'+{quoted}', _text_or(trimmed)
+        return quoted, _all_through(trimmed)
+    if internal == 'JSONField' and field.decoder is None:
+        return quoted, _json_digest_column(_slow_values(plan, alias))
+    return sqlite_fast_column(plan, alias, quoted)
+
+
+def postgres_digest_column(plan: ColumnPlan, alias: str, quoted: str
+                           ) -> tuple[str, Callable | None]:
+    """(select expression, digest form) for a column on PostgreSQL."""
+    field = value_field(plan.field)
+    internal = field.get_internal_type()
+    if internal == 'DateTimeField':
+        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
+            else quoted
+        sql = (f"replace(to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US'), "
+               "'.000000', '')")
+        return sql, _identity
+    if internal == 'TimeField':
+        sql = f"replace(to_char({quoted}, 'HH24:MI:SS.US'), '.000000', '')"
+        return sql, _identity
+    if internal == 'JSONField' and field.decoder is None:
+        return f'{quoted}::text', _identity
+    return postgres_fast_column(plan, alias, quoted)
+
+
+def plan_columns(model: type[models.Model], alias: str, fast: bool = True,
+                 digest: bool = False) -> tuple[ColumnPlan, ...]:
     """Concrete fields of *model*, pk first, with *alias*'s converters
-    (and engine fast paths unless *fast* is False)."""
+    (and engine fast paths unless *fast* is False; with *digest*, the
+    digest forms where they differ from the exact ones)."""
     connection = connections[alias]
     quote = connection.ops.quote_name
     meta = model._meta
@@ -303,10 +421,13 @@ def plan_columns(model: type[models.Model], alias: str, fast: bool = True
                           tuple(converters), canonical_for(field))
         if fast and not field.primary_key:
             if connection.vendor == 'postgresql':
-                sql, fast_path = postgres_fast_column(plan, alias,
-                                                      plan.sql)
+                choose = (postgres_digest_column if digest
+                          else postgres_fast_column)
+                sql, fast_path = choose(plan, alias, plan.sql)
             elif connection.vendor == 'sqlite':
-                sql, fast_path = sqlite_fast_column(plan, alias, plan.sql)
+                choose = (sqlite_digest_column if digest
+                          else sqlite_fast_column)
+                sql, fast_path = choose(plan, alias, plan.sql)
             else:
                 sql, fast_path = plan.sql, None
             if fast_path is not None:
