@@ -96,7 +96,7 @@ class ModelComparison:
     table: str
     left_rows: int
     right_rows: int
-    compared: int          # rows of both sides examined (max per key)
+    compared: int          # keys examined, of both sides, each once
     identical: int
     missing_keys: tuple    # on the left, not on the right
     extra_keys: tuple      # on the right, not on the left
@@ -655,12 +655,17 @@ class _Tally:
         self.missing: list = []
         self.extra: list = []
         self.changed: list = []
-        self.compared = 0
         self.left_seen = 0
         self.sample = sample
         self.sampled = 0
         self.sample_differences = 0
         self.rechecked = 0
+
+    @property
+    def compared(self) -> int:
+        """Keys examined so far (both sides' keys, each once)."""
+        return (self.identical + len(self.changed) + len(self.missing)
+                + len(self.extra))
 
     def changed_fields(self, left: tuple, right: tuple) -> tuple[str, ...]:
         return tuple(name for name, a, b in zip(self.names, left, right)
@@ -1011,7 +1016,6 @@ def merge_streams(tally: '_Tally', left: Iterator, right: Iterator, *,
             if tally.sample:
                 tally.check_sample(*seg)
             tally.left_seen += nl
-            tally.compared += max(nl, nr)
             del lk[:nl], lr[:nl], rk[:nr], rr[:nr]
             if on_batch is not None:
                 on_batch()
@@ -1055,7 +1059,6 @@ def _compare_by_buckets(model: type[models.Model], tally: '_Tally',
     equal_rows, ranges = mismatched_ranges(bounds, left_digests,
                                            right_digests)
     tally.identical += equal_rows
-    tally.compared += equal_rows
     for low, high in ranges:
         before = tally.compared
         if not merge_streams(tally, left.stream(model, low, high),

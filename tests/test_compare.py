@@ -383,3 +383,74 @@ def test_digest_forms_agree_on_identical_hard_values(monkeypatch):
     assert {m.label: m.rechecked for m in report.models
             if m.rechecked} == {}
     assert all(m.identical == m.left_rows for m in report.models)
+
+
+def test_mismatched_ranges_merge_neighbours():
+    same, other = (2, b'a'), (2, b'b')
+    bounds = ['b', 'd', 'f']
+    # Buckets: (-inf, b) [b, d) [d, f) [f, +inf)
+    assert compare.mismatched_ranges(
+        bounds, [same, same, same, same], [same, same, same, same]) == (
+        8, [])
+    assert compare.mismatched_ranges(
+        bounds, [same, same, same, same], [other, same, other, other]) == (
+        2, [(None, 'b'), ('d', None)])
+    assert compare.mismatched_ranges(
+        bounds, [same, same, (0, b''), same], [same, other, other, same]) \
+        == (4, [('b', 'f')])
+    assert compare.mismatched_ranges([], [same], [(3, b'a')]) == (
+        0, [(None, None)])
+
+
+@pytest.mark.parametrize('parallel', [False, True])
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_buckets_name_exactly_what_deep_names(monkeypatch, parallel):
+    """Many small buckets, differences at both ends and in the middle,
+    keys before the first and after the last bound: the checksum mode
+    re-reads only mismatching buckets and reports exactly what the
+    row-by-row mode reports."""
+    monkeypatch.setattr(compare, 'BUCKET_ROWS', 4)
+    assets = fill_both('sqlite', 'postgres', n_assets=80)
+    expected = change_rows_on_postgres(assets)
+    keys = sorted(a.asset_id for a in assets)
+    Asset.objects.using('postgres').filter(pk__in=keys[:5]).delete()
+    Asset.objects.using('sqlite').filter(pk=keys[-1]).delete()
+    first = asset_copies(assets[:1], 1)[0]
+    first.asset_id = '0000-before-every-key'
+    first.save(using='postgres', force_insert=True)
+    report = compare.compare_aliases('sqlite', 'postgres', sample_size=30,
+                                     parallel=parallel)
+    deep = compare.compare_aliases('sqlite', 'postgres', deep=True)
+    fields = ('left_rows', 'right_rows', 'compared', 'identical',
+              'missing_keys', 'extra_keys', 'changed')
+    for got, want in zip(report.models, deep.models, strict=True):
+        assert [getattr(got, f) for f in fields] == [
+            getattr(want, f) for f in fields], got.label
+    models = by_label(report)
+    asset = models['anthias_app.Asset']
+    assert dict(asset.changed) == expected['anthias_app.Asset']['changed']
+    assert set(asset.missing_keys) == {*keys[:5], assets[4].asset_id}
+    assert set(asset.extra_keys) == {'added-on-postgres', keys[-1],
+                                     '0000-before-every-key'}
+    # Only the buckets holding a difference were read again.
+    assert 0 < asset.rechecked < 80 // 2
+    assert asset.sampled == 30
+    assert models['kitchensink.Tag'].rechecked > 0
+    assert all(m.rechecked == 0 for m in report.models
+               if m.label not in expected)
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_empty_side_and_integer_keys_by_buckets(monkeypatch):
+    monkeypatch.setattr(compare, 'BUCKET_ROWS', 2)
+    fill_both('sqlite', 'postgres')
+    Item.objects.using('postgres').filter(pk__gt=2).delete()
+    ItemDetail.objects.using('sqlite').all().delete()
+    report = compare.compare_aliases('sqlite', 'postgres')
+    models = by_label(report)
+    item = models['kitchensink.Item']
+    assert item.missing_keys == tuple(range(3, 9))
+    assert item.identical == 2
+    detail = models['kitchensink.ItemDetail']
+    assert detail.left_rows == 0 and detail.identical == 0
+    assert len(detail.extra_keys) == detail.right_rows > 0
