@@ -1,25 +1,31 @@
 """Prove two aliases hold the same data, and find exactly where they don't.
 
-Both sides are read in primary-key order, each in one read-only snapshot,
-as two streams of canonical rows (see normalize.py). The streams are merged
-segment by segment: a segment ends at the smaller of the two buffers' last
-keys, so it holds every row of both sides in its key range. A segment whose
-keys and canonical rows are equal is identical; a mismatching one is
-bisected by key into halves compared by engine-neutral checksums until the
-differing rows are few, and only those are compared field by field, which
-names the keys and fields. `deep=True` compares every row field by field.
-Each side is read (and normalized) by a forked reader process holding that
-side's snapshot, so the two sides use two cores (SideReader).
+Each side is read by a forked reader process (SideReader) in one
+read-only snapshot, in primary-key order, as canonical rows (see
+normalize.py), so the two sides use two cores.
 
-Key order: the merge compares keys in Python (code points = UTF-8 bytes),
-so each engine must return that order: SQLite sorts text `COLLATE BINARY`
-(memcmp), PostgreSQL `USING ~<~` (memcmp, served by Django's
-`*_like` text_pattern_ops index), never the database's locale collation.
-Each chunk's keys are checked to be strictly increasing; a disagreement
-raises CompareError instead of reporting false differences. No `IN (...)`
-list is ever built, so SQLite's variable limit cannot be reached.
-Memory holds one chunk per side plus one segment, whatever the table size
-(and the lists of differing keys, which the report must carry).
+Checksum mode (the default): random keys from the left side split the
+key space into buckets of about BUCKET_ROWS rows; each reader hashes its
+rows bucket by bucket and sends only (row count, checksum) per bucket.
+Buckets that agree are identical; the key ranges of the others are read
+again on both sides and merged row by row, which names the exact keys
+and fields. The checksums use digest forms, cheaper per value than the
+exact forms and equal whenever the exact ones are (a false mismatch only
+costs a re-read). `deep=True`, and primary keys without byte-ordered
+ranges, merge both whole tables row by row instead (merge_streams):
+segment by segment, equal segments confirmed at once, mismatching ones
+bisected by checksum down to the differing rows.
+
+Key order: keys are compared in Python (code points = UTF-8 bytes), so
+each engine must return that order and select ranges in it: SQLite
+`COLLATE BINARY` (memcmp), PostgreSQL `~<~` / `~>=~` (memcmp, served by
+Django's `*_like` text_pattern_ops index), never the database's locale
+collation. Each chunk's keys are checked to be strictly increasing; a
+disagreement raises CompareError instead of reporting false differences.
+Key lists (`IN (...)`, only for --sample-size) are at most KEY_BATCH
+long, under SQLite's variable limit. Memory holds one chunk per side,
+one bucket or segment, and one checksum per bucket, whatever the table
+size (plus the lists of differing keys, which the report must carry).
 """
 import contextlib
 import copy
