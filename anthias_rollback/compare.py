@@ -506,7 +506,6 @@ def key_in_sql(model: type[models.Model], alias: str, keys: list
 
 def stream_canonical_columns(model: type[models.Model], alias: str, *,
                              fast: bool = True, digest: bool = False,
-                             key_only: bool = False,
                              where: tuple[str, list] = ('', [])
                              ) -> Iterator[list[list]]:
     """Chunks of canonical rows as columns (pk first), in bytewise pk
@@ -514,8 +513,6 @@ def stream_canonical_columns(model: type[models.Model], alias: str, *,
     (*digest*: digest forms, see normalize.py)."""
     connection = connections[alias]
     plans = plan_columns(model, alias, fast=fast, digest=digest)
-    if key_only:
-        plans = plans[:1]
     clause, params = where
     sql = select_ordered_sql(model, alias, plans, clause)
     if connection.vendor == 'postgresql':
