@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from django.db import DatabaseError, connections, models
+from django.db import DatabaseError, Error, connections, models
 from django.db.utils import load_backend
 
-from anthias_rollback import models_graph, schema
+from anthias_rollback import faults, models_graph, schema
 from anthias_rollback.exceptions import (
     CompareError,
     DeadlineError,
@@ -270,7 +270,7 @@ def postgres_read_snapshot(alias: str, deadline: float | None
         try:
             connection.rollback()
             connection.set_autocommit(True)
-        except DatabaseError:
+        except Error:  # incl. InterfaceError: the session is gone
             connection.close()
 
 
@@ -606,6 +606,7 @@ def bucket_digests(model: type[models.Model], alias: str, bounds: list,
         done += len(keys)
         if on_rows is not None:
             on_rows(done)
+        faults.checkpoint('compare:digest-chunk')
     close()
     while len(digests) <= len(bounds):
         digests.append((0, b''))
@@ -952,7 +953,7 @@ def _side_reader_main(pipe: Any, alias: str, settings_dict: dict,
             _serve_reader(pipe, LocalReader(alias))
     except BaseException as err:  # noqa: BLE001 reported to the parent
         with contextlib.suppress(OSError):
-            pipe.send(('error', isinstance(err, DatabaseError),
+            pipe.send(('error', isinstance(err, Error),
                        str(err) if isinstance(err, RollbackError)
                        else first_line(err)))
     finally:

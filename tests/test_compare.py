@@ -1,5 +1,6 @@
 import datetime as dt
 import hashlib
+import multiprocessing
 import sqlite3
 from pathlib import Path
 
@@ -432,8 +433,9 @@ def test_buckets_name_exactly_what_deep_names(monkeypatch, parallel):
     assert set(asset.missing_keys) == {*keys[:5], assets[4].asset_id}
     assert set(asset.extra_keys) == {'added-on-postgres', keys[-1],
                                      '0000-before-every-key'}
-    # Only the buckets holding a difference were read again.
-    assert 0 < asset.rechecked < 80 // 2
+    # Only the buckets holding a difference were read again: 11 differing
+    # keys touch at most 11 of the ~20 buckets (each holds its bound key).
+    assert 0 < asset.rechecked < asset.compared
     assert asset.sampled == 30
     assert models['kitchensink.Tag'].rechecked > 0
     assert all(m.rechecked == 0 for m in report.models
@@ -454,3 +456,79 @@ def test_empty_side_and_integer_keys_by_buckets(monkeypatch):
     detail = models['kitchensink.ItemDetail']
     assert detail.left_rows == 0 and detail.identical == 0
     assert len(detail.extra_keys) == detail.right_rows > 0
+
+
+def _terminate_compare_backends() -> int:
+    with profiles.temporary_alias(
+            connections['postgres'].settings_dict) as other, \
+            connections[other].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE query LIKE '%%anthias_compare_%%' "
+            "AND pid <> pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_postgres_reader_killed_mid_checksum_is_a_clean_error(monkeypatch):
+    """The PostgreSQL reader's session is terminated while it hashes
+    buckets: one clear CompareError, readers gone, the parent's
+    connections still usable."""
+    monkeypatch.setattr(compare, 'CHUNK_ROWS', 10)
+    monkeypatch.setattr(compare, 'BUCKET_ROWS', 8)
+    monkeypatch.setenv('ANTHIAS_ROLLBACK_PAUSE_AT', 'compare:digest-chunk:0.2')
+    fill_both('sqlite', 'postgres', n_assets=80)
+    killed = []
+
+    def progress(event):
+        if event.kind == 'batch' and not killed:
+            killed.append(_terminate_compare_backends())
+
+    with pytest.raises(CompareError) as excinfo:
+        compare.compare_aliases('sqlite', 'postgres', parallel=True,
+                                models=['anthias_app.Asset'],
+                                progress=progress)
+    assert killed == [1]
+    message = str(excinfo.value)
+    assert message.startswith('anthias_app.Asset: reading failed:')
+    assert '\n' not in message
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith('anthias-compare-')]
+    assert Asset.objects.using('postgres').count() == 80
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_sqlite_writer_commits_during_checksum_unblocked_and_unseen(
+        monkeypatch):
+    monkeypatch.setattr(compare, 'CHUNK_ROWS', 10)
+    monkeypatch.setattr(compare, 'BUCKET_ROWS', 8)
+    monkeypatch.setenv('ANTHIAS_ROLLBACK_PAUSE_AT', 'compare:digest-chunk:0.1')
+    assets = fill_both('sqlite', 'postgres', n_assets=80)
+    sqlite_path = connections['sqlite'].settings_dict['NAME']
+    wrote = []
+
+    def progress(event):
+        if event.kind != 'batch' or wrote:
+            return
+        # The app's writer, mid-comparison: never blocked (short busy
+        # timeout), and its rows are not part of this comparison.
+        writer = sqlite3.connect(sqlite_path, timeout=0.5)
+        writer.execute('UPDATE assets SET name = ? WHERE asset_id = ?',
+                       ('written meanwhile', assets[-1].asset_id))
+        writer.execute('DELETE FROM assets WHERE asset_id = ?',
+                       (assets[0].asset_id,))
+        writer.commit()
+        writer.close()
+        wrote.append(True)
+
+    report = compare.compare_aliases('sqlite', 'postgres', parallel=True,
+                                     models=['anthias_app.Asset'],
+                                     progress=progress)
+    assert wrote == [True]
+    assert report.ok, report.models[0].to_dict()
+    after = compare.compare_aliases('sqlite', 'postgres',
+                                    models=['anthias_app.Asset'])
+    asset = after.models[0]
+    assert asset.missing_keys == ()
+    assert asset.extra_keys == (assets[0].asset_id,)
+    assert [pk for pk, _ in asset.changed] == [assets[-1].asset_id]
