@@ -260,19 +260,26 @@ def _date_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     return fast
 
 
+def _postgres_to_char(internal: str, quoted: str) -> str | None:
+    """The exact canonical text of a datetime or time, formatted by
+    PostgreSQL itself (no Python datetime objects)."""
+    if internal == 'DateTimeField':
+        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
+            else quoted
+        return f"to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US')"
+    if internal == 'TimeField':
+        return f"to_char({quoted}, 'HH24:MI:SS.US')"
+    return None
+
+
 def postgres_fast_column(plan: ColumnPlan, alias: str, quoted: str
                          ) -> tuple[str, Callable | None]:
     """(select expression, fast path) for a column on PostgreSQL."""
     field = value_field(plan.field)
     internal = field.get_internal_type()
-    # PostgreSQL formats the canonical text itself: no datetime objects.
-    if internal == 'DateTimeField':
-        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
-            else quoted
-        return (f"to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US')",
-                _identity)
-    if internal == 'TimeField':
-        return f"to_char({quoted}, 'HH24:MI:SS.US')", _identity
+    formatted = _postgres_to_char(internal, quoted)
+    if formatted is not None:
+        return formatted, _identity
     if internal == 'DateField':
         return f"to_char({quoted}, 'YYYY-MM-DD')", _identity
     if internal == 'JSONField' and field.decoder is None:
@@ -387,15 +394,10 @@ def postgres_digest_column(plan: ColumnPlan, alias: str, quoted: str
     """(select expression, digest form) for a column on PostgreSQL."""
     field = value_field(plan.field)
     internal = field.get_internal_type()
-    if internal == 'DateTimeField':
-        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
-            else quoted
-        sql = (f"replace(to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US'), "
-               "'.000000', '')")
-        return sql, _identity
-    if internal == 'TimeField':
-        sql = f"replace(to_char({quoted}, 'HH24:MI:SS.US'), '.000000', '')"
-        return sql, _identity
+    formatted = _postgres_to_char(internal, quoted)
+    if formatted is not None:
+        # As Python's isoformat(): no fraction when it is zero.
+        return f"replace({formatted}, '.000000', '')", _identity
     if internal == 'JSONField' and field.decoder is None:
         return f'{quoted}::text', _identity
     return postgres_fast_column(plan, alias, quoted)

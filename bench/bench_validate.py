@@ -103,6 +103,21 @@ def _copy_text(value) -> str:
             .replace('\n', '\\n').replace('\r', '\\r'))
 
 
+def _copy_rows(cursor, rows, table: str, columns: list[str],
+               chunk: int) -> int:
+    """COPY the sqlite3 cursor *rows* into *table*; returns rows."""
+    names = ', '.join(f'"{c}"' for c in columns)
+    total = 0
+    while batch := rows.fetchmany(chunk):
+        buffer = io.StringIO()
+        for row in batch:
+            buffer.write('\t'.join(map(_copy_text, row)) + '\n')
+        buffer.seek(0)
+        cursor.copy_expert(f'COPY "{table}" ({names}) FROM STDIN', buffer)
+        total += len(batch)
+    return total
+
+
 def postgres_copy_from_sqlite(sqlite_path: Path, postgres_url: str,
                               chunk: int = 50_000) -> int:
     """Every non-empty table of the SQLite file into the (migrated)
@@ -123,15 +138,7 @@ def postgres_copy_from_sqlite(sqlite_path: Path, postgres_url: str,
                 f'PRAGMA table_info("{table}")')]
             rows = source.execute(
                 f'SELECT {", ".join(columns)} FROM "{table}"')
-            names = ', '.join(f'"{c}"' for c in columns)
-            while batch := rows.fetchmany(chunk):
-                buffer = io.StringIO()
-                for row in batch:
-                    buffer.write('\t'.join(map(_copy_text, row)) + '\n')
-                buffer.seek(0)
-                cursor.copy_expert(f'COPY "{table}" ({names}) FROM STDIN',
-                                   buffer)
-                total += len(batch)
+            total += _copy_rows(cursor, rows, table, columns, chunk)
         cursor.execute('ANALYZE')
     target.commit()
     target.close()
@@ -161,16 +168,9 @@ def postgres_raw_copy_from_sqlite(sqlite_path: Path, postgres_url: str,
         cursor.execute(f'DROP TABLE IF EXISTS "{table}"')
         cursor.execute(f'CREATE TABLE "{table}" ({definition})')
         rows = source.execute(f'SELECT {names} FROM "{table}"')
-        while batch := rows.fetchmany(chunk):
-            buffer = io.StringIO()
-            for row in batch:
-                # str() of what sqlite3 returns is the stored value: TEXT
-                # as is, INTEGER (booleans too) as its decimal digits.
-                buffer.write('\t'.join(map(_copy_text, row)) + '\n')
-            buffer.seek(0)
-            cursor.copy_expert(f'COPY "{table}" ({names}) FROM STDIN',
-                               buffer)
-            total += len(batch)
+        # str() of what sqlite3 returns is the stored value: TEXT as is,
+        # INTEGER (booleans too) as its decimal digits.
+        total += _copy_rows(cursor, rows, table, columns, chunk)
         cursor.execute(f'ANALYZE "{table}"')
     target.commit()
     target.close()
