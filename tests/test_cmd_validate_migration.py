@@ -227,3 +227,21 @@ def test_help_lists_exit_codes():
                  '3 differences'):
         assert code in text
     assert '--deep-validation' in text and '--no-performance-test' in text
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_checksum_mode_reports_rows_re_read(tmp_path):
+    fill_both('sqlite', 'postgres', n_assets=30)
+    Item.objects.using('postgres').filter(pk=3).update(title='x')
+    report = tmp_path / 'r.json'
+    error = validate_fails('--no-performance-test', '--json', str(report),
+                           '--verbosity', '2')
+    assert error.returncode == 3
+    data = json.loads(report.read_text())
+    models = {m['label']: m for m in data['models']}
+    assert data['mode'] == 'checksum'
+    # Item's only bucket (8 rows) was read again to name the row.
+    assert models['kitchensink.Item']['rechecked'] == 8
+    assert models['kitchensink.Item']['changed'] == [
+        {'pk': 3, 'fields': ['title']}]
+    assert models['anthias_app.Asset']['rechecked'] == 0

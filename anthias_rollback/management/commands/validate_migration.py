@@ -185,6 +185,8 @@ class Command(RollbackCommand):
                     line += (f', sample {m.sampled} rows '
                              f'({m.sample_differences} differ)')
                 if self.verbosity >= 2:
+                    if not report.deep:
+                        line += f', {m.rechecked} re-read'
                     line += f' ({m.seconds:.2f}s)'
                 write(line if m.ok else self.style.WARNING(line))
             self.print_keys(m)
