@@ -593,8 +593,9 @@ def latest_verified_backup(backup_dir: Path,
 def apply_retention(backup_dir: Path, days: float,
                     now: datetime | None = None) -> list[Path]:
     """Remove backups (and manifests) older than *days*, never the newest
-    verified backup, plus temp files of crashed runs older than *days*
-    (and at least an hour old).
+    verified backup (when none verifies, never the newest backup: a
+    damaged copy may still hold rows nothing else has), plus temp files
+    of crashed runs older than *days* (and at least an hour old).
 
     Returns the removed paths. Raises BackupError if a file cannot be
     removed (the ones listed before it are gone).
@@ -604,10 +605,13 @@ def apply_retention(backup_dir: Path, days: float,
         raise BackupError(f'retention must be 0 days or more, not {days}')
     cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
     keep = latest_verified_backup(backup_dir)
+    backups = list_backups(backup_dir)
+    if keep is None and backups:
+        keep = backups[0]
     keep_path = keep.path if keep else None
     removed: list[Path] = []
     targets: list[Path] = []
-    for info in list_backups(backup_dir):
+    for info in backups:
         if info.created_at < cutoff and info.path != keep_path:
             targets += [info.path, info.manifest_path]
     # A temp file younger than an hour may belong to a backup running now.

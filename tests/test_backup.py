@@ -311,7 +311,12 @@ def test_retention_keeps_newest_verified_even_if_old(tmp_path, source):
                             made[1].path, made[1].manifest_path, stale_tmp}
     assert made[2].path.exists()  # newest verified, 20 days old: kept
     assert made[3].path.exists()  # recent (corrupt, but within limit)
-    # Nothing verified any more: old corrupt backups go as well.
+    # Nothing verified any more: old corrupt backups go as well...
     flip_byte(made[2].path)
     assert backup.apply_retention(backups, days=7) == [made[2].path,
                                                        made[2].manifest_path]
+    # ...but never the newest one, however old: it may still hold rows
+    # that exist nowhere else.
+    _age(made[3], 30)
+    assert backup.apply_retention(backups, days=7) == []
+    assert made[3].path.exists()
