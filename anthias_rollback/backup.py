@@ -320,7 +320,7 @@ def _check_new_backup(tmp: Path, source_path: Path,
     """Check the copy and build its manifest; hash and fsync overlap the
     SQLite checks in threads."""
     hasher = _Background(lambda: file_sha256(tmp))
-    syncer = _Background(lambda: _fsync_file(tmp))
+    syncer = _Background(lambda: fsutil.fsync_file(tmp))
     conn = sqlite_open_readonly(tmp, timeout=1, immutable=True)
     try:
         problems = sqlite_problems(conn)
@@ -345,14 +345,6 @@ def _check_new_backup(tmp: Path, source_path: Path,
         'row_counts': counts,
         'migrations': migrations,
     }
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_temp_manifest(backup_dir: Path, manifest: dict[str, Any]) -> Path:

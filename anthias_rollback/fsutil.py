@@ -13,13 +13,23 @@ from typing import Any
 from anthias_rollback import faults
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or unlink inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file written elsewhere (e.g. by SQLite) before it is
+    renamed into place."""
+    _fsync(path, os.O_RDONLY)
 
 
 def ensure_private_dir(path: Path) -> Path:

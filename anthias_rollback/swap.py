@@ -86,14 +86,6 @@ def sqlite_checkpoint_truncate(path: Path, attempts: int = 20,
                     'WAL busy; stop the app processes and rerun')
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def recover_interrupted_swap(live_path: Path) -> RecoveryResult:
     """Finish the bookkeeping of a swap that a crash interrupted.
 
@@ -143,7 +135,7 @@ def swap_in(new_path: Path, live_path: Path) -> SwapResult:
     # The new file may have been written with synchronous=OFF (bulk
     # load): its bytes must be on disk before its name becomes the live
     # one, or a power cut after the rename could leave a torn database.
-    fsync_file(new_path)
+    fsutil.fsync_file(new_path)
     safety = safety_copy_path(live_path) if live_path.exists() else None
     fsutil.atomic_write_json(intent_path(live_path), {
         'new': str(new_path), 'live': str(live_path),
