@@ -24,7 +24,7 @@ from django.core.management import call_command
 from django.db import DatabaseError, connections, models, transaction
 from django.db.migrations.recorder import MigrationRecorder
 
-from anthias_rollback import conf, schema
+from anthias_rollback import conf, engines, schema
 from anthias_rollback.engines import postgresql as pg
 from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines.rows import (
@@ -450,37 +450,16 @@ class _Converter:
 
 # --------------------------------------------------------------- snapshots
 
-@contextmanager
-def source_snapshot(alias: str) -> Iterator[None]:
+def source_snapshot(alias: str):
     """One read transaction on *alias* for the block: every model is read
-    from the same snapshot (SQLite: a deferred read transaction, which
-    does not block the live app; PostgreSQL: REPEATABLE READ, READ ONLY).
-    """
-    connection = connections[alias]
-    if connection.vendor == 'sqlite':
-        if connection.in_atomic_block:
-            yield
-            return
-        lite.sqlite_begin_snapshot(alias)
-        try:
-            yield
-        finally:
-            lite.sqlite_end_snapshot(alias)
-        return
-    if connection.in_atomic_block:
-        yield   # already inside the caller's transaction and snapshot
-        return
-    with transaction.atomic(using=alias):
-        pg.postgres_begin_snapshot(alias)
-        yield
+    from the same snapshot (engines' read_snapshot)."""
+    return engines.for_alias(alias).read_snapshot(alias)
 
 
 def _source_batches(alias: str, spec: _ModelSpec, batch_size: int
                     ) -> Iterator[list[tuple]]:
-    sql = spec.select_sql(alias)
-    if connections[alias].vendor == 'postgresql':
-        return pg.postgres_server_side_batches(alias, sql, batch_size)
-    return lite.sqlite_batches(alias, sql, batch_size)
+    return engines.for_alias(alias).fetch_chunks(
+        alias, spec.select_sql(alias), chunk_rows=batch_size)
 
 
 def _count(alias: str, model: type[models.Model]) -> int:

@@ -1,15 +1,16 @@
 """PostgreSQL side of the transfer: COPY, snapshots, indexes, sequences."""
+import contextlib
 import datetime as dt
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal
 from uuid import UUID
 
 from django.core.management.color import no_style
-from django.db import connections, models
-
-from anthias_rollback.engines import fetch_batches
+from django.db import Error, connections, models
 
 # How long the producer waits on a full queue before checking that the
 # COPY thread is still alive (it may have died on a server error).
@@ -77,11 +78,97 @@ def postgres_interval(value: dt.timedelta) -> str:
             f'{value.microseconds} microseconds')
 
 
-def postgres_begin_snapshot(alias: str) -> None:
-    """First statement of a read transaction: one consistent snapshot."""
-    with connections[alias].cursor() as cursor:
-        cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, '
-                       'READ ONLY')
+@contextmanager
+def read_snapshot(alias: str, deadline: float | None = None
+                  ) -> Iterator[None]:
+    """One REPEATABLE READ READ ONLY transaction on *alias* for the block:
+    every statement sees the same snapshot. *deadline* (a
+    time.monotonic() value) becomes a statement_timeout, so a sort before
+    the first row cannot outlive it. Inside a caller's atomic block, that
+    transaction is the snapshot."""
+    connection = connections[alias]
+    connection.ensure_connection()
+    if connection.in_atomic_block:
+        yield
+        return
+    connection.set_autocommit(False)
+    try:
+        with connection.wrap_database_errors, \
+                connection.connection.cursor() as cursor:
+            # Must be the transaction's first statement.
+            cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ '
+                           'READ ONLY')
+            if deadline is not None:
+                ms = max(1, int((deadline - time.monotonic()) * 1000))
+                cursor.execute(f'SET LOCAL statement_timeout = {ms}')
+        yield
+    finally:
+        try:
+            connection.rollback()
+            connection.set_autocommit(True)
+        except Error:  # incl. InterfaceError: the session is gone
+            connection.close()
+
+
+_cursor_names = iter(range(1, 1 << 62))
+
+
+def fetch_chunks(alias: str, sql: str, params: Sequence = (),
+                 chunk_rows: int = 5000) -> Iterator[list[tuple]]:
+    """Rows of *sql* in chunks through a named (server-side) cursor: a
+    plain one would pull the whole result into memory on execute(). Needs
+    an open transaction (read_snapshot). The raw connection is taken now,
+    so the generator may run in another thread."""
+    connection = connections[alias]
+    connection.ensure_connection()
+    raw, wrap = connection.connection, connection.wrap_database_errors
+    name = f'anthias_read_{next(_cursor_names)}'
+
+    def chunks() -> Iterator[list[tuple]]:
+        cursor = raw.cursor(name=name, withhold=False)
+        cursor.itersize = chunk_rows
+        try:
+            with wrap:
+                # psycopg2 interpolates (and needs %% doubled) only when
+                # given parameters.
+                cursor.execute(sql, params or None)
+                while rows := cursor.fetchmany(chunk_rows):
+                    yield rows
+        finally:
+            # Closing fails in an aborted transaction; the rollback ends it.
+            with contextlib.suppress(Exception):
+                cursor.close()
+    return chunks()
+
+
+def byte_order(column: str, text: bool) -> str:
+    """ORDER BY expression sorting *column* bytewise."""
+    # PostgreSQL: ~<~ sorts text bytewise whatever the database locale.
+    return f'{column} USING ~<~' if text else column
+
+
+def key_range_clause(column: str, kind: str | None, low: object,
+                     high: object) -> tuple[str, list]:
+    """WHERE clause and parameters for keys in [low, high) (None:
+    unbounded) in byte order; *kind* is fields.key_kind()."""
+    mark = '%s::uuid' if kind == 'uuid' else '%s'
+    # The ~>=~ family compares bytes, like ORDER BY ... USING ~<~, and is
+    # served by Django's *_like index.
+    ge, lt = ('~>=~', '~<~') if kind == 'text' else ('>=', '<')
+    clauses, params = [], []
+    for bound, op in ((low, ge), (high, lt)):
+        if bound is not None:
+            clauses.append(f'{column} {op} {mark}')
+            params.append(bound)
+    return ' AND '.join(clauses), params
+
+
+def key_in_clause(column: str, kind: str | None, keys: Sequence
+                  ) -> tuple[str, list]:
+    """WHERE clause and parameters for keys in *keys* (one array
+    parameter, whatever their number)."""
+    cast = '::uuid[]' if kind == 'uuid' else ''
+    return f'{column} = ANY(%s{cast})', [list(keys)]
 
 
 def postgres_bulk_load_settings(alias: str) -> None:
@@ -225,18 +312,6 @@ def postgres_copy_rows(alias: str, table: str, columns: list[str],
         # query made through a Django cursor.
         with connection.wrap_database_errors:
             raise failure[0]
-
-
-def postgres_server_side_batches(alias: str, sql: str, batch_size: int
-                                 ) -> Iterator[list[tuple]]:
-    """Rows of *sql* in batches through a named (server-side) cursor, so
-    memory stays constant whatever the table size. Needs an open
-    transaction on *alias*."""
-    connection = connections[alias]
-    connection.ensure_connection()
-    cursor = connection.connection.cursor(name='anthias_transfer')
-    cursor.itersize = batch_size
-    yield from fetch_batches(cursor, sql, batch_size)
 
 
 def postgres_reset_sequences(alias: str,

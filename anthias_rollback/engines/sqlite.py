@@ -1,12 +1,11 @@
 """SQLite side of the transfer: snapshots, bulk-load pragmas, inserts,
 foreign-key checks and sqlite_sequence."""
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from django.db import connections
-
-from anthias_rollback.engines import fetch_batches
 
 SQLITE_HEADER = b'SQLite format 3\x00'
 
@@ -28,29 +27,88 @@ def sqlite_file_problem(path: Path) -> str | None:
     return None
 
 
-def sqlite_begin_snapshot(alias: str) -> None:
-    """Open a read transaction: every later SELECT on this connection
-    sees the same snapshot (SQLite WAL), without blocking the live app's
-    writers (BEGIN IMMEDIATE, Django's mode here, would)."""
+@contextmanager
+def read_snapshot(alias: str, deadline: float | None = None
+                  ) -> Iterator[None]:
+    """One deferred, query_only read transaction on *alias*: every later
+    SELECT on this connection sees the same WAL snapshot, and the live
+    app's writers are not blocked (BEGIN IMMEDIATE, Django's mode here,
+    would). *deadline* (a time.monotonic() value) interrupts a statement
+    that runs past it. Inside a caller's atomic block, that transaction is
+    the snapshot."""
     connection = connections[alias]
     connection.ensure_connection()
+    if connection.in_atomic_block:
+        yield
+        return
     raw = connection.connection
-    raw.execute('BEGIN DEFERRED')
-    # SQLite: the snapshot starts at the first read, not at BEGIN.
-    raw.execute('SELECT count(*) FROM sqlite_master').fetchone()
+    wrap = connection.wrap_database_errors
+    with wrap:
+        raw.execute('PRAGMA query_only = ON')
+        raw.execute('BEGIN DEFERRED')
+        # SQLite: the snapshot starts at the first read, not at BEGIN.
+        raw.execute('SELECT count(*) FROM sqlite_master').fetchone()
+    if deadline is not None:
+        raw.set_progress_handler(
+            lambda: int(time.monotonic() > deadline), 100_000)
+    try:
+        yield
+    finally:
+        raw.set_progress_handler(None, 0)
+        with wrap:
+            try:
+                if raw.in_transaction:
+                    raw.execute('ROLLBACK')
+            finally:
+                raw.execute('PRAGMA query_only = OFF')
 
 
-def sqlite_end_snapshot(alias: str) -> None:
-    raw = connections[alias].connection
-    if raw is not None and raw.in_transaction:
-        raw.execute('ROLLBACK')
+def fetch_chunks(alias: str, sql: str, params: Sequence = (),
+                 chunk_rows: int = 5000) -> Iterator[list[tuple]]:
+    """Rows of *sql* in chunks (sqlite3 steps lazily: constant memory).
+    The raw connection is taken now, so the generator may run in another
+    thread (`connections` is thread-local)."""
+    connection = connections[alias]
+    connection.ensure_connection()
+    raw, wrap = connection.connection, connection.wrap_database_errors
+
+    def chunks() -> Iterator[list[tuple]]:
+        cursor = raw.cursor()
+        try:
+            with wrap:
+                cursor.execute(sql, params)
+                while rows := cursor.fetchmany(chunk_rows):
+                    yield rows
+        finally:
+            cursor.close()
+    return chunks()
 
 
-def sqlite_batches(alias: str, sql: str, batch_size: int
-                   ) -> Iterator[list[tuple]]:
-    """Rows of *sql* in batches (sqlite3 steps lazily: constant memory)."""
-    yield from fetch_batches(connections[alias].connection.cursor(), sql,
-                             batch_size)
+def byte_order(column: str, text: bool) -> str:
+    """ORDER BY expression sorting *column* bytewise."""
+    # SQLite: BINARY is memcmp; explicit in case the column has another.
+    return f'{column} COLLATE BINARY' if text else column
+
+
+def key_range_clause(column: str, kind: str | None, low: object,
+                     high: object) -> tuple[str, list]:
+    """WHERE clause and parameters for keys in [low, high) (None:
+    unbounded) in byte order; *kind* is fields.key_kind()."""
+    if kind == 'text':
+        column = f'{column} COLLATE BINARY'
+    clauses, params = [], []
+    for bound, op in ((low, '>='), (high, '<')):
+        if bound is not None:
+            clauses.append(f'{column} {op} ?')
+            params.append(bound)
+    return ' AND '.join(clauses), params
+
+
+def key_in_clause(column: str, kind: str | None, keys: Sequence
+                  ) -> tuple[str, list]:
+    """WHERE clause and parameters for keys in *keys* (keep them under
+    SQLite's variable limit: 999 on old builds)."""
+    return f'{column} IN ({", ".join("?" * len(keys))})', list(keys)
 
 
 @contextmanager
