@@ -8,9 +8,9 @@ under a temporary name in the backup dir, checked, fsync'd and only then
 linked under its final name `anthias_backup_YYYYMMDD_HHMMSS[_N].db`, next
 to `<backup>.manifest.json`. Nothing here uses Django connections: these
 are files, and the rollback must be able to read them with no alias.
+The file-level SQLite helpers are in `engines.sqlite_file`.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -24,25 +24,29 @@ from pathlib import Path
 from typing import Any
 
 import anthias_rollback
-from anthias_rollback import faults, fsutil
-from anthias_rollback.exceptions import BackupError
+from anthias_rollback import events, faults, fsutil
+from anthias_rollback.engines.sqlite_file import (
+    file_sha256,
+    sqlite_applied_migrations,
+    sqlite_check_header,
+    sqlite_file_problem,
+    sqlite_open_readonly,
+    sqlite_problems,
+    sqlite_reason,
+    sqlite_snapshot,
+    sqlite_table_counts,
+)
+from anthias_rollback.exceptions import BackupError, BackupInvalidError
 
 TOOL = 'anthias_rollback'
 MANIFEST_FORMAT = 1
 PREFIX = 'anthias_backup_'
 MANIFEST_SUFFIX = '.manifest.json'
-SQLITE_HEADER = b'SQLite format 3\x00'
 _NAME_RE = re.compile(r'^anthias_backup_(\d{8}_\d{6})(?:_(\d+))?\.db$')
 _TEMP_GLOB = f'.{PREFIX}*.tmp'
 _TEMP_MIN_AGE = timedelta(hours=1)
-# Measured on the 1M-asset bench file: 8 MiB reads keep sha256 at memory
-# speed; larger buffers gain nothing.
-_HASH_CHUNK = 8 * 1024 * 1024
-# SQLite: let the checks read through mmap instead of copying every page
-# into the page cache (halves integrity_check time on the bench file).
-_MMAP_SIZE = 1 << 30
 
-Progress = Callable[[dict[str, Any]], None] | None
+Progress = events.Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,100 +104,6 @@ def manifest_path_for(path: Path) -> Path:
     return Path(str(path) + MANIFEST_SUFFIX)
 
 
-def _emit(progress: Progress, phase: str, **info: Any) -> None:
-    if progress is not None:
-        progress({'phase': phase, **info})
-
-
-# --- SQLite file helpers ----------------------------------------------------
-
-def sqlite_check_header(path: Path) -> None:
-    """BackupError unless *path* is a readable file with a SQLite header."""
-    try:
-        with open(path, 'rb') as fh:
-            header = fh.read(len(SQLITE_HEADER))
-    except FileNotFoundError:
-        raise BackupError(f'source database {path} does not exist') from None
-    except IsADirectoryError:
-        raise BackupError(f'source {path} is a directory, not a SQLite '
-                          f'file') from None
-    except OSError as err:
-        raise BackupError(f'cannot read source database {path}: '
-                          f'{err.strerror}') from None
-    if header != SQLITE_HEADER:
-        what = 'empty' if not header else 'encrypted or not SQLite'
-        raise BackupError(f'source {path} is not a SQLite database '
-                          f'({what}); nothing was backed up')
-
-
-def sqlite_open_readonly(path: Path, timeout: float,
-                         immutable: bool = False) -> sqlite3.Connection:
-    """A read-only connection: never checkpoints or changes the file."""
-    query = 'mode=ro&immutable=1' if immutable else 'mode=ro'
-    uri = f'file:{_uri_path(path)}?{query}'
-    conn = sqlite3.connect(uri, uri=True, timeout=timeout,
-                           isolation_level=None, check_same_thread=False)
-    conn.execute(f'PRAGMA mmap_size={_MMAP_SIZE}')
-    return conn
-
-
-def _uri_path(path: Path) -> str:
-    from urllib.parse import quote
-
-    return quote(str(Path(path).absolute()))
-
-
-def sqlite_table_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Rows per user table (SQLite's own sqlite_* tables left out)."""
-    names = [row[0] for row in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' "
-        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")]
-    return {name: conn.execute(
-        f'SELECT count(*) FROM "{name.replace(chr(34), chr(34) * 2)}"'
-    ).fetchone()[0] for name in names}
-
-
-def sqlite_applied_migrations(conn: sqlite3.Connection) -> list[str]:
-    """`app.name` of Django migrations recorded in the file, sorted."""
-    try:
-        rows = conn.execute('SELECT app, name FROM django_migrations')
-        return sorted(f'{app}.{name}' for app, name in rows)
-    except sqlite3.OperationalError as err:
-        if 'no such table' in str(err):
-            return []
-        raise
-
-
-def sqlite_problems(conn: sqlite3.Connection) -> list[str]:
-    """integrity_check and foreign_key_check findings ([] = sound)."""
-    problems = []
-    rows = [r[0] for r in conn.execute('PRAGMA integrity_check(20)')]
-    if rows != ['ok']:
-        problems.append('integrity_check failed: ' + '; '.join(rows[:3]))
-    fk = conn.execute('PRAGMA foreign_key_check').fetchall()
-    if fk:
-        tables = sorted({row[0] for row in fk})
-        problems.append(f'foreign_key_check found {len(fk)} broken '
-                        f'reference(s) in {", ".join(tables)}')
-    return problems
-
-
-def file_sha256(path: Path) -> tuple[str, int]:
-    """sha256 hex digest and size of *path*, read once."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, 'rb', buffering=0) as fh:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
-    return digest.hexdigest(), size
-
-
 class _Background(threading.Thread):
     """Run *fn* in a thread (hashlib and fsync release the GIL), so the
     hash and the flush overlap SQLite's checks instead of following them."""
@@ -245,10 +155,11 @@ def create_backup(source_path: Path, backup_dir: Path,
     try:
         os.fchmod(fd, 0o600)
         os.close(fd)
-        _emit(progress, 'copy', source=str(source_path))
+        events.emit(progress, events.PHASE_START, 'copy',
+                    detail=str(source_path))
         created_at = sqlite_snapshot(source_path, tmp, timeout)
         faults.checkpoint('backup:after-copy')
-        _emit(progress, 'verify', path=str(tmp))
+        events.emit(progress, events.PHASE_START, 'verify', detail=str(tmp))
         manifest = _check_new_backup(tmp, source_path, created_at)
         manifest_tmp = _write_temp_manifest(backup_dir, manifest)
         faults.checkpoint('backup:before-rename')
@@ -260,59 +171,18 @@ def create_backup(source_path: Path, backup_dir: Path,
                           f'kept') from None
     except sqlite3.Error as err:
         raise BackupError(f'backup of {source_path} failed: '
-                          f'{_sqlite_reason(err, timeout)}; no backup was '
+                          f'{sqlite_reason(err, timeout)}; no backup was '
                           f'kept') from None
     finally:
         for leftover in (tmp, manifest_tmp):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    _emit(progress, 'done', path=str(final), seconds=seconds)
+    events.emit(progress, events.PHASE_DONE, 'backup', status='ok',
+                seconds=seconds, detail=str(final))
     return BackupResult(path=final, manifest_path=manifest_path_for(final),
                         manifest=manifest, size=manifest['size'],
                         sha256=manifest['sha256'], seconds=seconds)
-
-
-def _sqlite_reason(err: sqlite3.Error, timeout: float) -> str:
-    text = str(err)
-    if 'locked' in text or 'busy' in text:
-        return f'the database stayed locked for more than {timeout:g}s'
-    if 'not a database' in text or 'encrypted' in text:
-        return 'the file is not a SQLite database (encrypted or damaged)'
-    return text
-
-
-def sqlite_snapshot(source_path: Path, target: Path,
-                    timeout: float) -> datetime:
-    """Copy *source_path* into the (empty) file *target* in one backup
-    step; return when the snapshot began (UTC). SQLite-specific.
-
-    One step = one read transaction: with pages>0 a write by another
-    process between steps restarts the copy, which under three busy
-    writers may never finish (https://sqlite.org/c3ref/backup_finish.html).
-    """
-    source = sqlite_open_readonly(source_path, timeout)
-    try:
-        dest = sqlite3.connect(target, isolation_level=None)
-        try:
-            # The file is fsync'd once at the end; a journal on a file
-            # nobody else sees would only double the writes.
-            dest.execute('PRAGMA journal_mode=OFF')
-            dest.execute('PRAGMA synchronous=OFF')
-            source.execute('BEGIN')
-            # Forces the read lock now, so created_at is the snapshot time.
-            source.execute('SELECT count(*) FROM sqlite_master').fetchone()
-            created_at = datetime.now(timezone.utc)
-            source.backup(dest, pages=-1)
-            source.execute('COMMIT')
-            # The copy keeps the source's WAL flag; a backup is one
-            # self-contained file, so make it a rollback-journal file.
-            dest.execute('PRAGMA journal_mode=DELETE')
-        finally:
-            dest.close()
-    finally:
-        source.close()
-    return created_at
 
 
 def _check_new_backup(tmp: Path, source_path: Path,
@@ -331,8 +201,8 @@ def _check_new_backup(tmp: Path, source_path: Path,
     sha256, size = hasher.result()
     syncer.result()
     if problems:
-        raise BackupError(f'the copy of {source_path} failed its check: '
-                          f'{problems[0]}; no backup was kept')
+        raise BackupInvalidError(f'the copy of {source_path} failed its '
+                                 f'check: {problems[0]}; no backup was kept')
     return {
         'tool': TOOL,
         'tool_version': anthias_rollback.__version__,
@@ -470,9 +340,7 @@ def verify_backup(path: Path) -> BackupVerification:
             reasons.append(f'size mismatch: file has {size} bytes, '
                            f'manifest says {usable["size"]}')
     counts: dict[str, int] = {}
-    with open(path, 'rb') as fh:
-        is_sqlite = fh.read(len(SQLITE_HEADER)) == SQLITE_HEADER
-    if not is_sqlite:
+    if sqlite_file_problem(path) is not None:
         reasons.append('not a SQLite database (bad header)')
     else:
         counts = _verify_sqlite(path, usable, reasons)

@@ -9,6 +9,8 @@ from typing import Any
 
 from django.conf import settings
 
+from anthias_rollback import profiles
+
 DEFAULTS: dict[str, Any] = {
     'ANTHIAS_DATA_DIR': None,
     'ANTHIAS_BACKUP_DIR': None,
@@ -57,9 +59,7 @@ def data_dir() -> Path:
     value = get_setting('ANTHIAS_DATA_DIR')
     if value:
         return Path(value).expanduser()
-    from anthias_rollback.profiles import sqlite_alias_path
-
-    return sqlite_alias_path().parent
+    return profiles.sqlite_alias_path().parent
 
 
 def backup_dir() -> Path:
@@ -72,3 +72,8 @@ def backup_dir() -> Path:
 
 def reports_dir() -> Path:
     return data_dir() / 'reports'
+
+
+def current_profile() -> profiles.ActiveProfile:
+    """The active profile of this process's configuration."""
+    return profiles.resolve_active_profile(data_dir())

@@ -70,3 +70,26 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
 def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + '\n'
     atomic_write_bytes(path, text.encode(), mode)
+
+
+def read_json(path: Path, what: str, error: type[Exception],
+              fix: str = '', kind: type = dict) -> Any | None:
+    """The JSON document in the state file *path*: None if the file does
+    not exist; *error* naming *what* and the path if it cannot be read,
+    is not UTF-8 JSON, or is not a *kind* (a list where a dict belongs).
+    *fix* says how to repair it. The one reader of our state files."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise error(f'cannot read {what} {path}: {err.strerror}') from None
+    try:
+        data = json.loads(raw.decode('utf-8'))
+    except ValueError:   # includes UnicodeDecodeError: a binary file
+        data = None
+    if not isinstance(data, kind):
+        raise error(f'{what} {path} is not valid'
+                    + (f'; {fix}' if fix else ''))
+    return data

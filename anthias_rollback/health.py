@@ -2,7 +2,7 @@
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from anthias_rollback import profiles, schema
+from anthias_rollback import conf, profiles, schema
 from anthias_rollback.exceptions import RollbackError
 
 
@@ -29,7 +29,7 @@ def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
     """
     problems: list[str] = []
     try:
-        active = profiles.current_profile()
+        active = conf.current_profile()
         name, source = active.name, active.source
     except RollbackError as err:
         name, source = 'unknown', 'unknown'

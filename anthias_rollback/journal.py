@@ -4,7 +4,6 @@ the active profile, so a rollback can say how much was written since.
 Written by `switch_database --to postgres` as `cutover.json` in the data
 dir (0600); read by the rollback report and `rollback_readiness`.
 """
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,9 +79,12 @@ def record_cutover(source_alias: str, target_alias: str,
 
 
 def read_cutover(data_dir: Path) -> dict[str, Any] | None:
+    """The recorded cutover, None if there is none (or it is unreadable:
+    it only adds figures to reports)."""
     try:
-        return json.loads(journal_path(data_dir).read_text())
-    except (OSError, ValueError):
+        return fsutil.read_json(journal_path(data_dir), 'cutover journal',
+                                RollbackError)
+    except RollbackError:
         return None
 
 

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from anthias_rollback import conf, profiles
+from anthias_rollback import conf, fsutil, profiles
 from anthias_rollback.exceptions import (
     BaselineError,
     ConfigError,
@@ -366,7 +366,7 @@ def check_target(config: MonitorConfig,
                     f'URL {url} matches no URL pattern of this project; '
                     f'check ANTHIAS_ROLLBACK_VERIFY_URLS') from None
         try:
-            profile = profiles.current_profile().name
+            profile = conf.current_profile().name
         except RollbackError:
             profile = None
         return TargetInfo(IN_PROCESS, profile)
@@ -577,22 +577,18 @@ def load_baseline(path: Path | None = None) -> Baseline | None:
     """The stored baseline, None if there is none; BaselineError if the
     file is unreadable or malformed."""
     path = Path(path or baseline_path())
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
+    fix = 'record it again with --record-baseline'
+    data = fsutil.read_json(path, 'baseline file', BaselineError, fix)
+    if data is None:
         return None
-    except OSError as err:
-        raise BaselineError(f'cannot read baseline file {path}: '
-                            f'{err.strerror}') from None
     try:
-        data = json.loads(raw)
         ms = {str(url): float(value) for url, value in data['ms'].items()}
         return Baseline(str(data['target']), str(data['profile']),
                         int(data['rounds']), ms,
                         str(data.get('recorded_at', '')))
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise BaselineError(f'baseline file {path} is not valid; record it '
-                            f'again with --record-baseline') from None
+        raise BaselineError(f'baseline file {path} is not valid; {fix}'
+                            ) from None
 
 
 def select_baseline(config: MonitorConfig, path: Path | None = None

@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import connections, models
+
+from anthias_rollback import engines
+from anthias_rollback.fields import value_field
 
 Canonical = Callable[[Any], Any]
 
@@ -145,13 +147,6 @@ _CANONICAL_BY_TYPE: dict[str, Canonical | None] = {
 }
 
 
-def value_field(field: models.Field) -> models.Field:
-    """The field that gives a column its values (FK -> its target)."""
-    while field.is_relation:
-        field = field.target_field
-    return field
-
-
 def canonical_for(field: models.Field) -> Canonical | None:
     """Canonical form of *field*'s converted values (None: as is)."""
     internal = value_field(field).get_internal_type()
@@ -177,7 +172,11 @@ class ColumnPlan:
     fast: Callable[[Sequence[Any]], list] | None = None
 
 
-def _slow_values(plan: 'ColumnPlan', alias: str) -> Callable[[Any], Any]:
+# Column forms: the engine modules' `fast_column(plan, alias, quoted)`
+# picks a select expression per field and builds its fast path from
+# these, so the engine-specific choices live behind engines.for_alias.
+
+def slow_values(plan: 'ColumnPlan', alias: str) -> Callable[[Any], Any]:
     """The field's own conversion of one raw value (fast-path fallback)."""
     def convert(value: Any) -> Any:
         for converter in plan.converters:
@@ -188,7 +187,7 @@ def _slow_values(plan: 'ColumnPlan', alias: str) -> Callable[[Any], Any]:
     return convert
 
 
-def _json_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
+def json_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     # As JSONField.from_db_value (json.loads, text kept if not JSON),
     # then the canonical text; values already decoded take the slow path.
     def fast(values: Sequence[Any]) -> list:
@@ -207,9 +206,9 @@ def _json_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     return fast
 
 
-def _padded_text_column(full: int, mark: tuple[int, str],
-                        slow: Callable[[Any], Any]
-                        ) -> Callable[[Sequence], list]:
+def padded_text_column(full: int, mark: tuple[int, str],
+                       slow: Callable[[Any], Any]
+                       ) -> Callable[[Sequence], list]:
     """SQLite text already in canonical shape (`...SS.ffffff`, *full*
     long) or without the fraction; anything else takes the slow path.
     *mark* is a (position, character) that must match too."""
@@ -228,31 +227,7 @@ def _padded_text_column(full: int, mark: tuple[int, str],
     return fast
 
 
-def sqlite_fast_column(plan: ColumnPlan, alias: str, quoted: str
-                       ) -> tuple[str, Callable | None]:
-    """(select expression, fast path) for a column on SQLite."""
-    internal = value_field(plan.field).get_internal_type()
-    slow = _slow_values(plan, alias)
-    utc_storage = (not settings.USE_TZ
-                   or connections[alias].timezone_name == 'UTC')
-    # SQLite: `+col` has no declared type, so sqlite3 hands over the
-    # stored text instead of parsing it into datetime objects.
-    if internal == 'DateTimeField' and utc_storage:
-        return f'+{quoted}', _padded_text_column(26, (10, ' '), slow)
-    if internal == 'TimeField':
-        return f'+{quoted}', _padded_text_column(15, (2, ':'), slow)
-    if internal == 'DateField':
-        return f'+{quoted}', _date_column(slow)
-    if internal == 'JSONField' and value_field(plan.field).decoder is None:
-        return quoted, _json_column(slow)
-    if internal == 'BooleanField' and not plan.field.is_relation:
-        # SQLite: Django's sqlite3 converter for the `bool` declared type
-        # already returned bool, which the field converters keep as is.
-        return quoted, _identity
-    return quoted, None
-
-
-def _date_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
+def date_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     def fast(values: Sequence[Any]) -> list:
         return [v if v is None or (type(v) is str and len(v) == 10
                                    and v[4] == '-') else slow(v)
@@ -260,34 +235,7 @@ def _date_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     return fast
 
 
-def _postgres_to_char(internal: str, quoted: str) -> str | None:
-    """The exact canonical text of a datetime or time, formatted by
-    PostgreSQL itself (no Python datetime objects)."""
-    if internal == 'DateTimeField':
-        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
-            else quoted
-        return f"to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US')"
-    if internal == 'TimeField':
-        return f"to_char({quoted}, 'HH24:MI:SS.US')"
-    return None
-
-
-def postgres_fast_column(plan: ColumnPlan, alias: str, quoted: str
-                         ) -> tuple[str, Callable | None]:
-    """(select expression, fast path) for a column on PostgreSQL."""
-    field = value_field(plan.field)
-    internal = field.get_internal_type()
-    formatted = _postgres_to_char(internal, quoted)
-    if formatted is not None:
-        return formatted, _identity
-    if internal == 'DateField':
-        return f"to_char({quoted}, 'YYYY-MM-DD')", _identity
-    if internal == 'JSONField' and field.decoder is None:
-        return f'{quoted}::text', _json_column(_slow_values(plan, alias))
-    return quoted, None
-
-
-def _identity(values: Sequence[Any]) -> list:
+def identity(values: Sequence[Any]) -> list:
     return values if isinstance(values, list) else list(values)
 
 
@@ -339,7 +287,7 @@ def jsonb_text(text: str) -> str:
     return ''.join(_c_encode_jsonb(value, 0))
 
 
-def _without_zero_fraction(slow: Callable[[Any], Any]) -> Callable:
+def without_zero_fraction(slow: Callable[[Any], Any]) -> Callable:
     # Python's isoformat() (what Django writes to SQLite) omits a zero
     # fraction; the exact form always has six digits.
     def convert(value: Any) -> Any:
@@ -348,59 +296,26 @@ def _without_zero_fraction(slow: Callable[[Any], Any]) -> Callable:
     return convert
 
 
-def _text_or(convert: Callable[[Any], Any]) -> Callable[[Sequence], list]:
+def text_or(convert: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     def fast(values: Sequence[Any]) -> list:
         return [v if v is None or type(v) is str else convert(v)
                 for v in values]
     return fast
 
 
-def _all_through(convert: Callable[[Any], Any]
-                 ) -> Callable[[Sequence], list]:
+def all_through(convert: Callable[[Any], Any]
+                ) -> Callable[[Sequence], list]:
     def fast(values: Sequence[Any]) -> list:
         return [None if v is None else convert(v) for v in values]
     return fast
 
 
-def _json_digest_column(slow: Callable[[Any], Any]
-                        ) -> Callable[[Sequence], list]:
+def json_digest_column(slow: Callable[[Any], Any]
+                       ) -> Callable[[Sequence], list]:
     def fast(values: Sequence[Any]) -> list:
         return [None if v is None else jsonb_text(v) if type(v) is str
                 else slow(v) for v in values]
     return fast
-
-
-def sqlite_digest_column(plan: ColumnPlan, alias: str, quoted: str
-                         ) -> tuple[str, Callable | None]:
-    """(select expression, digest form) for a column on SQLite."""
-    field = value_field(plan.field)
-    internal = field.get_internal_type()
-    if internal in ('DateTimeField', 'TimeField'):
-        trimmed = _without_zero_fraction(_slow_values(plan, alias))
-        utc_storage = (internal == 'TimeField' or not settings.USE_TZ
-                       or connections[alias].timezone_name == 'UTC')
-        if utc_storage:
-            # The stored text as is: if it equals PostgreSQL's text, it
-            # parses to the same value; odd shapes just mismatch.
-            return f'+{quoted}', _text_or(trimmed)
-        return quoted, _all_through(trimmed)
-    if internal == 'JSONField' and field.decoder is None:
-        return quoted, _json_digest_column(_slow_values(plan, alias))
-    return sqlite_fast_column(plan, alias, quoted)
-
-
-def postgres_digest_column(plan: ColumnPlan, alias: str, quoted: str
-                           ) -> tuple[str, Callable | None]:
-    """(select expression, digest form) for a column on PostgreSQL."""
-    field = value_field(plan.field)
-    internal = field.get_internal_type()
-    formatted = _postgres_to_char(internal, quoted)
-    if formatted is not None:
-        # As Python's isoformat(): no fraction when it is zero.
-        return f"replace({formatted}, '.000000', '')", _identity
-    if internal == 'JSONField' and field.decoder is None:
-        return f'{quoted}::text', _identity
-    return postgres_fast_column(plan, alias, quoted)
 
 
 def plan_columns(model: type[models.Model], alias: str, fast: bool = True,
@@ -409,6 +324,7 @@ def plan_columns(model: type[models.Model], alias: str, fast: bool = True,
     (and engine fast paths unless *fast* is False; with *digest*, the
     digest forms where they differ from the exact ones)."""
     connection = connections[alias]
+    engine = engines.for_alias(alias) if fast else None
     quote = connection.ops.quote_name
     meta = model._meta
     fields = [meta.pk] + [f for f in meta.concrete_fields
@@ -422,16 +338,8 @@ def plan_columns(model: type[models.Model], alias: str, fast: bool = True,
         plan = ColumnPlan(field, field.column, quote(field.column), col,
                           tuple(converters), canonical_for(field))
         if fast and not field.primary_key:
-            if connection.vendor == 'postgresql':
-                choose = (postgres_digest_column if digest
-                          else postgres_fast_column)
-                sql, fast_path = choose(plan, alias, plan.sql)
-            elif connection.vendor == 'sqlite':
-                choose = (sqlite_digest_column if digest
-                          else sqlite_fast_column)
-                sql, fast_path = choose(plan, alias, plan.sql)
-            else:
-                sql, fast_path = plan.sql, None
+            sql, fast_path = engine.fast_column(plan, alias, plan.sql,
+                                                digest=digest)
             if fast_path is not None:
                 plan = ColumnPlan(field, field.column, sql, col,
                                   tuple(converters), plan.canonical,

@@ -15,7 +15,6 @@ This module is the one place where the alias names are spelled out.
 """
 import copy
 import itertools
-import json
 import os
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -143,21 +142,12 @@ def state_file_path(data_dir: Path) -> Path:
 
 def read_state_file(path: Path) -> dict[str, Any] | None:
     """The state file's content, None if absent; StateFileError if bad."""
-    try:
-        raw = Path(path).read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise StateFileError(f'cannot read profile state file {path}: '
-                             f'{err.strerror}') from None
-    try:
-        state = json.loads(raw)
-    except ValueError:
-        state = None
-    if not isinstance(state, dict) or state.get('profile') not in PROFILES:
-        raise StateFileError(
-            f'profile state file {path} is not valid; fix it with '
-            f'`manage.py switch_database --to sqlite --force`')
+    fix = 'fix it with `manage.py switch_database --to sqlite --force`'
+    state = fsutil.read_json(path, 'profile state file', StateFileError,
+                             fix)
+    if state is not None and state.get('profile') not in PROFILES:
+        raise StateFileError(f'profile state file {path} is not valid; '
+                             f'{fix}')
     return state
 
 
@@ -252,13 +242,6 @@ def write_active_profile(data_dir: Path, profile: str,
         raise StateFileError(f'cannot write profile state file {path}: '
                              f'{err.strerror}') from None
     return path
-
-
-def current_profile() -> ActiveProfile:
-    """The active profile of this process's configuration."""
-    from anthias_rollback import conf
-
-    return resolve_active_profile(conf.data_dir())
 
 
 def alias_for_profile(profile: str) -> str:

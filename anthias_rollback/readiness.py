@@ -16,7 +16,7 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import backup, locking, schema
+from anthias_rollback import backup, drill_history, locking, schema
 from anthias_rollback.exceptions import RollbackError
 
 DISK_FACTOR = 3
@@ -220,11 +220,9 @@ def check_last_drill(ctx: ReadinessContext) -> ReadinessCheck:
     """The last rehearsal: date, result, measured rollback time. A failed
     last drill means the rollback itself is in doubt: not ready. Never
     drilled is reported, not held against the device."""
-    from anthias_rollback.drill import last_drill
-
     name = 'last_drill'
     try:
-        last = last_drill(ctx.data_dir)
+        last = drill_history.last_drill(ctx.data_dir)
     except RollbackError as err:
         return ReadinessCheck(name, False, str(err))
     if last is None:

@@ -22,11 +22,9 @@ import datetime as dt
 import json
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +42,8 @@ from anthias_rollback import (
     backup,
     compare,
     conf,
+    engines,
+    events,
     exit_codes,
     faults,
     fsutil,
@@ -57,14 +57,15 @@ from anthias_rollback import (
     switch,
     transfer,
 )
+from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import (
     BackupError,
     ConfigError,
     DatabaseUnavailableError,
-    DeadlineError,
     RollbackError,
 )
 from anthias_rollback.health import client_host
+from anthias_rollback.phases import Deadline, PhaseResult, PhaseRunner
 from anthias_rollback.report import (
     describe_alias,
     first_line,
@@ -75,7 +76,6 @@ from anthias_rollback.report import (
 SOURCES = ('auto', 'postgres', 'backup')
 STATE_NAME = 'rollback_state.json'
 LOG_NAME = 'rollback.log'
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,6 @@ class RollbackOptions:
     # None: the configured dirs. A drill points them at its sandbox.
     data_dir: Path | None = None
     backup_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class PhaseResult:
-    name: str
-    status: str  # ok | skipped | warning | failed
-    seconds: float
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -142,35 +134,13 @@ class RollbackResult:
         return sum(self.at_risk_rows.values())
 
 
-class Deadline:
-    """One deadline for the whole run; phases before the swap check it."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.ends = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self.ends - time.monotonic()
-
-    def check(self, what: str) -> None:
-        if self.remaining() <= 0:
-            raise DeadlineError(
-                f'deadline of {self.seconds:.0f}s reached during {what}; '
-                'stopped before touching the live database')
-
-
 @dataclass
 class _Run:
-    """Mutable state of one run; turned into a RollbackResult at the end."""
+    """Mutable state of one run; turned into a RollbackResult at the end.
+    Phases, warnings and the deadline are the shared PhaseRunner's."""
     options: RollbackOptions
     data_dir: Path
-    progress: Progress | None
-    deadline: Deadline
-    started: float = field(default_factory=time.monotonic)
-    started_at: str = field(
-        default_factory=lambda: datetime.now(timezone.utc).isoformat())
-    phases: list[PhaseResult] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    runner: PhaseRunner
     live_path: Path | None = None
     source: str | None = None
     source_reason: str = ''
@@ -189,6 +159,10 @@ class _Run:
     swapped: bool = False
 
     @property
+    def deadline(self) -> Deadline:
+        return self.runner.deadline
+
+    @property
     def backup_dir(self) -> Path:
         return Path(self.options.backup_dir or conf.backup_dir())
 
@@ -196,60 +170,27 @@ class _Run:
     def reports_dir(self) -> Path:
         return self.data_dir / 'reports'
 
-    def emit(self, **event: Any) -> None:
-        if self.progress is not None:
-            self.progress(event)
-
-    @contextmanager
     def phase(self, name: str, check_deadline: bool = True
-              ) -> Iterator[dict[str, str]]:
-        if check_deadline:
-            self.deadline.check(name)
-        self.emit(event='phase-start', phase=name)
-        record = {'status': 'ok', 'detail': ''}
-        started = time.monotonic()
-        try:
-            yield record
-        except BaseException as err:
-            record['status'] = 'failed'
-            record['detail'] = redact(first_line(err))
-            raise
-        finally:
-            done = PhaseResult(name, record['status'],
-                               round(time.monotonic() - started, 3),
-                               redact(record['detail']))
-            self.phases.append(done)
-            append_log(self.data_dir, done)
-            self.emit(event='phase-done', phase=name, status=done.status,
-                      seconds=done.seconds, detail=done.detail)
-        faults.checkpoint(f'rollback:{name}-done')
+              ) -> AbstractContextManager[dict[str, str]]:
+        return self.runner.phase(name, check_deadline=check_deadline)
 
     def warn(self, message: str) -> None:
-        self.warnings.append(redact(message))
-        self.emit(event='warning', message=redact(message))
+        self.runner.warn(message)
 
 
 # -- small helpers -----------------------------------------------------
-
-def append_log(data_dir: Path, phase: PhaseResult) -> None:
-    """One line per phase in <data dir>/rollback.log (0600)."""
-    path = Path(data_dir) / LOG_NAME
-    stamp = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    line = (f'{stamp} phase={phase.name} status={phase.status} '
-            f'seconds={phase.seconds:.3f} {phase.detail}').rstrip()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, 'a') as fh:
-        fh.write(redact(line) + '\n')
-
 
 def state_path(data_dir: Path) -> Path:
     return Path(data_dir) / STATE_NAME
 
 
 def read_run_state(data_dir: Path) -> dict[str, Any]:
+    """The last run's recorded state ({} when none or unreadable: it only
+    tells preflight that a run was interrupted)."""
     try:
-        return json.loads(state_path(data_dir).read_text())
-    except (OSError, ValueError):
+        return fsutil.read_json(state_path(data_dir), 'rollback state',
+                                RollbackError) or {}
+    except RollbackError:
         return {}
 
 
@@ -265,23 +206,6 @@ def code_migrations() -> set[str]:
     return {f'{app}.{name}' for app, name in loader.graph.nodes}
 
 
-def sqlite_quick_check(path: Path) -> str:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute('PRAGMA quick_check').fetchone()[0]
-    finally:
-        conn.close()
-
-
-def sqlite_full_check(path: Path) -> list[str]:
-    """integrity_check and foreign_key_check problems (empty if fine)."""
-    conn = sqlite3.connect(path)
-    try:
-        return backup.sqlite_problems(conn)
-    finally:
-        conn.close()
-
-
 def count_rows(alias: str) -> dict[str, int]:
     """Row count per label of every model the transfer moves (including
     `django_migrations`) on *alias*."""
@@ -295,7 +219,7 @@ def close_connections_to(path: Path) -> None:
     target = Path(path).resolve()
     for conn in connections.all(initialized_only=True):
         name = conn.settings_dict.get('NAME')
-        if conn.vendor == 'sqlite' and name and \
+        if name and engines.is_sqlite(conn.alias) and \
                 Path(str(name)).resolve() == target:
             conn.close()
 
@@ -391,24 +315,12 @@ def postgres_usable(run: _Run) -> tuple[bool, str]:
         budget_ms = int(max(1.0, min(30.0, run.deadline.remaining() / 4))
                         * 1000)
         for model in models_graph.plan_models().models:
-            postgres_probe_table(alias, model, budget_ms)
+            engines.for_alias(alias).probe_table(alias, model, budget_ms)
     except (RollbackError, DatabaseError) as err:
         connections[alias].close()
         return False, first_line(err)
     return True, (f'{describe_alias(alias)} answers and every table is '
                   'readable: zero-loss source')
-
-
-def postgres_probe_table(alias: str, model: Any, budget_ms: int) -> None:
-    """PostgreSQL: read one row of *model* under a statement timeout."""
-    table = connections[alias].ops.quote_name(model._meta.db_table)
-    with connections[alias].cursor() as cursor:
-        cursor.execute('BEGIN READ ONLY')
-        try:
-            cursor.execute(f'SET LOCAL statement_timeout = {budget_ms}')
-            cursor.execute(f'SELECT 1 FROM {table} LIMIT 1')
-        finally:
-            cursor.execute('ROLLBACK')
 
 
 def choose_source(run: _Run) -> None:
@@ -518,11 +430,11 @@ def preserve_postgres(run: _Run) -> None:
 def build_from_postgres(run: _Run, new_path: Path) -> None:
     opts = run.options
 
-    def on_progress(event: transfer.TransferEvent) -> None:
-        run.emit(event=event.kind, label=event.label, rows=event.rows,
-                 seconds=event.seconds)
-        if event.kind == 'model_done':
-            faults.checkpoint(f'rollback:copied-{event.label}')
+    def on_progress(event: events.ProgressEvent) -> None:
+        run.runner.emit(event.kind, event.name, rows=event.rows,
+                        total=event.total, seconds=event.seconds)
+        if event.kind == events.MODEL_DONE:
+            faults.checkpoint(f'rollback:copied-{event.name}')
         run.deadline.check('the copy from PostgreSQL')
 
     with profiles.sqlite_file_alias(new_path) as alias:
@@ -552,7 +464,7 @@ def build_from_backup(run: _Run, new_path: Path) -> None:
     if not checked.has_manifest:
         run.warn(f'backup {run.backup_used} has no manifest: checked for '
                  'integrity only, no checksum')
-    backup.sqlite_snapshot(run.backup_used, new_path,
+    sqlite_file.sqlite_snapshot(run.backup_used, new_path,
                            timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
         applied = {f'{a}.{n}' for a, n in schema.applied_migrations(alias)}
@@ -577,24 +489,15 @@ def at_risk_rows(run: _Run, backup_alias: str) -> None:
     pg = run.options.postgres_alias
     try:
         schema.check_connection(pg)
-        report = compare.compare_aliases(
+        found = compare.find_at_risk_keys(
             backup_alias, pg, timeout=max(5.0, run.deadline.remaining()))
-        if not report.complete:
-            raise DeadlineError(report.stopped_reason)
     except (RollbackError, DatabaseError) as err:
         connections[pg].close()
         run.at_risk_note = ('could not be computed: PostgreSQL is not '
                             f'usable ({first_line(err)})')
         run.warn(f'at-risk rows {run.at_risk_note}')
         return
-    keys: dict[str, list[Any]] = {}
-    resurrected: dict[str, int] = {}
-    for model in report.models:
-        pks = list(model.extra_keys) + [pk for pk, _ in model.changed]
-        if pks:
-            keys[model.label] = pks
-        if model.missing_keys:
-            resurrected[model.label] = len(model.missing_keys)
+    keys, resurrected = found.keys, found.resurrected
     run.at_risk_rows = {label: len(pks) for label, pks in keys.items()}
     run.resurrected_rows = resurrected
     if keys and not run.options.dry_run:
@@ -662,13 +565,13 @@ def build_new_file(run: _Run) -> Path:
 def verify_new_file(run: _Run, new_path: Path) -> None:
     opts = run.options
     with run.phase('verify') as record:
-        quick = sqlite_quick_check(new_path)
+        quick = sqlite_file.sqlite_quick_check(new_path)
         if quick != 'ok':
             raise RollbackError(f'new file {new_path} fails quick_check: '
                                 f'{quick}')
         done = ['quick_check']
         if opts.verify and not opts.emergency:
-            problems = sqlite_full_check(new_path)
+            problems = sqlite_file.sqlite_full_check(new_path)
             if problems:
                 raise RollbackError(f'new file {new_path} fails its '
                                     f'checks: {problems[0]}')
@@ -772,7 +675,7 @@ def cutover_summary(run: _Run) -> None:
 # -- the plan ----------------------------------------------------------
 
 def run_rollback(options: RollbackOptions,
-                 progress: Progress | None = None) -> RollbackResult:
+                 progress: events.Progress = None) -> RollbackResult:
     """Roll back onto SQLite. See the module docstring for the phases.
 
     Reads the `postgres` alias (or options.postgres_alias) and/or a backup
@@ -790,8 +693,12 @@ def run_rollback(options: RollbackOptions,
         raise ConfigError('the deadline must be positive')
     data_dir = Path(options.data_dir or conf.data_dir())
     data_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(options, data_dir, progress,
-               Deadline(options.timeout_seconds))
+    deadline = Deadline(options.timeout_seconds,
+                        'deadline of {seconds:.0f}s reached during {what}; '
+                        'stopped before touching the live database')
+    run = _Run(options, data_dir, PhaseRunner(
+        deadline, progress, log_path=data_dir / LOG_NAME,
+        checkpoint='rollback'))
     with locking.operation_lock(data_dir, 'rollback_migration'):
         faults.checkpoint('rollback:locked')
         try:
@@ -817,7 +724,8 @@ def _execute(run: _Run) -> RollbackResult:
     opts = run.options
     preflight(run)
     if not opts.dry_run:
-        write_run_state(run.data_dir, 'running', started_at=run.started_at)
+        write_run_state(run.data_dir, 'running',
+                        started_at=run.runner.started_at)
     choose_source(run)
     cutover_summary(run)
     fence_postgres(run)
@@ -859,12 +767,12 @@ def finish(run: _Run, outcome: str, code: int,
             'none: copied from PostgreSQL, every row written there is kept'
             if run.source == 'postgres' else ''),
         resurrected_rows=run.resurrected_rows, rows=run.rows,
-        since_cutover=run.since_cutover, phases=tuple(run.phases),
-        warnings=tuple(run.warnings), error=error,
-        started_at=run.started_at,
+        since_cutover=run.since_cutover, phases=tuple(run.runner.phases),
+        warnings=tuple(run.runner.warnings), error=error,
+        started_at=run.runner.started_at,
         finished_at=datetime.now(timezone.utc).isoformat(),
-        seconds=round(now - run.started, 3),
-        downtime_seconds=(round(run.flipped_at - run.started, 3)
+        seconds=round(now - run.runner.started, 3),
+        downtime_seconds=(round(run.flipped_at - run.runner.started, 3)
                           if run.flipped_at else None))
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
     path = run.reports_dir / f'rollback_{stamp}.json'

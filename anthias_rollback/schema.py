@@ -1,13 +1,20 @@
-"""Migration state and reachability of an alias.
+"""Migration state and reachability of an alias, and applying the
+schema (`migrate`) on one.
 
-Reads only. Raises DatabaseUnavailableError (naming the alias and
+Reads only, but for ensure_schema. Raises DatabaseUnavailableError (naming the alias and
 host:port, never the password) when the alias does not answer.
 """
+from io import StringIO
+
+from django.core.management import call_command
 from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.recorder import MigrationRecorder
 
-from anthias_rollback.exceptions import DatabaseUnavailableError
+from anthias_rollback.exceptions import (
+    DatabaseUnavailableError,
+    SchemaMismatchError,
+)
 from anthias_rollback.profiles import check_alias_configured
 from anthias_rollback.report import describe_alias, first_line
 
@@ -51,3 +58,46 @@ def diff_migrations(left_alias: str, right_alias: str
     right = applied_migrations(right_alias)
     return (sorted(f'{a}.{n}' for a, n in left - right),
             sorted(f'{a}.{n}' for a, n in right - left))
+
+
+def ensure_schema(alias: str) -> list[str]:
+    """Apply pending migrations on *alias*; return their labels.
+
+    Raises SchemaMismatchError naming the alias when `migrate` fails (no
+    permission to create tables, disk full on the server...).
+    """
+    pending = pending_migrations(alias)
+    if not pending:
+        return []
+    try:
+        call_command('migrate', database=alias, interactive=False,
+                     verbosity=0, stdout=StringIO(), stderr=StringIO())
+    except DatabaseError as err:
+        connections[alias].close()
+        raise SchemaMismatchError(
+            f'cannot create the schema on {describe_alias(alias)}: '
+            f'{first_line(err)}') from None
+    return pending
+
+
+def check_same_migrations(source_alias: str, target_alias: str,
+                          pending_on_target: list[str] | None = None
+                          ) -> None:
+    """SchemaMismatchError listing migrations applied on one side only
+    (*pending_on_target* counts as applied there: a dry run's view)."""
+    only_source, only_target = diff_migrations(source_alias,
+                                               target_alias)
+    if pending_on_target:
+        only_source = [m for m in only_source
+                       if m not in set(pending_on_target)]
+    if only_source or only_target:
+        lines = []
+        if only_source:
+            lines.append(f'only on {describe_alias(source_alias)}: '
+                         f'{", ".join(only_source)}')
+        if only_target:
+            lines.append(f'only on {describe_alias(target_alias)}: '
+                         f'{", ".join(only_target)}')
+        raise SchemaMismatchError(
+            'the two databases have different migrations applied; run '
+            '`migrate` on the side that lags first. ' + '; '.join(lines))

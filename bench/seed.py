@@ -5,6 +5,11 @@ reference host's schema, WAL mode like a device) holding *n_assets*
 realistic assets, a few users and sessions. Rows are written with raw
 `executemany` in one transaction so 1,000,000 assets take seconds, and
 cached by size under bench/out/ so repeated runs reuse them.
+
+The drill's generator (`anthias_rollback.seeding`) fills any host's
+models through the ORM; this file writes Anthias's own tables with raw
+SQL instead, for speed. What both decide the same way (how many rows a
+framework model gets) comes from seeding.
 """
 import datetime as dt
 import json
@@ -17,6 +22,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from anthias_rollback.seeding import FRAMEWORK_ROWS
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / 'bench' / 'out'
@@ -100,8 +107,8 @@ def make_sqlite(path: Path, n_assets: int, wal: bool = True) -> Path:
         conn.executemany(
             f'INSERT INTO assets ({", ".join(ASSET_COLUMNS)}) '
             f'VALUES ({marks})', asset_rows(n_assets))
-        # A device's worth of users and sessions.
-        for i in range(20):
+        # A device's worth of users, as the drill seeds them.
+        for i in range(FRAMEWORK_ROWS):
             conn.execute(
                 'INSERT INTO auth_user (password, is_superuser, username, '
                 'first_name, last_name, email, is_staff, is_active, '

@@ -49,7 +49,11 @@ def test_backup_is_verified_named_and_private(tmp_path, source):
     assert manifest['source_path'] == str(source)
     assert manifest['sqlite_version'] == sqlite3.sqlite_version
     assert datetime.fromisoformat(manifest['created_at']).tzinfo
-    assert [e['phase'] for e in events] == ['copy', 'verify', 'done']
+    assert [(e.kind, e.name) for e in events] == [
+        ('phase-start', 'copy'), ('phase-start', 'verify'),
+        ('phase-done', 'backup')]
+    assert events[0].detail == str(source)
+    assert events[-1].detail == str(result.path)
     # Modes: files 0600, the dir it created 0700; no temp files left.
     assert stat.S_IMODE(backups.stat().st_mode) == 0o700
     assert stat.S_IMODE(result.path.stat().st_mode) == 0o600

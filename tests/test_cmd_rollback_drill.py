@@ -6,7 +6,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from anthias_rollback import drill
+from anthias_rollback import drill_history
 from tests.conftest import postgres_url_for, run_manage
 from tests.test_drill import closed_port, fingerprint_dir, make_live_database
 
@@ -42,7 +42,7 @@ def test_embedded_seed_1000_passes_in_a_real_process(data_dir, host_env):
         assert any(line.split()[:2] == ['ok', step] for line in lines), step
     assert 'Traceback' not in done.stderr
     assert fingerprint_dir(data_dir) == before
-    summary = drill.last_drill(data_dir)
+    summary = drill_history.last_drill(data_dir)
     assert summary.passed and summary.server == 'embedded'
     assert summary.rows >= 1000 and summary.rollback_seconds > 0
 
@@ -69,7 +69,7 @@ def test_broken_transfer_setting_exits_3_naming_the_step(data_dir,
     last = out.getvalue().splitlines()[-1]
     assert last.startswith('FAIL: rollback drill failed at step transfer')
     assert 'failed   transfer' in out.getvalue()
-    assert drill.last_drill(data_dir).outcome == 'FAIL'
+    assert drill_history.last_drill(data_dir).outcome == 'FAIL'
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)

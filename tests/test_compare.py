@@ -8,7 +8,8 @@ import pytest
 from django.db import connections
 
 from anthias_app.models import Asset
-from anthias_rollback import compare, models_graph, profiles
+from anthias_rollback import compare, events, models_graph, profiles
+from anthias_rollback.compare import algorithms, orchestrator, streams
 from anthias_rollback.exceptions import (
     CompareError,
     DeadlineError,
@@ -38,7 +39,7 @@ def test_identical_hard_values_are_100_percent(deep):
     assert models['kitchensink.Item'].identical == 8
     assert models['kitchensink.Item_tags'].identical == 6
     assert models['kitchensink.Tag'].identical == 4
-    assert report.at_risk_keys() == {}
+    assert report.at_risk_keys() == compare.AtRiskReport({}, {})
 
 
 def change_rows_on_postgres(assets):
@@ -92,17 +93,18 @@ def test_changes_are_named_exactly(deep):
     assert asset.identical == 57
     assert asset.integrity == pytest.approx(100 * 57 / 60)
     at_risk = report.at_risk_keys()
-    assert set(at_risk['anthias_app.Asset']) == {
+    assert set(at_risk.keys['anthias_app.Asset']) == {
         'added-on-postgres', *expected['anthias_app.Asset']['changed']}
-    assert set(at_risk['kitchensink.Item']) == {4, 5}
+    assert set(at_risk.keys['kitchensink.Item']) == {4, 5}
+    assert at_risk.resurrected == {'anthias_app.Asset': 1}
 
 
 @pytest.mark.django_db(databases=BOTH)
 def test_bisection_over_many_segments(monkeypatch):
     # Small segments: differences land in different segments and the
     # bisection must still name exactly them.
-    monkeypatch.setattr(compare, 'SEGMENT_ROWS', 7)
-    monkeypatch.setattr(compare, 'CHUNK_ROWS', 5)
+    monkeypatch.setattr(algorithms, 'SEGMENT_ROWS', 7)
+    monkeypatch.setattr(streams, 'CHUNK_ROWS', 5)
     assets = fill_both('sqlite', 'postgres', n_assets=120)
     keys = sorted(a.asset_id for a in assets)
     changed = keys[::17]
@@ -124,10 +126,12 @@ def test_find_at_risk_keys_lists_extra_and_changed_rows():
     Asset.objects.using('postgres').filter(pk=assets[8].asset_id).update(
         md5='x')
     Asset.objects.using('postgres').filter(pk=assets[9].asset_id).delete()
-    keys = compare.find_at_risk_keys('sqlite', 'postgres')
-    assert set(keys) == {'anthias_app.Asset'}
-    assert set(keys['anthias_app.Asset']) == {assets[7].asset_id,
-                                              assets[8].asset_id}
+    found = compare.find_at_risk_keys('sqlite', 'postgres')
+    assert set(found.keys) == {'anthias_app.Asset'}
+    assert set(found.keys['anthias_app.Asset']) == {assets[7].asset_id,
+                                                    assets[8].asset_id}
+    assert len(found.keys['anthias_app.Asset']) == 2
+    assert found.resurrected == {'anthias_app.Asset': 1}
 
 
 @pytest.mark.django_db(databases=BOTH)
@@ -202,7 +206,7 @@ def test_read_only_snapshot_no_writes_no_locks_left(parallel):
     seen = {}
 
     def progress(event):
-        if event.kind != 'model_start' or seen:
+        if event.kind != events.MODEL_START or seen:
             return
         # Inside the comparison: both sides are read-only snapshots.
         with connections['postgres'].cursor() as cursor:
@@ -377,7 +381,7 @@ def test_digest_forms_agree_on_identical_hard_values(monkeypatch):
     # Small buckets: every bucket's digests must agree across engines,
     # so nothing is re-read (unicode, emoji, NULLs, JSON key order and
     # escapes, microseconds, Decimals, UUIDs, binary...).
-    monkeypatch.setattr(compare, 'BUCKET_ROWS', 3)
+    monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 3)
     fill_both('sqlite', 'postgres', n_assets=30)
     report = compare.compare_aliases('sqlite', 'postgres')
     assert report.ok, [m.to_dict() for m in report.models if not m.ok]
@@ -410,7 +414,7 @@ def test_buckets_name_exactly_what_deep_names(monkeypatch, parallel):
     keys before the first and after the last bound: the checksum mode
     re-reads only mismatching buckets and reports exactly what the
     row-by-row mode reports."""
-    monkeypatch.setattr(compare, 'BUCKET_ROWS', 4)
+    monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 4)
     assets = fill_both('sqlite', 'postgres', n_assets=80)
     expected = change_rows_on_postgres(assets)
     keys = sorted(a.asset_id for a in assets)
@@ -444,7 +448,7 @@ def test_buckets_name_exactly_what_deep_names(monkeypatch, parallel):
 
 @pytest.mark.django_db(databases=BOTH)
 def test_empty_side_and_integer_keys_by_buckets(monkeypatch):
-    monkeypatch.setattr(compare, 'BUCKET_ROWS', 2)
+    monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 2)
     fill_both('sqlite', 'postgres')
     Item.objects.using('postgres').filter(pk__gt=2).delete()
     ItemDetail.objects.using('sqlite').all().delete()
@@ -464,7 +468,7 @@ def _terminate_compare_backends() -> int:
             connections[other].cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE query LIKE '%%anthias_compare_%%' "
+            "WHERE query LIKE '%%anthias_read_%%' "
             "AND pid <> pg_backend_pid()")
         return cursor.fetchone()[0]
 
@@ -474,14 +478,14 @@ def test_postgres_reader_killed_mid_checksum_is_a_clean_error(monkeypatch):
     """The PostgreSQL reader's session is terminated while it hashes
     buckets: one clear CompareError, readers gone, the parent's
     connections still usable."""
-    monkeypatch.setattr(compare, 'CHUNK_ROWS', 10)
-    monkeypatch.setattr(compare, 'BUCKET_ROWS', 8)
+    monkeypatch.setattr(streams, 'CHUNK_ROWS', 10)
+    monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 8)
     monkeypatch.setenv('ANTHIAS_ROLLBACK_PAUSE_AT', 'compare:digest-chunk:0.2')
     fill_both('sqlite', 'postgres', n_assets=80)
     killed = []
 
     def progress(event):
-        if event.kind == 'batch' and not killed:
+        if event.kind == events.BATCH and not killed:
             killed.append(_terminate_compare_backends())
 
     with pytest.raises(CompareError) as excinfo:
@@ -500,15 +504,15 @@ def test_postgres_reader_killed_mid_checksum_is_a_clean_error(monkeypatch):
 @pytest.mark.django_db(databases=BOTH, transaction=True)
 def test_sqlite_writer_commits_during_checksum_unblocked_and_unseen(
         monkeypatch):
-    monkeypatch.setattr(compare, 'CHUNK_ROWS', 10)
-    monkeypatch.setattr(compare, 'BUCKET_ROWS', 8)
+    monkeypatch.setattr(streams, 'CHUNK_ROWS', 10)
+    monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 8)
     monkeypatch.setenv('ANTHIAS_ROLLBACK_PAUSE_AT', 'compare:digest-chunk:0.1')
     assets = fill_both('sqlite', 'postgres', n_assets=80)
     sqlite_path = connections['sqlite'].settings_dict['NAME']
     wrote = []
 
     def progress(event):
-        if event.kind != 'batch' or wrote:
+        if event.kind != events.BATCH or wrote:
             return
         # The app's writer, mid-comparison: never blocked (short busy
         # timeout), and its rows are not part of this comparison.

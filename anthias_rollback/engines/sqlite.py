@@ -1,30 +1,14 @@
 """SQLite side of the transfer: snapshots, bulk-load pragmas, inserts,
 foreign-key checks and sqlite_sequence."""
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections, models, transaction
 
-SQLITE_HEADER = b'SQLite format 3\x00'
-
-
-def sqlite_file_problem(path: Path) -> str | None:
-    """Why *path* cannot be a source SQLite file, or None if it can."""
-    path = Path(path)
-    if not path.exists():
-        return f'SQLite file {path} does not exist'
-    if not path.is_file():
-        return f'{path} is not a file'
-    try:
-        with open(path, 'rb') as handle:
-            header = handle.read(len(SQLITE_HEADER))
-    except OSError as err:
-        return f'cannot read {path}: {err.strerror}'
-    if header != SQLITE_HEADER:
-        return f'{path} is not a SQLite database'
-    return None
+from anthias_rollback.engines.sqlite_file import sqlite_file_problem
 
 
 @contextmanager
@@ -155,7 +139,144 @@ def sqlite_insert_rows(alias: str, table: str, columns: list[str],
     connections[alias].connection.executemany(sql, rows)
 
 
-def sqlite_truncate(alias: str, tables: Iterable[str]) -> None:
+
+@contextmanager
+def bulk_load(alias: str) -> Iterator[None]:
+    """The target transaction of a copy into *alias*: bulk-load pragmas
+    around one atomic block (the file is not live yet)."""
+    with sqlite_bulk_load_pragmas(alias), transaction.atomic(using=alias):
+        yield
+
+
+def write_rows(alias: str, table: str, columns: list[str],
+               batches: Iterator[list]) -> None:
+    """Insert converted rows (parameter tuples) batch by batch."""
+    for rows in batches:
+        if rows:
+            sqlite_insert_rows(alias, table, columns, rows)
+
+
+# Rows handed to write_rows are parameter tuples, not COPY text lines.
+ROWS_AS_COPY_TEXT = False
+# SQLite keeps JSON as text and Django's converter passes malformed text
+# through as a str: the copy parses it itself to fail loudly.
+JSON_AS_TEXT = True
+# Declared types whose values sqlite3's driver-level converters parse
+# (and turn into None when unparsable) before any field sees them.
+_PARSED_TYPES = {'date', 'time', 'datetime', 'timestamp'}
+
+
+def select_sql(alias: str, table: str, fields: Sequence) -> str:
+    """SELECT of *fields* of *table* for the copy's reader: dates as text
+    (an expression has no declared type, so the field's converter sees
+    the text and can fail loudly), plus json_valid() per JSON column after
+    the fields (the fast row converter trusts text SQLite's parser took).
+    """
+    from anthias_rollback.engines.rows import sqlite_json_columns
+
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    columns = []
+    for fld in fields:
+        column = quote(fld.column)
+        if fld.db_type(connection) in _PARSED_TYPES:
+            column = f'CAST({column} AS TEXT)'
+        columns.append(column)
+    columns += [f'json_valid({quote(fields[i].column)})'
+                for i in sqlite_json_columns(list(fields))]
+    return f'SELECT {", ".join(columns)} FROM {quote(table)}'
+
+
+def value_checker(field: models.Field, alias: str) -> None:
+    """SQLite stores any value as given: nothing to reject up front."""
+    return
+
+
+def value_writer(field: models.Field, alias: str
+                 ) -> Callable[[Any], Any]:
+    """Python value -> DB-API parameter, via get_db_prep_value."""
+    connection = connections[alias]
+    prep = field.get_db_prep_value
+
+    def write_param(value: Any) -> Any:
+        if value is None:
+            return None
+        return prep(value, connection, prepared=False)
+    return write_param
+
+
+def source_problem(alias: str) -> str | None:
+    """Why *alias* cannot be a copy's source, or None: the file must
+    exist (Django would silently create a missing one) and be readable
+    as a database (a bad page answers SELECT 1 but not sqlite_master)."""
+    from anthias_rollback.report import describe_alias, first_line
+
+    problem = sqlite_file_problem(Path(connections[alias].settings_dict[
+        'NAME']))
+    if problem:
+        return f'source {alias}: {problem}'
+    try:
+        with connections[alias].cursor() as cursor:
+            cursor.execute('SELECT count(*) FROM sqlite_master')
+    except DatabaseError as err:
+        connections[alias].close()
+        return f'cannot read {describe_alias(alias)}: {first_line(err)}'
+    return None
+
+
+def sequence_values(alias: str, tables: Iterable[tuple[str, str]]
+                    ) -> dict[str, int]:
+    """The highest id each table's autoincrement has handed out."""
+    names = [table for table, _ in tables]
+    if not names:
+        return {}
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                       "AND name = 'sqlite_sequence'")
+        if cursor.fetchone() is None:
+            return {}
+        marks = ', '.join(['%s'] * len(names))
+        cursor.execute('SELECT name, seq FROM sqlite_sequence WHERE name '
+                       f'IN ({marks})', names)
+        return dict(cursor.fetchall())
+
+
+def finish_load(source_alias: str, target_alias: str,
+                model_list: list[type[models.Model]]
+                ) -> list[tuple[str, Any, str, str]]:
+    """Inside the copy's transaction: raise sqlite_sequence to the
+    source's sequences (no id the source handed out is reused after a
+    rollback), then return the copied rows whose foreign keys point
+    nowhere (table, pk, column, parent)."""
+    from anthias_rollback import engines, fields
+
+    keyed = [(m._meta.db_table, m._meta.pk.column) for m in model_list
+             if fields.has_auto_key(m)]
+    source = engines.for_alias(source_alias)
+    sqlite_sync_sequences(target_alias,
+                          source.sequence_values(source_alias, keyed))
+    return foreign_key_problems(
+        target_alias, [m._meta.db_table for m in model_list])
+
+
+def probe_table(alias: str, model: type[models.Model], budget_ms: int
+                ) -> None:
+    """Read one row of *model*, interrupted after *budget_ms*."""
+    connection = connections[alias]
+    connection.ensure_connection()
+    raw = connection.connection
+    deadline = time.monotonic() + budget_ms / 1000
+    table = connection.ops.quote_name(model._meta.db_table)
+    raw.set_progress_handler(lambda: int(time.monotonic() > deadline),
+                             10_000)
+    try:
+        with connection.wrap_database_errors:
+            raw.execute(f'SELECT 1 FROM {table} LIMIT 1').fetchall()
+    finally:
+        raw.set_progress_handler(None, 0)
+
+
+def truncate(alias: str, tables: Iterable[str]) -> None:
     """Empty *tables* and forget their AUTOINCREMENT counters."""
     quote = connections[alias].ops.quote_name
     tables = list(tables)
@@ -170,7 +291,7 @@ def sqlite_truncate(alias: str, tables: Iterable[str]) -> None:
                                [table])
 
 
-def sqlite_drop_secondary_indexes(alias: str, tables: Iterable[str]
+def drop_secondary_indexes(alias: str, tables: Iterable[str]
                                   ) -> list[str]:
     """Drop explicit indexes (not the automatic ones behind PRIMARY KEY
     and UNIQUE); return their CREATE statements to rebuild after the
@@ -188,13 +309,13 @@ def sqlite_drop_secondary_indexes(alias: str, tables: Iterable[str]
     return definitions
 
 
-def sqlite_create_indexes(alias: str, definitions: Iterable[str]) -> None:
+def create_indexes(alias: str, definitions: Iterable[str]) -> None:
     with connections[alias].cursor() as cursor:
         for definition in definitions:
             cursor.execute(definition)
 
 
-def sqlite_foreign_key_problems(alias: str, tables: Iterable[str]
+def foreign_key_problems(alias: str, tables: Iterable[str]
                                 ) -> list[tuple[str, object, str, str]]:
     """(table, primary key, column, parent table) of every row whose
     foreign key points nowhere: rows SQLite tolerated (foreign_keys was
@@ -245,3 +366,73 @@ def sqlite_sync_sequences(alias: str, values: dict[str, int]) -> None:
             elif current[0] < value:
                 cursor.execute('UPDATE sqlite_sequence SET seq = %s '
                                'WHERE name = %s', [value, table])
+
+
+# -- comparison forms
+
+def fast_column(plan: Any, alias: str, quoted: str, digest: bool = False
+                ) -> tuple[str, Callable | None]:
+    """(select expression, fast path) for the column of *plan* (a
+    normalize.ColumnPlan): the exact canonical form, or with *digest*
+    the cheaper digest form; None: use the field's converters."""
+    if digest:
+        return sqlite_digest_column(plan, alias, quoted)
+    return sqlite_fast_column(plan, alias, quoted)
+
+
+def sqlite_fast_column(plan: Any, alias: str, quoted: str
+                       ) -> tuple[str, Callable | None]:
+    """(select expression, fast path) for a column on SQLite."""
+    # Imported here: normalize imports the engines package.
+    from django.conf import settings
+
+    from anthias_rollback import normalize
+    from anthias_rollback.fields import value_field
+
+    internal = value_field(plan.field).get_internal_type()
+    slow = normalize.slow_values(plan, alias)
+    utc_storage = (not settings.USE_TZ
+                   or connections[alias].timezone_name == 'UTC')
+    # SQLite: `+col` has no declared type, so sqlite3 hands over the
+    # stored text instead of parsing it into datetime objects.
+    if internal == 'DateTimeField' and utc_storage:
+        return f'+{quoted}', normalize.padded_text_column(26, (10, ' '),
+                                                          slow)
+    if internal == 'TimeField':
+        return f'+{quoted}', normalize.padded_text_column(15, (2, ':'),
+                                                          slow)
+    if internal == 'DateField':
+        return f'+{quoted}', normalize.date_column(slow)
+    if internal == 'JSONField' and value_field(plan.field).decoder is None:
+        return quoted, normalize.json_column(slow)
+    if internal == 'BooleanField' and not plan.field.is_relation:
+        # SQLite: Django's sqlite3 converter for the `bool` declared type
+        # already returned bool, which the field converters keep as is.
+        return quoted, normalize.identity
+    return quoted, None
+
+
+def sqlite_digest_column(plan: Any, alias: str, quoted: str
+                         ) -> tuple[str, Callable | None]:
+    """(select expression, digest form) for a column on SQLite."""
+    from django.conf import settings
+
+    from anthias_rollback import normalize
+    from anthias_rollback.fields import value_field
+
+    field = value_field(plan.field)
+    internal = field.get_internal_type()
+    if internal in ('DateTimeField', 'TimeField'):
+        trimmed = normalize.without_zero_fraction(
+            normalize.slow_values(plan, alias))
+        utc_storage = (internal == 'TimeField' or not settings.USE_TZ
+                       or connections[alias].timezone_name == 'UTC')
+        if utc_storage:
+            # The stored text as is: if it equals PostgreSQL's text, it
+            # parses to the same value; odd shapes just mismatch.
+            return f'+{quoted}', normalize.text_or(trimmed)
+        return quoted, normalize.all_through(trimmed)
+    if internal == 'JSONField' and field.decoder is None:
+        return quoted, normalize.json_digest_column(
+            normalize.slow_values(plan, alias))
+    return sqlite_fast_column(plan, alias, quoted)

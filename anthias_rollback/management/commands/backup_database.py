@@ -19,7 +19,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from anthias_rollback import backup, conf, exit_codes, profiles
+from anthias_rollback import backup, conf, events, exit_codes, profiles
 from anthias_rollback.exceptions import BackupError
 from anthias_rollback.management.base import RollbackCommand
 
@@ -98,14 +98,16 @@ class Command(RollbackCommand):
             self.fail(f'backup {result.path} made, but retention failed: '
                       f'{retention_error}', exit_codes.FOLLOW_UP)
 
-    def progress(self, event):
+    def progress(self, event: events.ProgressEvent) -> None:
+        started = event.kind == events.PHASE_START
         if self.timings:
             elapsed = time.perf_counter() - self.started
-            self.stdout.write(f'[{elapsed:7.2f}s] {event["phase"]}')
-        if event['phase'] == 'copy':
-            self.stdout.write(f'backing up {event["source"]} (online '
+            self.stdout.write(f'[{elapsed:7.2f}s] '
+                              f'{event.name if started else "done"}')
+        if started and event.name == 'copy':
+            self.stdout.write(f'backing up {event.detail} (online '
                               f'backup API)')
-        elif event['phase'] == 'verify':
+        elif started and event.name == 'verify':
             self.stdout.write('checking the copy: integrity, foreign keys, '
                               'row counts, sha256')
 

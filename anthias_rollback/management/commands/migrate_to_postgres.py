@@ -66,13 +66,17 @@ class Command(RollbackCommand):
             self.migrate(profiles.SQLITE, options)
 
     def migrate(self, source_alias, options):
-        self.bars = {}
-        report = transfer.migrate_to_postgres(
-            source_alias, profiles.POSTGRES, data_dir=conf.data_dir(),
-            replace=options['replace'], repair=options['repair'],
-            dry_run=options['dry_run'], batch_size=options['batch_size'],
-            progress=self.on_progress)
-        self.close_bars()
+        render = (self.render_events(self.verbosity)
+                  if self.json_path != '-' else None)
+        try:
+            report = transfer.migrate_to_postgres(
+                source_alias, profiles.POSTGRES, data_dir=conf.data_dir(),
+                replace=options['replace'], repair=options['repair'],
+                dry_run=options['dry_run'],
+                batch_size=options['batch_size'], progress=render)
+        finally:
+            if render is not None:
+                render.close()
         data = {'command': 'migrate_to_postgres', **asdict(report)}
         if report.transfer is not None:
             data['transfer']['rows_per_second'] = {
@@ -91,41 +95,6 @@ class Command(RollbackCommand):
         if report.plan is not None and report.plan.problem_count:
             self.fail(f'{report.plan.problem_count} source value(s) would '
                       f'be rejected by PostgreSQL; see the list above')
-
-    # ----------------------------------------------------------- progress
-
-    def on_progress(self, event):
-        if self.json_path == '-' or self.verbosity < 1:
-            return
-        if event.kind == 'phase':
-            self.stdout.write(f'{event.label}...')
-            return
-        if self.is_tty():
-            self.draw_bar(event)
-        elif event.kind == 'model_done' and event.seconds:
-            self.stdout.write(
-                f'  {event.label}: {event.rows} rows in '
-                f'{event.seconds:.1f}s')
-        elif event.kind == 'batch' and self.verbosity >= 2:
-            self.stdout.write(f'  {event.label}: {event.rows}/'
-                              f'{event.total} rows')
-
-    def draw_bar(self, event):
-        from tqdm import tqdm
-
-        bar = self.bars.get(event.label)
-        if event.kind == 'model_start':
-            self.bars[event.label] = tqdm(
-                total=event.total, desc=event.label, unit='rows',
-                leave=True, file=self.stdout._out, dynamic_ncols=True)
-        elif bar is not None:
-            bar.update(event.rows - bar.n)
-            if event.kind == 'model_done':
-                bar.close()
-
-    def close_bars(self):
-        for bar in self.bars.values():
-            bar.close()
 
     # ------------------------------------------------------------- output
 

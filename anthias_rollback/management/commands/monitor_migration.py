@@ -24,7 +24,7 @@ from typing import Any
 from django.core.management import call_command, get_commands
 from django.core.management.base import CommandError
 
-from anthias_rollback import exit_codes, monitor, profiles
+from anthias_rollback import conf, exit_codes, monitor, profiles
 from anthias_rollback.management.base import RollbackCommand
 from anthias_rollback.report import redact
 
@@ -133,7 +133,7 @@ class Command(RollbackCommand):
         if ROLLBACK_COMMAND not in get_commands():
             self.fail(f'--auto-rollback needs the {ROLLBACK_COMMAND} '
                       f'command, which is not installed')
-        active = profiles.current_profile()
+        active = conf.current_profile()
         if active.name != profiles.POSTGRES:
             self.fail(f'--auto-rollback rolls back from PostgreSQL, but '
                       f'the active profile is {active.name} (from '

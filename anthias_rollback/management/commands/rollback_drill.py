@@ -18,12 +18,46 @@ name clash, bad sandbox; nothing live touched); 2 usage error; 3 FAIL
 import argparse
 from pathlib import Path
 
-from anthias_rollback import drill, exit_codes, transfer
+from anthias_rollback import drill, events, exit_codes, phases, transfer
 from anthias_rollback.management.base import (
     RollbackCommand,
     positive_float,
     positive_int,
 )
+
+
+def render_step(step: phases.PhaseResult) -> str:
+    return (f'  {step.status:<8} {step.name:<10} {step.seconds:7.3f}s  '
+            f'{step.detail}').rstrip()
+
+
+def verdict_line(result: drill.DrillResult) -> str:
+    if result.passed:
+        return (f'PASS: rollback drill passed in {result.seconds:.1f}s; '
+                f'rollback took {result.rollback_seconds:.2f}s (downtime '
+                f'{result.downtime_seconds:.2f}s), '
+                f'{sum(result.rows.values())} rows, nothing lost')
+    if result.outcome == drill.FAIL:
+        return (f'FAIL: rollback drill failed at step {result.failed_step}: '
+                f'{result.error}')
+    return (f'ERROR: the drill could not run (step {result.failed_step}): '
+            f'{result.error}')
+
+
+def render_summary(result: drill.DrillResult) -> str:
+    lines = [f'Rollback drill {result.outcome} in {result.seconds:.2f}s',
+             f'  sandbox:     {result.sandbox}'
+             + (' (kept)' if result.kept else ' (deleted)'),
+             f'  source:      {result.source or "-"}',
+             f'  PostgreSQL:  {result.server or "-"} '
+             f'{result.postgres or ""}'.rstrip()]
+    if result.rollback_seconds is not None:
+        lines.append(f'  rollback:    {result.rollback_seconds:.2f}s, '
+                     f'downtime {result.downtime_seconds:.2f}s')
+    for warning in result.warnings:
+        lines.append(f'  WARNING: {warning}')
+    lines.append(f'  report:      {result.report_path}')
+    return '\n'.join(lines) + '\n'
 
 
 class Command(RollbackCommand):
@@ -81,35 +115,37 @@ class Command(RollbackCommand):
             self.write_json(result.as_dict())
         else:
             if verbosity >= 1:
-                self.stdout.write(drill.render_summary(result))
+                self.stdout.write(render_summary(result))
             style = self.style.SUCCESS if result.passed else \
                 self.style.ERROR
-            self.stdout.write(style(drill.verdict_line(result)))
+            self.stdout.write(style(verdict_line(result)))
         if result.exit_code != exit_codes.OK:
-            self.fail(f'{drill.verdict_line(result)} (report: '
+            self.fail(f'{verdict_line(result)} (report: '
                       f'{result.report_path})', result.exit_code)
 
     def render_progress(self, verbosity: int):
         if verbosity < 1:
             return None
 
-        def show(event):
-            kind = event.get('event')
-            if kind == 'step-start' and verbosity >= 2:
-                self.stdout.write(f'-> {event["step"]}')
-            elif kind == 'step-done':
-                style = {'ok': self.style.SUCCESS,
-                         'failed': self.style.ERROR}.get(
-                    event['status'], self.style.WARNING)
-                step = drill.DrillStep(event['step'], event['kind'],
-                                       event['status'], event['seconds'],
-                                       event['detail'])
-                self.stdout.write(style(drill.render_step(step)))
-            elif kind == 'rollback-phase' and verbosity >= 2:
-                self.stdout.write(f'{"":13}rollback {event["phase"]:<12} '
-                                  f'{event["status"]:<8} '
-                                  f'{event["seconds"]:7.3f}s')
-            elif kind == 'warning':
+        def show(event: events.ProgressEvent) -> None:
+            rollback_phase = event.group == 'rollback'
+            if event.kind == events.PHASE_START and verbosity >= 2 \
+                    and not rollback_phase:
+                self.stdout.write(f'-> {event.name}')
+            elif event.kind == events.PHASE_DONE and rollback_phase:
+                if verbosity >= 2:
+                    self.stdout.write(f'{"":13}rollback {event.name:<12} '
+                                      f'{event.status:<8} '
+                                      f'{event.seconds:7.3f}s')
+            elif event.kind == events.PHASE_DONE:
+                style = {phases.OK: self.style.SUCCESS,
+                         phases.FAILED: self.style.ERROR}.get(
+                    event.status, self.style.WARNING)
+                step = phases.PhaseResult(event.name, event.status,
+                                          event.seconds, event.detail,
+                                          event.group)
+                self.stdout.write(style(render_step(step)))
+            elif event.kind == events.WARNING:
                 self.stderr.write(self.style.WARNING(
-                    f'warning: {event["message"]}'))
+                    f'warning: {event.detail}'))
         return show

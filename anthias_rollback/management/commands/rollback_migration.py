@@ -126,26 +126,9 @@ class Command(RollbackCommand):
             self.fail('cancelled; nothing changed')
 
     def render_progress(self, options):
-        if options['json'] or options['verbosity'] < 1:
+        if options['json']:
             return None
-
-        def show(event):
-            kind = event.get('event')
-            if kind == 'phase-start' and options['verbosity'] >= 2:
-                self.stdout.write(f'-> {event["phase"]}')
-            elif kind == 'phase-done':
-                style = {'ok': self.style.SUCCESS,
-                         'failed': self.style.ERROR}.get(
-                    event['status'], self.style.WARNING)
-                self.stdout.write(style(
-                    f'{event["phase"]:<12} {event["status"]:<8} '
-                    f'{event["seconds"]:7.3f}s  {event["detail"]}'))
-            elif kind == 'warning':
-                self.stderr.write(self.style.WARNING(event['message']))
-            elif kind == 'model-done' and options['verbosity'] >= 2:
-                self.stdout.write(f'   {event.get("label")}: '
-                                  f'{event.get("rows")} rows')
-        return show
+        return self.render_events(options['verbosity'])
 
     def render(self, result, options) -> None:
         if options['json']:

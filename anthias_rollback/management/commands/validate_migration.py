@@ -16,7 +16,7 @@ or queries above --max-query-time.
 import shutil
 from pathlib import Path
 
-from anthias_rollback import compare, exit_codes, profiles
+from anthias_rollback import compare, events, exit_codes, profiles
 from anthias_rollback.management.base import RollbackCommand
 from anthias_rollback.report import write_json_report
 
@@ -137,8 +137,8 @@ class Command(RollbackCommand):
             return self.tty_progress()
         if self.verbosity >= 2:
             def plain(event):
-                if event.kind == 'batch':
-                    self.stdout.write(f'  {event.label}: {event.done}/'
+                if event.kind == events.BATCH:
+                    self.stdout.write(f'  {event.name}: {event.rows}/'
                                       f'{event.total} rows '
                                       f'({event.seconds:.1f}s)')
             return plain
@@ -150,20 +150,20 @@ class Command(RollbackCommand):
         bars = {}
 
         def render(event):
-            if event.kind == 'model_start':
+            if event.kind == events.MODEL_START:
                 # A pty that reports a 0x0 size (script(1), some CI
                 # runners) gets no bar at all from tqdm; shutil falls
                 # back to 80x24.
                 size = shutil.get_terminal_size()
-                bars[event.label] = tqdm(
-                    total=event.total, desc=event.label, unit='row',
+                bars[event.name] = tqdm(
+                    total=event.total, desc=event.name, unit='row',
                     leave=False, file=self.stdout._out, ncols=size.columns,
                     nrows=size.lines)
-            elif event.kind == 'batch' and event.label in bars:
-                bar = bars[event.label]
-                bar.update(event.done - bar.n)
-            elif event.kind == 'model_done' and event.label in bars:
-                bars.pop(event.label).close()
+            elif event.kind == events.BATCH and event.name in bars:
+                bar = bars[event.name]
+                bar.update(event.rows - bar.n)
+            elif event.kind == events.MODEL_DONE and event.name in bars:
+                bars.pop(event.name).close()
         return render
 
     def print_report(self, report, perf):

@@ -1,0 +1,187 @@
+"""Who reads a side: this process (LocalReader) or a forked child
+holding that side's snapshot (SideReader), through one call protocol.
+
+Messages on the pipe, parent -> child: ('count', label),
+('stream', label, low, high), ('sample', label, size),
+('digests', label, bounds, report), ('rows', label, keys), ('stop', '').
+Child -> parent: ('ready',), ('value', v), ('chunk', keys, rows),
+('end',), ('progress', rows), ('error', is_database_error, text).
+"""
+import contextlib
+import copy
+import multiprocessing
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from django.db import DatabaseError, Error, connections, models
+from django.db.utils import load_backend
+
+from anthias_rollback import engines, models_graph
+from anthias_rollback.compare import streams
+from anthias_rollback.exceptions import CompareError, RollbackError
+from anthias_rollback.report import first_line
+
+
+def count_rows(model: type[models.Model], alias: str) -> int:
+    return model._base_manager.using(alias).count()
+
+
+class LocalReader:
+    """Reads one alias in this process; the caller holds its snapshot."""
+
+    def __init__(self, alias: str):
+        self.alias = alias
+        self._digest_request: tuple | None = None
+
+    def count(self, model: type[models.Model]) -> int:
+        return count_rows(model, self.alias)
+
+    def stream(self, model: type[models.Model], low: Any = None,
+               high: Any = None) -> Iterator:
+        return streams.stream_canonical_rows(model, self.alias, low=low,
+                                             high=high)
+
+    def key_sample(self, model: type[models.Model], size: int) -> list:
+        return streams.key_sample(model, self.alias, size)
+
+    def start_digests(self, model: type[models.Model], bounds: list,
+                      report: bool = False) -> None:
+        self._digest_request = (model, bounds)
+
+    def finish_digests(self, on_rows: Callable[[int], None] | None = None
+                       ) -> list[tuple[int, bytes]]:
+        model, bounds = self._digest_request
+        return streams.bucket_digests(model, self.alias, bounds, on_rows)
+
+    def rows_for_keys(self, model: type[models.Model], keys: list
+                      ) -> tuple[list, list[tuple]]:
+        return streams.rows_for_keys(model, self.alias, keys)
+
+
+class SideReader:
+    """One alias read by a forked child process, in the child's snapshot.
+
+    Normalizing is pure Python, so one process per side is what uses a
+    second core (measured: 1,000,000 assets, see bench/bench_validate.py).
+    The child opens its own connection (the inherited one is never used
+    or closed there: it shares the parent's socket or file) and holds one
+    read snapshot for every model; it answers LocalReader calls sent
+    through a pipe, whose buffer bounds memory. Only for aliases not
+    inside an atomic block: uncommitted rows are invisible to another
+    connection.
+    """
+
+    def __init__(self, alias: str, deadline: float | None):
+        context = multiprocessing.get_context('fork')
+        self.pipe, child = context.Pipe(duplex=True)
+        settings = copy.deepcopy(connections[alias].settings_dict)
+        self.process = context.Process(
+            target=_side_reader_main, args=(child, alias, settings,
+                                            deadline),
+            daemon=True, name=f'anthias-compare-{alias}')
+        self.process.start()
+        child.close()
+        self._receive()
+
+    def _receive(self) -> tuple:
+        try:
+            message = self.pipe.recv()
+        except EOFError:
+            raise CompareError('the reader process stopped unexpectedly') \
+                from None
+        if message[0] == 'error':
+            _, database_error, text = message
+            raise (DatabaseError if database_error else CompareError)(text)
+        return message
+
+    def _call(self, *request: Any) -> Any:
+        self.pipe.send(request)
+        return self._receive()[1]
+
+    def count(self, model: type[models.Model]) -> int:
+        return self._call('count', model._meta.label)
+
+    def stream(self, model: type[models.Model], low: Any = None,
+               high: Any = None) -> Iterator:
+        self.pipe.send(('stream', model._meta.label, low, high))
+
+        def chunks() -> Iterator:
+            while (message := self._receive())[0] == 'chunk':
+                yield message[1], message[2]
+        return streams.prefetch(chunks())
+
+    def key_sample(self, model: type[models.Model], size: int) -> list:
+        return self._call('sample', model._meta.label, size)
+
+    def start_digests(self, model: type[models.Model], bounds: list,
+                      report: bool = False) -> None:
+        """Start hashing; both sides' children work at once. Only one
+        side should *report* progress: its messages wait in the pipe
+        while the parent reads the other side."""
+        self.pipe.send(('digests', model._meta.label, bounds, report))
+
+    def finish_digests(self, on_rows: Callable[[int], None] | None = None
+                       ) -> list[tuple[int, bytes]]:
+        while (message := self._receive())[0] == 'progress':
+            if on_rows is not None:
+                on_rows(message[1])
+        return message[1]
+
+    def rows_for_keys(self, model: type[models.Model], keys: list
+                      ) -> tuple[list, list[tuple]]:
+        return self._call('rows', model._meta.label, keys)
+
+    def close(self) -> None:
+        # A reader stopped mid-stream (timeout) may be blocked on a full
+        # pipe: it only reads, so ending it is safe.
+        with contextlib.suppress(OSError):
+            self.pipe.send(('stop', ''))
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.pipe.close()
+
+
+Reader = LocalReader | SideReader
+
+
+def _serve_reader(pipe: Any, reader: LocalReader) -> None:
+    while (message := pipe.recv())[0] != 'stop':
+        kind, label, *args = message
+        model = models_graph.get_model(label)
+        if kind == 'count':
+            pipe.send(('value', reader.count(model)))
+        elif kind == 'stream':
+            for keys, rows in reader.stream(model, *args):
+                pipe.send(('chunk', keys, rows))
+            pipe.send(('end',))
+        elif kind == 'sample':
+            pipe.send(('value', reader.key_sample(model, *args)))
+        elif kind == 'digests':
+            bounds, report = args
+            reader.start_digests(model, bounds)
+            on_rows = (lambda done: pipe.send(('progress', done))) \
+                if report else None
+            pipe.send(('value', reader.finish_digests(on_rows)))
+        elif kind == 'rows':
+            pipe.send(('value', reader.rows_for_keys(model, *args)))
+
+
+def _side_reader_main(pipe: Any, alias: str, settings_dict: dict,
+                      deadline: float | None) -> None:
+    inherited = connections[alias]  # kept referenced: never closed here
+    connections[alias] = load_backend(settings_dict['ENGINE']) \
+        .DatabaseWrapper(settings_dict, alias)
+    try:
+        with engines.for_alias(alias).read_snapshot(alias, deadline):
+            pipe.send(('ready',))
+            _serve_reader(pipe, LocalReader(alias))
+    except BaseException as err:  # noqa: BLE001 reported to the parent
+        with contextlib.suppress(OSError):
+            pipe.send(('error', isinstance(err, Error),
+                       str(err) if isinstance(err, RollbackError)
+                       else first_line(err)))
+    finally:
+        connections[alias].close()
+        del inherited
