@@ -1,0 +1,350 @@
+"""PostgreSQL: the change journal and the write fence (one trigger).
+
+From the cutover on, every journaled table carries one AFTER row trigger
+(and a statement trigger for TRUNCATE) calling `anthias_rollback_log()`:
+
+1. it takes the fence lock shared (`pg_advisory_xact_lock_shared`), held
+   to the end of the writing transaction;
+2. it refuses the write if the fence is up. The flag is a SEQUENCE, read
+   with `pg_sequence_last_value()`: sequences are not transactional, so a
+   REPEATABLE READ transaction that began before the fence sees it too
+   (a flag row would be invisible to its snapshot);
+3. it appends (transaction id, table, operation, key) to the journal.
+
+Taking the fence: raise the flag, then take the lock exclusively. That
+waits exactly for the transactions that already wrote (they hold it
+shared); any later write sees the flag and fails. The function is
+SECURITY DEFINER, so it binds every role and every open session at once,
+and needs no superuser: the tables' owner installs it.
+
+Tables and functions live beside the app's tables, named `anthias_rb_*`,
+outside Django's models (no model: nothing copies, compares or migrates
+them, and ending the window drops them without a migration).
+"""
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError, connections, models, transaction
+
+JOURNAL = 'anthias_rb_journal'
+CUTOVER = 'anthias_rb_cutover'
+FENCE = 'anthias_rb_fence'          # the flag: a sequence, 1 open, 2 up
+FUNCTION = 'anthias_rb_log'
+TRIGGER = 'anthias_rb_journal'
+# pg_advisory locks are per database; one fixed key ('anthias-rollback'
+# folded into a bigint) for the fence.
+FENCE_LOCK = 0x616e74686961735f
+OPEN, UP = 1, 2
+FENCE_MESSAGE = ('anthias_rollback: writes to this database are fenced: '
+                 'the device was rolled back to SQLite. Restart this '
+                 'process on the sqlite profile (or run switch_database '
+                 '--to postgres to lift the fence)')
+
+_INSTALL_SQL = f"""
+CREATE TABLE IF NOT EXISTS {JOURNAL} (
+    id bigserial PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    tbl text NOT NULL,
+    op char(1) NOT NULL,
+    pk text,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS {CUTOVER} (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    snapshot pg_snapshot NOT NULL DEFAULT pg_current_snapshot(),
+    forced boolean NOT NULL,
+    info jsonb NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS {FENCE} MINVALUE 1 MAXVALUE 2 START 1;
+CREATE OR REPLACE FUNCTION {FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $f$
+DECLARE
+    key_col text := TG_ARGV[0];
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({FENCE_LOCK});
+    IF pg_sequence_last_value('{FENCE}'::regclass) = {UP} THEN
+        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
+            MESSAGE = '{FENCE_MESSAGE}';
+    END IF;
+    IF TG_LEVEL = 'STATEMENT' THEN
+        INSERT INTO {JOURNAL} (tbl, op) VALUES (TG_TABLE_NAME, 'T');
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO {JOURNAL} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'I', to_jsonb(NEW) ->> key_col);
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {JOURNAL} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'D', to_jsonb(OLD) ->> key_col);
+    ELSIF (to_jsonb(OLD) ->> key_col) IS DISTINCT FROM
+          (to_jsonb(NEW) ->> key_col) THEN
+        -- A changed key is a delete of the old and an insert of the new.
+        INSERT INTO {JOURNAL} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'D', to_jsonb(OLD) ->> key_col),
+               (TG_TABLE_NAME, 'I', to_jsonb(NEW) ->> key_col);
+    ELSE
+        INSERT INTO {JOURNAL} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'U', to_jsonb(NEW) ->> key_col);
+    END IF;
+    RETURN NULL;
+END
+$f$;
+"""
+
+
+@dataclass(frozen=True)
+class JournaledChange:
+    table: str
+    op: str        # I | U | D | T (truncate)
+    pk: str | None
+    txid: int
+
+
+def _quote(alias: str, name: str) -> str:
+    return connections[alias].ops.quote_name(name)
+
+
+def postgres_journal_installed(alias: str) -> bool:
+    """Are the journal's tables there (a window is open, or was)?"""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SELECT to_regclass(%s) IS NOT NULL', [JOURNAL])
+        return cursor.fetchone()[0]
+
+
+def postgres_install_journal(alias: str,
+                             model_list: Sequence[type[models.Model]],
+                             info: dict[str, Any], forced: bool) -> None:
+    """Create the journal, fence flag and trigger function, lock the
+    tables against writers, record the cutover row (*info*: the counts
+    the caller took under that lock) and put the triggers on every table
+    of *model_list*. Call inside one transaction on *alias* (the caller's
+    atomic block): the cutover and the triggers commit together."""
+    tables = [m._meta.db_table for m in model_list]
+    with connections[alias].cursor() as cursor:
+        cursor.execute(_INSTALL_SQL)
+        # A new window: the flag open, an empty journal.
+        cursor.execute(f'SELECT setval(%s, {OPEN}, true)', [FENCE])
+        cursor.execute(f'TRUNCATE {JOURNAL}, {CUTOVER}')
+        for model in model_list:
+            table = _quote(alias, model._meta.db_table)
+            pk = model._meta.pk.column.replace("'", "''")
+            cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER} ON {table}')
+            cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER}_t ON {table}')
+            cursor.execute(
+                f'CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE '
+                f"ON {table} FOR EACH ROW EXECUTE FUNCTION {FUNCTION}('{pk}')")
+            cursor.execute(
+                f'CREATE TRIGGER {TRIGGER}_t AFTER TRUNCATE ON {table} '
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {FUNCTION}('{pk}')")
+        cursor.execute(
+            f'INSERT INTO {CUTOVER} (forced, info) VALUES (%s, %s)',
+            [forced, json.dumps({**info, 'tables': tables})])
+
+
+def postgres_lock_tables(alias: str, tables: Iterable[str]) -> None:
+    """Block writers to *tables* until the open transaction ends, so the
+    counts taken next are the cutover's exactly (readers go on)."""
+    names = ', '.join(_quote(alias, t) for t in tables)
+    if names:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f'LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE')
+
+
+def postgres_remove_journal(alias: str,
+                            tables: Iterable[str]) -> None:
+    """End the window: triggers, function, journal, flag all dropped."""
+    with connections[alias].cursor() as cursor:
+        for table in tables:
+            cursor.execute('SELECT to_regclass(%s) IS NOT NULL', [table])
+            if cursor.fetchone()[0]:
+                quoted = _quote(alias, table)
+                cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER} ON '
+                               f'{quoted}')
+                cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER}_t ON '
+                               f'{quoted}')
+        cursor.execute(f'DROP FUNCTION IF EXISTS {FUNCTION}() CASCADE')
+        cursor.execute(f'DROP TABLE IF EXISTS {JOURNAL}, {CUTOVER}')
+        cursor.execute(f'DROP SEQUENCE IF EXISTS {FENCE}')
+
+
+def postgres_journaled_tables(alias: str) -> list[str]:
+    """Tables that carry the journal trigger now."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            'SELECT c.relname FROM pg_trigger t JOIN pg_class c '
+            'ON c.oid = t.tgrelid WHERE t.tgname = %s AND t.tgenabled '
+            "<> 'D' ORDER BY 1", [TRIGGER])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def postgres_cutover(alias: str) -> dict[str, Any] | None:
+    """The recorded cutover (at, forced, info, snapshot), or None."""
+    if not postgres_journal_installed(alias):
+        return None
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f'SELECT at, forced, info, snapshot::text, '
+                       f'txid::text FROM {CUTOVER} ORDER BY id DESC LIMIT 1')
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    info = row[2] if isinstance(row[2], dict) else json.loads(row[2])
+    return {'at': row[0], 'forced': row[1], 'info': info,
+            'snapshot': row[3], 'txid': row[4]}
+
+
+def postgres_fence_state(alias: str) -> str | None:
+    """'up', 'open', or None when no journal is installed."""
+    if not postgres_journal_installed(alias):
+        return None
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SELECT pg_sequence_last_value(%s::regclass)',
+                       [FENCE])
+        return 'up' if cursor.fetchone()[0] == UP else 'open'
+
+
+def postgres_raise_fence(alias: str) -> None:
+    """Refuse every later journaled write, now, in every session (the
+    flag is not transactional: it holds even if this session dies)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f'SELECT setval(%s, {UP}, true)', [FENCE])
+
+
+def postgres_lower_fence(alias: str) -> None:
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f'SELECT setval(%s, {OPEN}, true)', [FENCE])
+
+
+def postgres_wait_for_writers(alias: str, timeout_ms: int) -> bool:
+    """After postgres_raise_fence: wait until every transaction that
+    wrote a journaled row has ended (they hold the fence lock shared).
+    True when they have; False after *timeout_ms*. Takes and releases
+    the lock in its own short transaction."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        cursor.execute('BEGIN')
+        try:
+            cursor.execute(f'SET LOCAL lock_timeout = {max(1, timeout_ms)}')
+            cursor.execute(f'SELECT pg_advisory_xact_lock({FENCE_LOCK})')
+        except DatabaseError:   # lock_timeout: reported as False
+            cursor.execute('ROLLBACK')
+            return False
+        cursor.execute('COMMIT')
+    return True
+
+
+def postgres_open_writers(alias: str) -> list[dict[str, Any]]:
+    """Sessions whose open transaction holds the fence lock shared: they
+    wrote a journaled row and have not committed yet (pid, user, state,
+    since)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            'SELECT a.pid, a.usename, a.state, a.xact_start FROM pg_locks l '
+            'JOIN pg_stat_activity a ON a.pid = l.pid '
+            "WHERE l.locktype = 'advisory' AND l.mode = 'ShareLock' "
+            'AND l.granted AND l.database = (SELECT oid FROM pg_database '
+            'WHERE datname = current_database()) '
+            'AND ((l.classid::bigint << 32) | l.objid::bigint) = %s '
+            'AND a.pid <> pg_backend_pid()', [FENCE_LOCK])
+        return [{'pid': r[0], 'user': r[1], 'state': r[2],
+                 'since': r[3]} for r in cursor.fetchall()]
+
+
+def postgres_terminate(alias: str, pids: Iterable[int]) -> list[int]:
+    """Ask the server to end these sessions (call outside a transaction);
+    returns the pids it refused (another role's session, no privilege)."""
+    refused = []
+    with connections[alias].cursor() as cursor:
+        for pid in pids:
+            try:
+                cursor.execute('SELECT pg_terminate_backend(%s)', [pid])
+                if not cursor.fetchone()[0]:
+                    refused.append(pid)
+            except DatabaseError:   # permission denied
+                refused.append(pid)
+    return refused
+
+
+@contextmanager
+def postgres_snapshot_transaction(alias: str) -> Iterator[str]:
+    """A REPEATABLE READ READ ONLY transaction for the block, yielding its
+    snapshot (pg_current_snapshot() text) for the loss proof. Reads made
+    inside (the copy's read_snapshot sees the atomic block) use it."""
+    with transaction.atomic(using=alias), \
+            connections[alias].cursor() as cursor:
+        cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, '
+                       'READ ONLY')
+        cursor.execute('SELECT pg_current_snapshot()::text')
+        yield cursor.fetchone()[0]
+
+
+def postgres_changes_after(alias: str, snapshot: str, limit: int = 10_000
+                           ) -> list[JournaledChange]:
+    """Committed journal entries whose transaction is NOT visible in
+    *snapshot*: writes a copy taken in that snapshot does not hold.
+    (Journal ids are assigned before commit, so ids say nothing about
+    visibility; the transaction id against the snapshot does, as in
+    PgQ's batches.)"""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f'SELECT tbl, op, pk, txid::text FROM {JOURNAL} WHERE NOT '
+            'pg_visible_in_snapshot(txid, %s::pg_snapshot) ORDER BY id '
+            'LIMIT %s', [snapshot, limit])
+        return [JournaledChange(t, o, p, int(x))
+                for t, o, p, x in cursor.fetchall()]
+
+
+def postgres_rows_written_after(alias: str, table: str, pk_column: str,
+                                snapshot: str, limit: int = 1000
+                                ) -> list[str]:
+    """Keys of rows in *table* whose current version was written by a
+    transaction not visible in *snapshot* (by xmin: this sees writes the
+    journal missed, e.g. a session with triggers disabled)."""
+    quote = connections[alias].ops.quote_name
+    # xmin is 32 bits; widen it with the snapshot's epoch (a rollback
+    # window is far shorter than 2^31 transactions).
+    sql = (f'SELECT {quote(pk_column)}::text FROM {quote(table)} '
+           'WHERE xmin::text::bigint > 2 AND NOT pg_visible_in_snapshot(('
+           '(((pg_snapshot_xmax(%s::pg_snapshot)::text::bigint >> 32) '
+           '- CASE WHEN xmin::text::bigint > (pg_snapshot_xmax('
+           '%s::pg_snapshot)::text::bigint & 4294967295) THEN 1 ELSE 0 '
+           'END) << 32) | xmin::text::bigint)::text::xid8, '
+           '%s::pg_snapshot) LIMIT %s')
+    with connections[alias].cursor() as cursor:
+        cursor.execute(sql, [snapshot, snapshot, snapshot, limit])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def postgres_journal_net(alias: str) -> dict[str, dict[str, Any]]:
+    """Per table since the cutover: inserts, deletes, updates, and
+    whether it was truncated (then counts run from the last truncate)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f'WITH last_t AS (SELECT tbl, max(id) AS id FROM {JOURNAL} '
+            "WHERE op = 'T' GROUP BY tbl) "
+            "SELECT j.tbl, count(*) FILTER (WHERE op = 'I'), "
+            "count(*) FILTER (WHERE op = 'D'), "
+            "count(*) FILTER (WHERE op = 'U'), bool_or(t.id IS NOT NULL) "
+            f'FROM {JOURNAL} j LEFT JOIN last_t t USING (tbl) '
+            'WHERE t.id IS NULL OR j.id > t.id GROUP BY j.tbl')
+        rows = cursor.fetchall()
+        cursor.execute(f"SELECT DISTINCT tbl FROM {JOURNAL} WHERE op = 'T'")
+        truncated = {r[0] for r in cursor.fetchall()}
+    found = {t: {'inserted': i, 'deleted': d, 'updated': u,
+                 'truncated': t in truncated}
+             for t, i, d, u, _ in rows}
+    for table in truncated - set(found):
+        found[table] = {'inserted': 0, 'deleted': 0, 'updated': 0,
+                        'truncated': True}
+    return found
+
+
+def postgres_journal_size(alias: str) -> dict[str, Any]:
+    """Entries, bytes on disk, oldest entry time."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f'SELECT count(*), min(at), pg_total_relation_size('
+                       f"'{JOURNAL}') FROM {JOURNAL}")
+        count, oldest, size = cursor.fetchone()
+    return {'entries': count, 'oldest': oldest, 'bytes': size}
