@@ -56,6 +56,7 @@ from anthias_rollback import (
     schema,
     seeding,
     transfer,
+    window,
 )
 from anthias_rollback.drill_history import (
     ERROR,
@@ -418,6 +419,9 @@ def migrate_and_compare(run: _Run, sandbox_db: Path, scratch: str) -> None:
                                              timeout=run.remaining())
             record['detail'] = require_identical(report,
                                                  'sandbox vs PostgreSQL')
+            # The cutover, as switch_database makes it: the change
+            # journal and fence installed with the rows recorded.
+            window.open_window(source, scratch)
             left_out = excluded_rows(source)
             if left_out:
                 record['status'] = phases.WARNING

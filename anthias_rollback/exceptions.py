@@ -17,6 +17,11 @@ class DatabaseUnavailableError(RollbackError):
     """A database alias does not answer (down, wrong password, timeout)."""
 
 
+class DatabaseDownError(DatabaseUnavailableError):
+    """The server is down or not serving (refused, timed out, shutting
+    down): the one case where a rollback may fall back to a backup."""
+
+
 class SchemaMismatchError(RollbackError):
     """Migrations or tables differ from what the operation needs."""
 
@@ -68,3 +73,7 @@ class BaselineError(RollbackError):
 class DrillError(RollbackError):
     """A rollback drill could not run (no PostgreSQL, scratch database
     name clash, unusable sandbox); nothing live was touched."""
+
+
+class SwitchRefusedError(RollbackError):
+    """switch_database refused: the target does not hold the data."""

@@ -9,11 +9,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.db import DatabaseError, connections
+from django.db import connections
 
 from anthias_rollback import conf, fsutil
 from anthias_rollback.exceptions import RollbackError
-from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.report import describe_alias
 
 
 @dataclass(frozen=True)
@@ -80,44 +80,3 @@ def postgres_dump(alias: str, dest: Path, timeout: float) -> DumpResult:
         tmp.unlink(missing_ok=True)
     return DumpResult(dest, dest.stat().st_size,
                       time.monotonic() - started)
-
-
-def postgres_fence_writes(alias: str) -> int:
-    """Stop further commits on *alias*'s database for the rollback.
-
-    New sessions start read-only (ALTER DATABASE ... SET
-    default_transaction_read_only) and the app's open sessions are
-    terminated, so no write can land after the rollback's snapshot and be
-    silently left behind. Returns the number of sessions ended.
-    """
-    name = connections[alias].settings_dict['NAME']
-    with connections[alias].cursor() as cursor:
-        quoted = connections[alias].ops.quote_name(name)
-        # A rollback killed while fenced leaves the database read-only;
-        # this session then starts read-only and could not re-fence.
-        cursor.execute('SET default_transaction_read_only = off')
-        cursor.execute(f'ALTER DATABASE {quoted} '
-                       'SET default_transaction_read_only = on')
-        cursor.execute(
-            'SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity '
-            'WHERE datname = current_database() '
-            'AND pid <> pg_backend_pid()')
-        return cursor.fetchone()[0]
-
-
-def postgres_lift_fence(alias: str) -> None:
-    """Undo postgres_fence_writes; safe to call when not fenced."""
-    name = connections[alias].settings_dict['NAME']
-    try:
-        with connections[alias].cursor() as cursor:
-            quoted = connections[alias].ops.quote_name(name)
-            # A session opened after the fence starts read-only, where
-            # ALTER DATABASE itself is refused.
-            cursor.execute('SET default_transaction_read_only = off')
-            cursor.execute(f'ALTER DATABASE {quoted} '
-                           'RESET default_transaction_read_only')
-    except DatabaseError as err:
-        raise RollbackError(
-            f'could not lift the write fence on {describe_alias(alias)}: '
-            f'{first_line(err)}; run ALTER DATABASE {name} RESET '
-            'default_transaction_read_only') from None

@@ -18,6 +18,7 @@ Until the swap, every failure (or the deadline) leaves the live database
 and the profile as they were. The module never prints; commands render
 the returned RollbackResult.
 """
+import contextlib
 import datetime as dt
 import json
 import os
@@ -56,11 +57,13 @@ from anthias_rollback import (
     swap,
     switch,
     transfer,
+    window,
 )
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import (
     BackupError,
     ConfigError,
+    DatabaseDownError,
     DatabaseUnavailableError,
     RollbackError,
 )
@@ -123,6 +126,13 @@ class RollbackResult:
     seconds: float
     downtime_seconds: float | None
     report_path: str | None = None
+    # The measured loss: 'proven-none' | 'lost' | 'unproven' | 'backup';
+    # lost_writes lists what SQLite lacks (model, pk, operation).
+    loss: str = 'unproven'
+    loss_detail: str = ''
+    lost_writes: tuple[dict, ...] = ()
+    shortfall: dict[str, dict[str, int]] | None = None
+    cutover_forced: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +167,10 @@ class _Run:
     flipped_at: float | None = None
     fenced: bool = False
     swapped: bool = False
+    journal: window.WindowState | None = None
+    snapshot: str | None = None
+    proof: window.LossProof | None = None
+    shortfall: list[window.Shortfall] = field(default_factory=list)
 
     @property
     def deadline(self) -> Deadline:
@@ -304,23 +318,47 @@ def preflight(run: _Run) -> None:
 
 
 def postgres_usable(run: _Run) -> tuple[bool, str]:
-    """Can PostgreSQL be the source: answers, migrated, every table read."""
+    """Can PostgreSQL be the source: answers, migrated, every table read.
+    (False, why) only when the server is down or not serving; a setting
+    to fix (bad password, missing database, invalid port, a malformed
+    variable) raises: falling back to a backup would then silently drop
+    every write since the cutover."""
     alias = run.options.postgres_alias
     try:
         schema.check_connection(alias)
         pending = schema.pending_migrations(alias)
         if pending:
-            return False, (f'{describe_alias(alias)} has unapplied '
-                           f'migrations ({", ".join(pending[:5])})')
+            raise ConfigError(f'{describe_alias(alias)} has unapplied '
+                              f'migrations ({", ".join(pending[:5])})')
         budget_ms = int(max(1.0, min(30.0, run.deadline.remaining() / 4))
                         * 1000)
         for model in models_graph.plan_models().models:
             engines.for_alias(alias).probe_table(alias, model, budget_ms)
-    except (RollbackError, DatabaseError) as err:
+        run.journal = window.window_state(alias)
+        run.shortfall = window.account_cutover(alias)
+    except DatabaseDownError as err:
         connections[alias].close()
         return False, first_line(err)
+    except DatabaseError as err:
+        connections[alias].close()
+        if not engines.for_alias(alias).server_down(err):
+            raise ConfigError(f'{describe_alias(alias)}: {first_line(err)}'
+                              ) from None
+        return False, first_line(err)
+    except RollbackError as err:
+        connections[alias].close()
+        raise ConfigError(
+            f'PostgreSQL is not usable and this is not an outage: '
+            f'{first_line(err)}. Fix the setting (ANTHIAS_POSTGRES_URL / '
+            'POSTGRES_*), or restore a backup on purpose with --source '
+            'backup') from None
+    if run.shortfall:
+        shown = ', '.join(f'{s.model} {s.found} of {s.expected}'
+                          for s in run.shortfall[:5])
+        return False, (f'{describe_alias(alias)} lost rows that no '
+                       f'journaled write removed ({shown} rows)')
     return True, (f'{describe_alias(alias)} answers and every table is '
-                  'readable: zero-loss source')
+                  'readable')
 
 
 def choose_source(run: _Run) -> None:
@@ -331,6 +369,9 @@ def choose_source(run: _Run) -> None:
             run.source_reason = 'asked for (--source backup)'
         else:
             usable, why = postgres_usable(run)
+            if opts.source == 'postgres' and run.shortfall:
+                usable = True   # asked for: done, and the shortfall named
+                run.warn(f'--source postgres: {why}')
             if opts.source == 'postgres' and not usable:
                 raise DatabaseUnavailableError(
                     f'cannot roll back from PostgreSQL: {why}')
@@ -364,31 +405,74 @@ def pick_backup(run: _Run) -> Path:
 
 
 def fence_postgres(run: _Run) -> None:
+    """Stop every journaled write on PostgreSQL (all roles, all open
+    sessions) and wait for the transactions that already wrote, so the
+    copy's snapshot is final. Refuses (nothing changed, fence lowered)
+    when some of them stay open past the budget."""
     opts = run.options
     if run.source != 'postgres' or opts.dry_run or not opts.fence:
         return
     with run.phase('fence') as record:
-        try:
-            ended = preserve.postgres_fence_writes(opts.postgres_alias)
-        except DatabaseError as err:
+        if run.journal is None or not run.journal.installed:
             record['status'] = 'warning'
-            run.warn(f'could not stop writes on PostgreSQL '
-                     f'({first_line(err)}): writes made there during the '
-                     'rollback would not be copied; stop the app first')
+            record['detail'] = 'no change journal: writes cannot be fenced'
+            run.warn('PostgreSQL has no change journal (the cutover was '
+                     'made without one): writes during the rollback cannot '
+                     'be stopped or counted; stop the app first')
             return
+        write_run_state(run.data_dir, 'running', fence='up',
+                        started_at=run.runner.started_at)
+        budget = max(1.0, min(60.0, run.deadline.remaining() / 3))
+        result = window.take_fence(opts.postgres_alias, budget)
         run.fenced = True
-        record['detail'] = (f'PostgreSQL read-only for the rollback; '
-                            f'{ended} app sessions ended')
+        if not result.taken:
+            shown = ', '.join(f'pid {w["pid"]} ({w["user"]}, '
+                              f'{w["state"]})' for w in result.still_open)
+            raise RollbackError(
+                f'{len(result.still_open)} PostgreSQL session(s) hold '
+                f'uncommitted writes after {result.waited_seconds:.1f}s '
+                f'({shown}); their commit could not be kept, so nothing was '
+                'changed. End them (pg_terminate_backend as their owner or '
+                'a superuser) and run again, or restore a backup with '
+                '--source backup')
+        ended = (f'; ended {len(result.terminated)} session(s)'
+                 if result.terminated else '')
+        record['detail'] = (f'writes refused for every role; in-flight '
+                            f'writers done in {result.waited_seconds:.2f}s'
+                            f'{ended}')
 
 
 def lift_fence(run: _Run) -> None:
-    if not run.fenced:
+    """Before the swap, a failure changed nothing: let writes through."""
+    if not run.fenced or run.swapped:
         return
     try:
-        preserve.postgres_lift_fence(run.options.postgres_alias)
+        window.lower_fence(run.options.postgres_alias)
         run.fenced = False
-    except RollbackError as err:
-        run.warn(str(err))
+        write_run_state(run.data_dir, 'failed', fence='open')
+    except DatabaseError as err:
+        run.warn(f'could not lower the write fence on PostgreSQL '
+                 f'({first_line(err)}): run switch_database --to postgres '
+                 'once it answers')
+
+
+def prove_loss(run: _Run) -> None:
+    """After the swap: which writes SQLite lacks, measured (the fence
+    stays up, so the answer cannot change later)."""
+    if run.source != 'postgres' or run.snapshot is None:
+        return
+    with run.phase('proof', check_deadline=False) as record:
+        run.proof = window.prove_copy(run.options.postgres_alias,
+                                      run.snapshot, run.rows)
+        if run.proof.proven_none:
+            record['detail'] = ('no write committed after the copy\'s '
+                                'snapshot (' + ', '.join(run.proof.checked)
+                                + ' checked)')
+        else:
+            record['status'] = 'failed'
+            record['detail'] = (f'{len(run.proof.lost)} write(s) and '
+                                f'{len(run.proof.count_differences)} '
+                                'count difference(s) not in SQLite')
 
 
 def preserve_postgres(run: _Run) -> None:
@@ -443,9 +527,13 @@ def build_from_postgres(run: _Run, new_path: Path) -> None:
         faults.checkpoint('rollback:schema-created')
         # Also raises sqlite_sequence to PostgreSQL's sequences, so no id
         # PostgreSQL handed out is reused after the rollback.
-        result = transfer.transfer_data(
-            opts.postgres_alias, alias, batch_size=opts.batch_size,
-            progress=on_progress)
+        with contextlib.ExitStack() as stack:
+            if run.journal is not None and run.journal.installed:
+                run.snapshot = stack.enter_context(
+                    window.snapshot_transaction(opts.postgres_alias))
+            result = transfer.transfer_data(
+                opts.postgres_alias, alias, batch_size=opts.batch_size,
+                progress=on_progress)
         run.expected_rows = {m.label: m.rows for m in result.models}
     run.rows = dict(run.expected_rows)
 
@@ -741,13 +829,48 @@ def _execute(run: _Run) -> RollbackResult:
         remove_sqlite_file(new_path)
         return finish(run, 'dry run', exit_codes.OK)
     restart = swap_and_flip(run, new_path)
-    lift_fence(run)
+    # The fence stays up: no stale process may write into PostgreSQL now
+    # that nobody reads it (switch_database --to postgres lifts it).
+    prove_loss(run)
     verified = post_verify(run)
-    write_run_state(run.data_dir, 'done', finished_at=datetime.now(
-        timezone.utc).isoformat())
+    write_run_state(run.data_dir, 'done', fence='up' if run.fenced else
+                    'none', finished_at=datetime.now(
+                        timezone.utc).isoformat())
     if not verified or (restart is not None and not restart.ok):
         return finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
+    loss, _ = measured_loss(run)
+    if run.source == 'postgres' and loss != 'proven-none':
+        return finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
     return finish(run, 'rolled back', exit_codes.OK)
+
+
+def measured_loss(run: _Run) -> tuple[str, str]:
+    """('proven-none' | 'lost' | 'unproven' | 'backup', one line)."""
+    if run.source != 'postgres':
+        return 'backup', ''
+    if run.shortfall:
+        shown = '; '.join(f'{s.model}: {s.found} rows, {s.expected} '
+                          'expected' for s in run.shortfall[:5])
+        return 'lost', (f'PostgreSQL had lost rows before the rollback '
+                        f'that no journaled write removed ({shown})')
+    if run.proof is None:
+        return 'unproven', ('not proven: PostgreSQL has no change journal '
+                            '(cutover made without one), so writes made '
+                            'during the rollback cannot be counted')
+    if run.proof.proven_none:
+        return 'proven-none', ('none (proven: no write committed after the '
+                               'copy\'s snapshot; journal, row versions '
+                               'and row counts checked)')
+    parts = [f'{w.model} pk={w.pk} {w.operation}'
+             for w in run.proof.lost[:10]]
+    parts += [f'{label}: {copied} rows copied, {now} on PostgreSQL'
+              for label, (copied, now) in
+              run.proof.count_differences.items()]
+    more = len(run.proof.lost) - 10
+    return 'lost', (f'{len(run.proof.lost)} write(s) not in SQLite: '
+                    + '; '.join(parts)
+                    + (f' (and {more} more in the report)' if more > 0
+                       else ''))
 
 
 def finish(run: _Run, outcome: str, code: int,
@@ -763,9 +886,7 @@ def finish(run: _Run, outcome: str, code: int,
         postgres_dump=str(run.dump_path) if run.dump_path else None,
         at_risk_file=str(run.at_risk_file) if run.at_risk_file else None,
         at_risk_rows=run.at_risk_rows,
-        at_risk_note=run.at_risk_note or (
-            'none: copied from PostgreSQL, every row written there is kept'
-            if run.source == 'postgres' else ''),
+        at_risk_note=run.at_risk_note,
         resurrected_rows=run.resurrected_rows, rows=run.rows,
         since_cutover=run.since_cutover, phases=tuple(run.runner.phases),
         warnings=tuple(run.runner.warnings), error=error,
@@ -773,7 +894,13 @@ def finish(run: _Run, outcome: str, code: int,
         finished_at=datetime.now(timezone.utc).isoformat(),
         seconds=round(now - run.runner.started, 3),
         downtime_seconds=(round(run.flipped_at - run.runner.started, 3)
-                          if run.flipped_at else None))
+                          if run.flipped_at else None),
+        loss=measured_loss(run)[0], loss_detail=measured_loss(run)[1],
+        lost_writes=tuple(asdict(w) for w in run.proof.lost)
+        if run.proof else (),
+        shortfall={s.model: {'expected': s.expected, 'found': s.found}
+                   for s in run.shortfall} or None,
+        cutover_forced=bool(run.journal and run.journal.forced))
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
     path = run.reports_dir / f'rollback_{stamp}.json'
     result = replace(result, report_path=str(path))
@@ -799,8 +926,9 @@ def load_result(path: Path) -> RollbackResult:
 # -- rendering (plain text; commands add colour) -----------------------
 
 def data_loss_line(result: RollbackResult) -> str:
+    """The loss as measured in the run (never assumed)."""
     if result.source == 'postgres':
-        return 'none (restored from PostgreSQL, every write kept)'
+        return result.loss_detail or 'not proven (no proof recorded)'
     if result.at_risk_rows is None:
         return ('UNKNOWN: restored from a backup and PostgreSQL could not '
                 'be compared; writes made after the backup may be lost')

@@ -11,7 +11,9 @@ from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.recorder import MigrationRecorder
 
+from anthias_rollback import engines
 from anthias_rollback.exceptions import (
+    DatabaseDownError,
     DatabaseUnavailableError,
     SchemaMismatchError,
 )
@@ -28,9 +30,11 @@ def check_connection(alias: str) -> None:
             cursor.fetchone()
     except DatabaseError as err:
         connections[alias].close()
-        raise DatabaseUnavailableError(
-            f'{describe_alias(alias)} does not answer: '
-            f'{first_line(err)}') from None
+        down = engines.for_alias(alias).server_down(err)
+        kind = DatabaseDownError if down else DatabaseUnavailableError
+        raise kind(f'{describe_alias(alias)} '
+                   + ('does not answer' if down else 'refused the connection')
+                   + f': {first_line(err)}') from None
 
 
 def applied_migrations(alias: str) -> set[tuple[str, str]]:

@@ -10,9 +10,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anthias_rollback import conf, profiles, schema
-from anthias_rollback.exceptions import SchemaMismatchError
+from django.db import DatabaseError
+
+from anthias_rollback import compare, conf, profiles, schema, window
+from anthias_rollback.exceptions import (
+    RollbackError,
+    SchemaMismatchError,
+    SwitchRefusedError,
+)
 from anthias_rollback.journal import record_cutover
+from anthias_rollback.report import describe_alias, first_line
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,9 @@ class SwitchResult:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     restart: RestartResult | None = None
     cutover_journal: Path | None = None
+    # The change journal opened on PostgreSQL (None: not a cutover, or
+    # forced past a PostgreSQL that could not take it).
+    window: dict | None = None
 
 
 def check_target(alias: str) -> None:
@@ -51,6 +61,23 @@ def check_target(alias: str) -> None:
             f'{describe_alias(alias)} has {len(pending)} unapplied '
             f'migrations ({shown}{more}); run `manage.py migrate '
             f'--database {alias}` first, or use --force')
+
+
+def check_same_rows(sqlite_alias: str, postgres_alias: str) -> None:
+    """Refuse a cutover onto a PostgreSQL that does not hold exactly
+    SQLite's rows: per-model counts, then the checksum comparison.
+    Raises SwitchRefusedError naming the first models that differ."""
+    report = compare.compare_aliases(sqlite_alias, postgres_alias)
+    differing = [m for m in report.models if not m.ok]
+    if differing:
+        shown = '; '.join(
+            f'{m.label}: sqlite {m.left_rows} rows, postgres '
+            f'{m.right_rows} ({m.differences} differ)'
+            for m in differing[:5])
+        raise SwitchRefusedError(
+            f'{describe_alias(postgres_alias)} does not hold SQLite\'s '
+            f'data ({shown}); run `migrate_to_postgres --replace` (or '
+            '--repair) first, or pass --force to switch anyway')
 
 
 def run_restart_command(command: str, timeout: float) -> RestartResult:
@@ -94,8 +121,11 @@ def switch_profile(target: str, force: bool = False,
     data_dir = conf.data_dir()
     previous = profiles.resolve_active_profile(data_dir)
     alias = profiles.alias_for_profile(target)
+    cutover = target == profiles.POSTGRES and previous.name != target
     if not force:
         check_target(alias)
+        if cutover:
+            check_same_rows(profiles.SQLITE, alias)
     warnings = []
     if previous.source == 'env':
         warnings.append(
@@ -104,10 +134,23 @@ def switch_profile(target: str, force: bool = False,
             'take effect')
     state = {'previous': previous.name, 'forced': force}
     state.update(extra_state or {})
-    journal = None
-    if target == profiles.POSTGRES and previous.name != target:
+    journal = opened = None
+    if cutover:
+        # The journal and the cutover row commit together, before the
+        # flip: no write on PostgreSQL is ever outside the journal.
+        try:
+            opened = window.open_window(profiles.SQLITE, alias,
+                                        forced=force)
+        except (RollbackError, DatabaseError) as err:
+            if not force:
+                raise SwitchRefusedError(
+                    f'cannot open the rollback window on '
+                    f'{describe_alias(alias)}: {first_line(err)}') from None
+            warnings.append(f'forced without a change journal '
+                            f'({first_line(err)}): a later rollback cannot '
+                            'prove what it keeps')
         journal = record_cutover(profiles.SQLITE, alias, data_dir)
     path = profiles.write_active_profile(data_dir, target, state)
     result = restart_after_flip() if restart else None
     return SwitchResult(previous.name, target, path, force,
-                        tuple(warnings), result, journal)
+                        tuple(warnings), result, journal, opened)

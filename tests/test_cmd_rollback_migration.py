@@ -3,7 +3,7 @@ import json
 import pytest
 from django.db import connections
 
-from anthias_rollback import preserve, profiles
+from anthias_rollback import profiles
 from tests.conftest import run_manage
 from tests.rollback_helpers import (
     fingerprint_postgres,
@@ -65,4 +65,3 @@ def test_password_never_printed_with_runbook_flags(data_dir, settings,
     log = (data_dir / 'rollback.log').read_text()
     assert 'hunter2' not in log
     connections['postgres'].close()
-    preserve.postgres_lift_fence('postgres')

@@ -141,7 +141,16 @@ def test_cutover_journal_recorded(data_dir):
     from tests.factories import AssetFactory
 
     AssetFactory.create_batch(3)
-    switch('--to', 'postgres')
+    # PostgreSQL is empty: the switch is refused and nothing changes...
+    with pytest.raises(CommandError, match='does not hold SQLite') as exc:
+        switch('--to', 'postgres')
+    assert 'anthias_app.Asset: sqlite 3 rows, postgres 0' in str(exc.value)
+    assert journal.read_cutover(data_dir) is None
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
+    # ... unless forced, which the change journal records.
+    switch('--to', 'postgres', '--force')
+    from anthias_rollback import window
+    assert window.window_state('postgres').forced is True
     recorded = journal.read_cutover(data_dir)
     assert recorded['source']['models']['anthias_app.Asset']['rows'] == 3
     assert recorded['target']['models']['anthias_app.Asset']['rows'] == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.test import Client
 
 from anthias_app.models import Asset
@@ -64,15 +64,18 @@ def test_emergency_rollback_from_postgres_loses_nothing(data_dir, settings):
     assert data['safety_copy'] and os.path.exists(data['safety_copy'])
     assert [p['name'] for p in data['phases']] == [
         'preflight', 'source', 'fence', 'build', 'verify', 'swap',
-        'profile', 'post-verify']
+        'profile', 'proof', 'post-verify']
+    assert data['loss'] == 'proven-none'
     users = data['since_cutover']['models']['auth.User']
     assert users == {'rows_at_cutover': 3, 'rows_now': 4, 'new_rows': 1}
     assert 'since the cutover at' in out
     assert 'data loss: none' in out.splitlines()[-1]
     assert 'RESOLVED: Database Migration Rollback Completed' in out
-    # PostgreSQL accepts writes again once the rollback is over.
+    # PostgreSQL keeps refusing writes once the rollback is over: a stale
+    # process must not write into a database nobody reads again.
     connections['postgres'].close()
-    Asset.objects.using('postgres').update(play_order=1)
+    with pytest.raises(DatabaseError, match='fenced'):
+        Asset.objects.using('postgres').update(play_order=1)
     log = (data_dir / 'rollback.log').read_text()
     assert 'phase=swap status=ok' in log
 

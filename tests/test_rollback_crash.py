@@ -5,9 +5,10 @@ import sys
 import time
 
 import pytest
-from django.db import connections
+from django.db import DatabaseError, connections
 
-from anthias_rollback import preserve, profiles
+from anthias_app.models import Asset
+from anthias_rollback import profiles, window
 from tests.conftest import ROOT, run_manage
 from tests.rollback_helpers import (
     fingerprint_postgres,
@@ -41,6 +42,7 @@ KILL_POINTS = [
     'swap:renamed',
     'rollback:swap-done',
     'rollback:profile-done',
+    'rollback:proof-done',
     'rollback:post-verify-done',
 ]
 
@@ -49,7 +51,6 @@ KILL_POINTS = [
 def unfence():
     yield
     connections['postgres'].close()
-    preserve.postgres_lift_fence('postgres')
 
 
 @pytest.mark.slow
@@ -77,11 +78,14 @@ def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
     assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
     connections['postgres'].close()
     assert normalise(fingerprint_postgres()) == new
-    # The rerun lifted the write fence a killed run may have left, and
-    # left no half-built file behind.
-    with connections['postgres'].cursor() as cursor:
-        cursor.execute('SHOW default_transaction_read_only')
-        assert cursor.fetchone()[0] == 'off', point
+    # The fence stays up after the rollback (no write may land in the
+    # abandoned database), whatever phase the first run died in; the
+    # rerun's loss is proven. No half-built file is left behind.
+    assert window.window_state('postgres').fence == 'up', point
+    with pytest.raises(DatabaseError, match='fenced'):
+        Asset.objects.using('postgres').filter(
+            pk=device.asset_ids[2]).update(name='stale writer')
+    assert 'data loss: none (proven' in done.stdout, point
     leftovers = [p.name for p in device.live.parent.iterdir()
                  if '.rollback-new-' in p.name or '.dry-run-' in p.name]
     assert leftovers == [], point

@@ -31,7 +31,7 @@ INTERFACE = ('read_snapshot', 'fetch_chunks', 'byte_order',
              'create_indexes', 'write_rows', 'select_sql', 'value_checker',
              'value_writer', 'source_problem', 'sequence_values',
              'finish_load', 'foreign_key_problems', 'probe_table',
-             'ROWS_AS_COPY_TEXT', 'JSON_AS_TEXT')
+             'server_down', 'ROWS_AS_COPY_TEXT', 'JSON_AS_TEXT')
 
 
 def for_alias(alias: str) -> ModuleType:

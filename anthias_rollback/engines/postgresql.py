@@ -340,6 +340,30 @@ def probe_table(alias: str, model: type[models.Model], budget_ms: int
             cursor.execute('ROLLBACK')
 
 
+
+# libpq/server texts that mean "the server is not there or not serving"
+# (a rollback may then fall back to a backup); anything else - a bad
+# password, a missing database or role, an invalid port - is a setting
+# to fix, and falling back would silently drop every write since the
+# cutover.
+_DOWN_MARKERS = (
+    'connection refused', 'no such file or directory', 'timeout expired',
+    'timed out', 'the database system is shutting down',
+    'the database system is starting up',
+    'the database system is in recovery mode',
+    'server closed the connection unexpectedly',
+    'terminating connection due to administrator command',
+    'could not receive data from server', 'ssl syscall error',
+    'network is unreachable', 'no route to host', 'connection reset',
+    'canceling statement due to statement timeout',
+)
+
+
+def server_down(error: BaseException) -> bool:
+    """Does *error* say the server is down (rather than misconfigured)?"""
+    text = str(error).lower()
+    return any(marker in text for marker in _DOWN_MARKERS)
+
 def truncate(alias: str, tables: Iterable[str]) -> None:
     """Empty *tables* in one statement (inside the caller's transaction).
 

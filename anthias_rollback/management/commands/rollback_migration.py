@@ -141,6 +141,9 @@ class Command(RollbackCommand):
                 'rolled back': self.style.SUCCESS(
                     'ROLLED BACK: profile sqlite, data loss: '
                     + rollback.data_loss_line(result)),
+                'rolled back with a loss': self.style.ERROR(
+                    'ROLLED BACK: profile sqlite, data loss: '
+                    + rollback.data_loss_line(result)),
                 'dry run': self.style.SUCCESS(
                     'DRY RUN OK: nothing changed; a rollback from '
                     f'{result.source} would succeed'),
@@ -149,9 +152,11 @@ class Command(RollbackCommand):
                 'check the warnings above'))
             self.stdout.write(verdict)
         if result.exit_code != exit_codes.OK:
+            what = (rollback.data_loss_line(result)
+                    if result.outcome == 'rolled back with a loss' else
+                    '; '.join(result.warnings) or result.error)
             raise CommandError(
-                f'rolled back, but a follow-up failed: '
-                f'{"; ".join(result.warnings) or result.error} '
+                f'rolled back, but not without problems: {what} '
                 f'(report: {result.report_path})',
                 returncode=result.exit_code)
 
