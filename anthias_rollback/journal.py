@@ -106,3 +106,15 @@ def rows_since_cutover(alias: str, journal: dict[str, Any]
         found.append(ModelSince(label, before.get('rows'), manager.count(),
                                 new_rows))
     return found
+
+
+def record_window_end(data_dir: Path, state: Any) -> None:
+    """Note in the cutover journal that the rollback window was ended
+    (what it held then), so later reports say why nothing is proven."""
+    recorded = read_cutover(data_dir)
+    if recorded is None:
+        return
+    recorded['window_ended'] = {
+        'at': datetime.now(timezone.utc).isoformat(),
+        'journal_entries': state.entries, 'cutover_at': state.cutover_at}
+    fsutil.atomic_write_json(journal_path(data_dir), recorded, mode=0o600)

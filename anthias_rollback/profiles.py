@@ -117,6 +117,12 @@ def postgres_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         if not port.isdigit():
             raise ConfigError('POSTGRES_PORT is malformed: '
                               f'{port!r} is not a port number')
+        timeout = env.get('POSTGRES_CONNECT_TIMEOUT', '').strip() or str(
+            DEFAULT_CONNECT_TIMEOUT)
+        if not timeout.isdigit():
+            raise ConfigError('POSTGRES_CONNECT_TIMEOUT is malformed: '
+                              f'{timeout!r} is not a whole number of '
+                              'seconds')
         return {
             'ENGINE': 'django.db.backends.postgresql',
             'NAME': env.get('POSTGRES_DB', 'anthias'),
@@ -124,8 +130,7 @@ def postgres_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             'PASSWORD': env.get('POSTGRES_PASSWORD', ''),
             'HOST': env.get('POSTGRES_HOST', 'localhost'),
             'PORT': int(port),
-            'OPTIONS': {'connect_timeout': int(env.get(
-                'POSTGRES_CONNECT_TIMEOUT', DEFAULT_CONNECT_TIMEOUT))},
+            'OPTIONS': {'connect_timeout': int(timeout)},
         }
     except ConfigError as err:
         return {

@@ -17,7 +17,8 @@ from pathlib import Path
 from django.db import DatabaseError
 
 from anthias_rollback import backup, drill_history, locking, schema
-from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.exceptions import DatabaseDownError, RollbackError
+from anthias_rollback.report import first_line
 
 DISK_FACTOR = 3
 PG_DUMP_TIMEOUT = 10
@@ -178,11 +179,16 @@ def check_postgres_reachable(ctx: ReadinessContext) -> ReadinessCheck:
                               informational=True)
     try:
         schema.check_connection(ctx.postgres_alias)
-    except RollbackError as err:
+    except DatabaseDownError as err:
         return ReadinessCheck(name, False, f'{err}; a rollback would '
                               f'start from the backup', informational=True)
-    return ReadinessCheck(name, True, f'{ctx.postgres_alias} answers: '
-                          f'zero-loss rollback from PostgreSQL possible',
+    except RollbackError as err:
+        return ReadinessCheck(name, False, f'{err}; a rollback would '
+                              'refuse until the setting is fixed (a bad '
+                              'setting is not an outage)',
+                              informational=True)
+    return ReadinessCheck(name, True, f'{ctx.postgres_alias} answers: a '
+                          'rollback from PostgreSQL is possible',
                           informational=True)
 
 
@@ -262,6 +268,35 @@ def check_cutover(ctx: ReadinessContext) -> ReadinessCheck:
     return ReadinessCheck('cutover', True, reason, informational=True)
 
 
+def check_window(ctx: ReadinessContext) -> ReadinessCheck:
+    """The rollback window on PostgreSQL: journal size and age, fence
+    state (a fence left up by a killed or finished rollback is named)."""
+    from anthias_rollback import window
+
+    if ctx.postgres_alias is None:
+        return ReadinessCheck('window', True, 'PostgreSQL not configured',
+                              informational=True)
+    try:
+        state = window.window_state(ctx.postgres_alias)
+    except (RollbackError, DatabaseError) as err:
+        return ReadinessCheck('window', True, 'PostgreSQL not readable '
+                              f'for the window: {first_line(err)}',
+                              informational=True)
+    if not state.installed:
+        return ReadinessCheck(
+            'window', True, 'no change journal on PostgreSQL: a rollback '
+            'from it cannot prove what it keeps', informational=True)
+    reason = (f'journal since {state.cutover_at}: {state.entries} entries, '
+              f'{state.bytes >> 10} KiB, triggers on {len(state.tables)} '
+              f'tables; fence {state.fence}')
+    if state.forced:
+        reason += '; the cutover was FORCED past the row check'
+    if state.fence == 'up':
+        reason += (' (PostgreSQL refuses writes: a rollback took it; '
+                   'switch_database --to postgres lifts it)')
+    return ReadinessCheck('window', True, reason, informational=True)
+
+
 CHECKS: list[Check] = [
     check_backup_fresh,
     check_backup_integrity,
@@ -272,6 +307,7 @@ CHECKS: list[Check] = [
     check_lock,
     check_last_drill,
     check_cutover,
+    check_window,
 ]
 
 

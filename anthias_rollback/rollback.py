@@ -339,19 +339,16 @@ def postgres_usable(run: _Run) -> tuple[bool, str]:
     except DatabaseDownError as err:
         connections[alias].close()
         return False, first_line(err)
-    except DatabaseError as err:
+    except (RollbackError, DatabaseError) as err:
         connections[alias].close()
-        if not engines.for_alias(alias).server_down(err):
-            raise ConfigError(f'{describe_alias(alias)}: {first_line(err)}'
-                              ) from None
-        return False, first_line(err)
-    except RollbackError as err:
-        connections[alias].close()
+        if isinstance(err, DatabaseError) and engines.for_alias(
+                alias).server_down(err):
+            return False, first_line(err)
         raise ConfigError(
             f'PostgreSQL is not usable and this is not an outage: '
-            f'{first_line(err)}. Fix the setting (ANTHIAS_POSTGRES_URL / '
-            'POSTGRES_*), or restore a backup on purpose with --source '
-            'backup') from None
+            f'{first_line(err)}; fix the setting (ANTHIAS_POSTGRES_URL, '
+            'POSTGRES_*, --postgres-*) or restore a backup on purpose with '
+            '--source backup; nothing was changed') from None
     if run.shortfall:
         shown = ', '.join(f'{s.model} {s.found} of {s.expected}'
                           for s in run.shortfall[:5])

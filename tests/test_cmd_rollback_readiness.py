@@ -38,7 +38,9 @@ def test_not_ready_then_ready(data_dir):
     names = [c['name'] for c in report['checks']]
     assert names == ['backup_age', 'backup_integrity', 'disk_space',
                      'sqlite_writable', 'postgres_reachable', 'pg_dump',
-                     'lock', 'last_drill', 'cutover']
+                     'lock', 'last_drill', 'cutover', 'window']
+    window = report['checks'][-1]
+    assert 'no change journal on PostgreSQL' in window['reason']
     assert report['latest_backup'].startswith(str(data_dir / 'backups'))
 
 
@@ -63,3 +65,19 @@ def test_subprocess_exit_codes(host_env):
     done = run_manage(host_env, 'rollback_readiness', '--max-age-hours',
                       'soon')
     assert done.returncode == 2
+
+
+@pytest.mark.django_db(databases=['sqlite', 'postgres'], transaction=True)
+def test_window_and_a_fence_left_up_are_reported(data_dir):
+    from anthias_rollback import window
+
+    window.open_window('sqlite', 'postgres', forced=True)
+    window.take_fence('postgres', timeout=5)
+    report = json.loads(command('--json')[0])
+    reason = {c['name']: c['reason'] for c in report['checks']}['window']
+    assert 'fence up' in reason and 'refuses writes' in reason
+    assert 'FORCED' in reason
+    window.lower_fence('postgres')
+    report = json.loads(command('--json')[0])
+    reason = {c['name']: c['reason'] for c in report['checks']}['window']
+    assert 'fence open' in reason

@@ -3,8 +3,11 @@
     python manage.py switch_database --to postgres
     python manage.py switch_database --show --json
 
-Before flipping, the target must answer and have no unapplied migrations
-(unless --force). The state file in the data dir is replaced atomically;
+Before flipping, the target must answer and have no unapplied migrations;
+a switch to postgres also needs PostgreSQL to hold exactly SQLite's rows
+(counts and checksums) and installs the change journal and write fence
+with the cutover, lifting a fence left by a rollback (all unless
+--force, which is recorded). --show also reports the rollback window. The state file in the data dir is replaced atomically;
 the configured ANTHIAS_ROLLBACK_RESTART_COMMAND runs afterwards.
 
 Exit codes: 0 switched (or shown); 1 refused, nothing changed;
@@ -12,8 +15,9 @@ Exit codes: 0 switched (or shown); 1 refused, nothing changed;
 """
 from dataclasses import asdict
 
-from anthias_rollback import conf, exit_codes, profiles, switch
+from anthias_rollback import conf, exit_codes, profiles, switch, window
 from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.report import first_line
 
 
 class Command(RollbackCommand):
@@ -63,8 +67,21 @@ class Command(RollbackCommand):
 
     def show(self, as_json: bool) -> None:
         active = profiles.resolve_active_profile(conf.data_dir())
+        try:
+            state = asdict(window.window_state(profiles.POSTGRES))
+        except Exception as err:  # noqa: BLE001 --show must answer anyway
+            state = {'error': first_line(err)}
         if as_json:
-            self.write_json(asdict(active))
+            self.write_json({**asdict(active), 'window': state})
+            return
+        if 'error' in state:
+            detail = f'PostgreSQL not readable ({state["error"]})'
+        elif not state['installed']:
+            detail = 'no change journal on PostgreSQL'
         else:
-            self.stdout.write(f'active profile: {active.name} '
-                              f'(from {active.source}: {active.detail})')
+            detail = (f'change journal since {state["cutover_at"]} '
+                      f'({state["entries"]} entries), fence {state["fence"]}'
+                      + (', cutover FORCED' if state['forced'] else ''))
+        self.stdout.write(f'rollback window: {detail}')
+        self.stdout.write(f'active profile: {active.name} '
+                          f'(from {active.source}: {active.detail})')
