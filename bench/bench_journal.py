@@ -36,9 +36,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_migrate import (host_env, manage, postgres_server_url,
-                                 psycopg_connect, run_measured,
-                                 with_database)
+from bench.bench_migrate import (
+    host_env,
+    manage,
+    postgres_server_url,
+    psycopg_connect,
+    run_measured,
+    with_database,
+)
 from bench.seed import ASSET_COLUMNS, OUT, asset_rows, make_sqlite, median
 
 WRITES_DB = 'anthias_bench_journal'
@@ -167,7 +172,7 @@ def _write_loop(alias: str, n: int, tag: str) -> float:
     started = time.perf_counter()
     while writes < n:   # every pass makes at least one write
         asset = Asset.objects.using(alias).create(
-            asset_id=f'bw-{tag}-{i}', name=f'bench {i}',
+            asset_id=f'zw-{tag}-{i}', name=f'bench {i}',
             uri=f'https://cdn.example.com/{i}.mp4', mimetype='video',
             metadata={'n': i})
         writes += 1
@@ -183,12 +188,13 @@ def _write_loop(alias: str, n: int, tag: str) -> float:
 
 
 def _clean(alias: str) -> None:
-    """Back to the BASE_ROWS seeded rows, dead tuples vacuumed."""
+    """Back to the BASE_ROWS seeded rows (hex ids: never "z..."), dead
+    tuples vacuumed."""
     from django.db import connections
 
     from anthias_app.models import Asset
 
-    Asset.objects.using(alias).filter(asset_id__startswith='b').delete()
+    Asset.objects.using(alias).filter(asset_id__startswith='z').delete()
     with connections[alias].cursor() as cursor:
         cursor.execute('VACUUM ANALYZE assets')
 
@@ -215,7 +221,7 @@ def child_writes(mode: str, n: int, tag: str) -> dict:
               'bulk_s': [], 'update_s': []}
     for rep in range(BATCH_REPS):
         _clean(alias)
-        objs = [Asset(asset_id=f'bb-{tag}-{rep}-{j}', name=f'bulk {j}',
+        objs = [Asset(asset_id=f'zb-{tag}-{rep}-{j}', name=f'bulk {j}',
                       mimetype='image', metadata={'j': j})
                 for j in range(BULK_ROWS)]
         started = time.perf_counter()
@@ -240,7 +246,7 @@ def _hold_write(alias: str, pk: str, ready: threading.Event,
                 errors: list) -> None:
     """An app thread mid-transaction: one journaled write, then idle in
     transaction for WRITER_HOLD seconds, then commit."""
-    from django.db import connections, transaction
+    from django.db import DatabaseError, connections, transaction
 
     from anthias_app.models import Asset
 
@@ -249,7 +255,7 @@ def _hold_write(alias: str, pk: str, ready: threading.Event,
             Asset.objects.using(alias).filter(pk=pk).update(name='held')
             ready.set()
             time.sleep(WRITER_HOLD)
-    except Exception as err:   # reported by the parent, not swallowed
+    except DatabaseError as err:   # the parent fails on it
         errors.append(repr(err))
     finally:
         ready.set()

@@ -71,6 +71,7 @@ def test_subprocess_exit_codes(host_env):
 def test_window_and_a_fence_left_up_are_reported(data_dir):
     from anthias_rollback import window
 
+    call_command('backup_database', verbosity=0, stdout=StringIO())
     window.open_window('sqlite', 'postgres', forced=True)
     window.take_fence('postgres', timeout=5)
     report = json.loads(command('--json')[0])
