@@ -528,6 +528,7 @@ def build_from_postgres(run: _Run, new_path: Path) -> None:
             if run.journal is not None and run.journal.installed:
                 run.snapshot = stack.enter_context(
                     window.snapshot_transaction(opts.postgres_alias))
+                faults.checkpoint('rollback:snapshot-taken')
             result = transfer.transfer_data(
                 opts.postgres_alias, alias, batch_size=opts.batch_size,
                 progress=on_progress)

@@ -19,7 +19,7 @@ from typing import Any
 
 from django.db import DatabaseError, transaction
 
-from anthias_rollback import models_graph, schema
+from anthias_rollback import faults, models_graph, schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import describe_alias, first_line
@@ -129,6 +129,7 @@ def take_fence(alias: str, timeout: float, terminate: bool = True
 
     started = time.monotonic()
     pj.postgres_raise_fence(alias)
+    faults.checkpoint('window:fence-raised')
     half = max(0.05, timeout / 2)
     if pj.postgres_wait_for_writers(alias, int(half * 1000)):
         return FenceResult(True, time.monotonic() - started, (), (), ())

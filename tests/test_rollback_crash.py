@@ -24,8 +24,10 @@ KILL_POINTS = [
     'atomic-write:before-rename',      # first durable write: run state
     'rollback:preflight-done',
     'rollback:source-done',
+    'window:fence-raised',
     'rollback:fence-done',
     'rollback:schema-created',
+    'rollback:snapshot-taken',
     'rollback:copied-migrations.Migration',
     'rollback:copied-contenttypes.ContentType',
     'rollback:copied-auth.Permission',

@@ -144,3 +144,52 @@ def test_a_write_that_bypassed_the_triggers_is_named_and_exit_4(
     assert 'data loss: 1 write(s) not in SQLite' in last
     assert window.window_state('postgres').fence == 'up'
     assert Asset.objects.using('postgres').get(pk=target).name == 'sneaky'
+
+
+def roll_back(*args):
+    from io import StringIO
+
+    from django.core.management import call_command
+    out, err = StringIO(), StringIO()
+    call_command('rollback_migration', *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize('state', ['empty', 'half-loaded'])
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_postgres_that_lost_rows_is_refused_as_a_source(state, data_dir,
+                                                        settings):
+    from django.core.management import CommandError
+
+    from anthias_rollback import backup, conf, switch, transfer
+    from anthias_rollback.exceptions import SwitchRefusedError
+    from tests.factories import AssetFactory
+
+    AssetFactory.create_batch(6)
+    live = connections['sqlite'].settings_dict['NAME']
+    backup.create_backup(live, conf.backup_dir())
+    if state == 'half-loaded':
+        # A load that stopped half-way (or lost rows since).
+        transfer.transfer_data('sqlite', 'postgres')
+        doomed = list(Asset.objects.using('postgres').values_list(
+            'pk', flat=True)[:3])
+        Asset.objects.using('postgres').filter(pk__in=doomed).delete()
+    with pytest.raises(SwitchRefusedError):
+        switch.switch_profile('postgres', restart=False)
+    assert not window.window_state('postgres').installed
+    switch.switch_profile('postgres', force=True, restart=False)
+    expected = '0 of 6' if state == 'empty' else '3 of 6'
+    out, _ = roll_back('--emergency')
+    assert 'source:        backup' in out
+    assert 'lost rows that no journaled write removed' in out
+    assert expected in out
+    assert Asset.objects.using('sqlite').count() == 6
+    # Asked for anyway: done, the shortfall named, exit 4.
+    profiles.write_active_profile(data_dir, 'postgres')
+    window.lower_fence('postgres')
+    with pytest.raises(CommandError) as excinfo:
+        roll_back('--emergency', '--source', 'postgres')
+    assert excinfo.value.returncode == 4
+    found = 0 if state == 'empty' else 3
+    assert (f'anthias_app.Asset: {found} rows, 6 expected'
+            in str(excinfo.value))
