@@ -76,7 +76,7 @@ def postgres_server_url() -> tuple[str, object]:
     url = os.environ.get('ANTHIAS_BENCH_POSTGRES_URL')
     if url:
         return url, None
-    from tests import pgserver
+    from tests.helpers import pgserver
 
     server = pgserver.embedded_server()
     return server.get_uri(), server

@@ -31,7 +31,7 @@ def postgres_url(workdir: Path) -> str:
     url = os.environ.get('ANTHIAS_BENCH_POSTGRES_URL')
     if url:
         return url
-    from tests.pgserver import embedded_server
+    from tests.helpers.pgserver import embedded_server
 
     return embedded_server(workdir).get_uri()
 
@@ -47,7 +47,7 @@ def manage(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def psql(url: str, sql: str) -> None:
-    from tests.pgserver import embedded_bin_dir
+    from tests.helpers.pgserver import embedded_bin_dir
 
     subprocess.run([str(embedded_bin_dir() / 'psql'), url, '-q', '-c', sql],
                    check=True, capture_output=True)

@@ -61,7 +61,7 @@ def postgres_server_url() -> tuple[str, object]:
     if url:
         return url, None
     sys.path.insert(0, str(ROOT))
-    from tests.pgserver import embedded_server
+    from tests.helpers.pgserver import embedded_server
 
     (OUT / 'pg').mkdir(parents=True, exist_ok=True)
     server = embedded_server(Path(tempfile.mkdtemp(dir=OUT / 'pg')))

@@ -124,7 +124,7 @@ def small_fs(tmp_path):
 def postgres_stopped():
     """Really stop the run's embedded PostgreSQL server, then start it
     again on the same data dir and socket (pg_ctl, as its OS user)."""
-    from tests import pgserver
+    from tests.helpers import pgserver
 
     server = pgserver._server
     if server is None:

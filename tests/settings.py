@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tests import pgserver
+from tests.helpers import pgserver
 
 _run_dir = Path(os.environ.setdefault(
     'ANTHIAS_TEST_RUN_DIR', tempfile.mkdtemp(prefix='anthias-test-')))

@@ -10,7 +10,7 @@ import pytest
 
 from anthias_rollback import backup
 from anthias_rollback.exceptions import BackupError
-from tests import backup_helpers as bh
+from tests.helpers import backup as bh
 
 
 def final_names(folder):

@@ -10,9 +10,9 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 
 from anthias_rollback import backup
-from tests import backup_helpers as bh
 from tests.conftest import run_manage
-from tests.factories import AssetFactory, UserFactory
+from tests.helpers import backup as bh
+from tests.helpers.factories import AssetFactory, UserFactory
 
 
 def command(*args):

@@ -11,12 +11,12 @@ from django.db import connections
 from anthias_app.models import Asset
 from anthias_rollback import locking
 from tests.conftest import run_manage
-from tests.kitchensink.models import Category, Item
-from tests.transfer_helpers import (
+from tests.helpers.transfer import (
     assert_same_rows,
     make_assets,
     make_kitchen_sink,
 )
+from tests.kitchensink.models import Category, Item
 
 BOTH = ['sqlite', 'postgres']
 UNREACHABLE = {'ENGINE': 'django.db.backends.postgresql',

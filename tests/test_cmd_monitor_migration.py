@@ -217,7 +217,7 @@ def test_auto_rollback_leaves_device_on_sqlite_with_zero_loss(data_dir,
     # Needs rollback_migration (written in parallel): skipped until then.
     pytest.importorskip(
         'anthias_rollback.management.commands.rollback_migration')
-    helpers = pytest.importorskip('tests.rollback_helpers')
+    helpers = pytest.importorskip('tests.helpers.rollback')
     device = helpers.seed_device(settings)
     helpers.write_on_postgres(device)
     args = (*FAST, '--window', '4', '--consecutive', '2', '--max-probes',

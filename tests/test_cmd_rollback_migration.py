@@ -5,7 +5,7 @@ from django.db import connections
 
 from anthias_rollback import profiles
 from tests.conftest import run_manage
-from tests.rollback_helpers import (
+from tests.helpers.rollback import (
     fingerprint_postgres,
     fingerprint_sqlite,
     normalise,
@@ -65,3 +65,23 @@ def test_password_never_printed_with_runbook_flags(data_dir, settings,
     log = (data_dir / 'rollback.log').read_text()
     assert 'hunter2' not in log
     connections['postgres'].close()
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_verbose_rollback_prints_a_line_per_copied_model(data_dir, settings,
+                                                         host_env):
+    # The copy's per-model events reach the command (they once went
+    # missing: 'model_done' sent, 'model-done' listened for).
+    device = seed_device(settings, n_assets=12)
+    write_on_postgres(device)
+    connections['sqlite'].close()
+    done = run_manage(host_env, 'rollback_migration', '--emergency', '-v2')
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    done_lines = [line for line in lines
+                  if line.startswith('  anthias_app.Asset: 12 rows in ')]
+    assert len(done_lines) == 1, lines
+    # -v2 also shows the batches
+    assert '  anthias_app.Asset: 12/12 rows' in done.stdout
+    assert any(line.startswith('-> build') for line in lines)
+    assert any(line.startswith('  auth.User: ') for line in lines)

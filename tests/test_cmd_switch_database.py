@@ -141,7 +141,7 @@ def test_subprocess_exit_codes(host_env):
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
 def test_cutover_journal_recorded(data_dir):
     from anthias_rollback import journal
-    from tests.factories import AssetFactory
+    from tests.helpers.factories import AssetFactory
 
     AssetFactory.create_batch(3)
     # PostgreSQL is empty: the switch is refused and nothing changes...

@@ -11,8 +11,8 @@ from django.core.management import (
 from django.db import connections
 
 from anthias_app.models import Asset
-from tests.compare_helpers import fill_both
 from tests.conftest import run_manage
+from tests.helpers.compare import fill_both
 from tests.kitchensink.models import Item
 
 BOTH = ['sqlite', 'postgres']

@@ -15,7 +15,7 @@ from anthias_rollback.exceptions import (
     DeadlineError,
     SchemaMismatchError,
 )
-from tests.compare_helpers import asset_copies, build_assets, fill_both
+from tests.helpers.compare import asset_copies, build_assets, fill_both
 from tests.kitchensink.models import Item, ItemDetail, Tag
 
 BOTH = ['sqlite', 'postgres']
@@ -359,7 +359,7 @@ def test_reader_process_gives_the_same_report():
 def test_parent_connections_survive_parallel_compare():
     """Forked readers must never close the parent's sockets: the
     rollback keeps using its PostgreSQL session after comparing."""
-    from tests.factories import AssetFactory
+    from tests.helpers.factories import AssetFactory
 
     AssetFactory.create_batch(5)
     with connections['postgres'].cursor() as c:

@@ -14,7 +14,8 @@ COMMANDS = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 
 def test_all_commands_found():
-    assert COMMANDS == ['backup_database', 'migrate_to_postgres',
+    assert COMMANDS == ['backup_database', 'end_rollback_window',
+                        'migrate_to_postgres',
                         'monitor_migration', 'rollback_drill',
                         'rollback_migration', 'rollback_readiness',
                         'switch_database', 'validate_migration']

@@ -23,7 +23,7 @@ from anthias_rollback import (
     seeding,
 )
 from anthias_rollback.exceptions import ConfigError
-from tests.factories import AssetFactory, UserFactory
+from tests.helpers.factories import AssetFactory, UserFactory
 from tests.kitchensink.models import Category, Item, Membership, Person
 
 

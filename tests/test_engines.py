@@ -15,8 +15,8 @@ from anthias_rollback import engines, profiles
 from anthias_rollback.engines import postgresql as pg_engine
 from anthias_rollback.engines import sqlite as sqlite_engine
 from anthias_rollback.exceptions import ConfigError
+from tests.helpers.transfer import rows_by_pk
 from tests.kitchensink.models import Category
-from tests.transfer_helpers import rows_by_pk
 
 BOTH = ['sqlite', 'postgres']
 CATEGORY = Category._meta.db_table

@@ -11,7 +11,7 @@ from django.db import connections
 
 from anthias_app.models import Asset
 from anthias_rollback.engines import postgres_journal as pj
-from tests.factories import AssetFactory
+from tests.helpers.factories import AssetFactory
 
 PG = ['postgres']
 

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from anthias_rollback import backup, locking, profiles, readiness
-from tests import backup_helpers as bh
+from tests.helpers import backup as bh
 
 UNREACHABLE = {'ENGINE': 'django.db.backends.postgresql',
                'NAME': 'anthias', 'USER': 'anthias',
@@ -194,7 +194,7 @@ def test_last_drill_reported_and_failed_drill_is_not_ready(device):
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
 def test_cutover_journal_shown(device):
     from anthias_rollback import journal
-    from tests.factories import AssetFactory
+    from tests.helpers.factories import AssetFactory
 
     AssetFactory.create_batch(2)
     journal.record_cutover('sqlite', 'postgres', device[0])

@@ -12,7 +12,7 @@ from django.test import Client
 from anthias_app.models import Asset
 from anthias_rollback import compare, locking, profiles, rollback
 from tests.conftest import postgres_stopped
-from tests.rollback_helpers import (
+from tests.helpers.rollback import (
     file_digest,
     fingerprint_postgres,
     fingerprint_sqlite,

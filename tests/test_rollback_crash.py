@@ -10,7 +10,7 @@ from django.db import DatabaseError, connections
 from anthias_app.models import Asset
 from anthias_rollback import profiles, window
 from tests.conftest import ROOT, run_manage
-from tests.rollback_helpers import (
+from tests.helpers.rollback import (
     fingerprint_postgres,
     fingerprint_sqlite,
     normalise,

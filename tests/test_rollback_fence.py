@@ -12,7 +12,7 @@ from django.db import connections
 from anthias_app.models import Asset
 from anthias_rollback import profiles, window
 from tests.conftest import ROOT, run_manage
-from tests.rollback_helpers import seed_device
+from tests.helpers.rollback import seed_device
 
 ALL = ['default', 'sqlite', 'postgres']
 
@@ -27,7 +27,7 @@ def second_session(**kw):
 
 def start_writers(host_env, log, seconds, n=2):
     env = dict(host_env)
-    return [subprocess.Popen([sys.executable, '-m', 'tests.orm_writer',
+    return [subprocess.Popen([sys.executable, '-m', 'tests.helpers.orm_writer',
                               str(log), str(seconds)], env=env, cwd=ROOT)
             for _ in range(n)]
 
@@ -163,7 +163,7 @@ def test_postgres_that_lost_rows_is_refused_as_a_source(state, data_dir,
 
     from anthias_rollback import backup, conf, switch, transfer
     from anthias_rollback.exceptions import SwitchRefusedError
-    from tests.factories import AssetFactory
+    from tests.helpers.factories import AssetFactory
 
     AssetFactory.create_batch(6)
     live = connections['sqlite'].settings_dict['NAME']

@@ -7,7 +7,7 @@ from django.db import connections
 
 from anthias_rollback import profiles
 from tests.conftest import run_manage
-from tests.rollback_helpers import file_digest, seed_device, write_on_postgres
+from tests.helpers.rollback import file_digest, seed_device, write_on_postgres
 
 ALL = ['default', 'sqlite', 'postgres']
 

@@ -20,9 +20,8 @@ from anthias_rollback.exceptions import (
     PreflightError,
     TransferError,
 )
-from tests import pgserver
-from tests.kitchensink.models import Category, Item
-from tests.transfer_helpers import (
+from tests.helpers import pgserver
+from tests.helpers.transfer import (
     assert_same_rows,
     fresh_sqlite,
     make_assets,
@@ -30,6 +29,7 @@ from tests.transfer_helpers import (
     raw_rows,
     rows_by_pk,
 )
+from tests.kitchensink.models import Category, Item
 
 BOTH = ['sqlite', 'postgres']
 ASSET_COLUMNS = [f.column for f in Asset._meta.concrete_fields]

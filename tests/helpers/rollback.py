@@ -10,8 +10,8 @@ from django.db import connections
 
 from anthias_app.models import Asset
 from anthias_rollback import backup, conf, switch, transfer
-from tests import pgserver
-from tests.factories import AssetFactory, UserFactory
+from tests.helpers import pgserver
+from tests.helpers.factories import AssetFactory, UserFactory
 
 
 @dataclass

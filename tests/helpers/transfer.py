@@ -11,7 +11,7 @@ from django.db import connections
 
 from anthias_rollback import profiles
 from anthias_rollback.transfer import transfer_models
-from tests.factories import AssetFactory, UserFactory
+from tests.helpers.factories import AssetFactory, UserFactory
 from tests.kitchensink.models import (
     Category,
     Item,

@@ -1,4 +1,4 @@
-"""A writer that never stops: `python -m tests.orm_writer LOG SECONDS`.
+"""A writer that never stops: `python -m tests.helpers.orm_writer LOG SECONDS`.
 
 Runs in its own process on the `postgres` alias through the ORM, like an
 app process left on PostgreSQL, and logs every write the database

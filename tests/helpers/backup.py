@@ -1,6 +1,6 @@
 """Real SQLite files and a real writer process for the backup tests.
 
-`python tests/backup_helpers.py DB LOG [AUTOCHECKPOINT]` runs the writer:
+`python tests/helpers/backup.py DB LOG [AUTOCHECKPOINT]` runs the writer:
 it commits transactions into DB in WAL mode as fast as it can until
 killed, and appends to LOG `begin N` before and `commit N` / `rollback N`
 after each one (every 7th transaction is rolled back on purpose). Each

@@ -12,7 +12,7 @@ from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
 
 from anthias_app.models import Asset
-from tests.factories import AssetFactory
+from tests.helpers.factories import AssetFactory
 from tests.kitchensink.models import (
     Category,
     Item,

@@ -1,0 +1,189 @@
+"""The plan: run_rollback validates the options, takes the operation lock
+and runs the phases in order (listed in the package docstring,
+anthias_rollback.rollback), lowering the fence and reporting whenever
+one fails before the swap, and turning a failure after it into exit 4.
+measured_loss states the loss the run measured; finish builds the
+RollbackResult and writes its JSON and text reports (0600).
+"""
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from django.db import DatabaseError
+
+from anthias_rollback import conf, events, exit_codes, faults, fsutil, locking
+from anthias_rollback.exceptions import ConfigError, RollbackError
+from anthias_rollback.phases import Deadline, PhaseRunner
+from anthias_rollback.report import first_line, redact, write_json_report
+from anthias_rollback.rollback.render import render_summary
+from anthias_rollback.rollback.sources import choose_source, cutover_summary
+from anthias_rollback.rollback.state import (
+    LOG_NAME,
+    SOURCES,
+    RollbackOptions,
+    RollbackResult,
+    _Run,
+    write_run_state,
+)
+from anthias_rollback.rollback.steps import (
+    build_new_file,
+    fence_postgres,
+    lift_fence,
+    post_verify,
+    preflight,
+    preserve_postgres,
+    prove_loss,
+    remove_sqlite_file,
+    swap_and_flip,
+    verify_new_file,
+)
+
+
+def run_rollback(options: RollbackOptions,
+                 progress: events.Progress = None) -> RollbackResult:
+    """Roll back onto SQLite. See the module docstring for the phases.
+
+    Reads the `postgres` alias (or options.postgres_alias) and/or a backup
+    file; writes a new SQLite file beside the live one, swaps it in,
+    writes the profile state file, the report and the rollback log. Holds
+    the operation lock throughout. Raises RollbackError (LockHeldError,
+    ConfigError, BackupError, DeadlineError, ...) when refused or failed
+    before the swap: then the live database and profile are unchanged,
+    and the error carries `report_path`. Returns a result whose exit_code
+    is 0 (done and verified) or 4 (swapped, a follow-up failed).
+    """
+    if options.source not in SOURCES:
+        raise ConfigError(f'unknown source {options.source!r}')
+    if options.timeout_seconds <= 0:
+        raise ConfigError('the deadline must be positive')
+    data_dir = Path(options.data_dir or conf.data_dir())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    deadline = Deadline(options.timeout_seconds,
+                        'deadline of {seconds:.0f}s reached during {what}; '
+                        'stopped before touching the live database')
+    run = _Run(options, data_dir, PhaseRunner(
+        deadline, progress, log_path=data_dir / LOG_NAME,
+        checkpoint='rollback'))
+    with locking.operation_lock(data_dir, 'rollback_migration'):
+        faults.checkpoint('rollback:locked')
+        try:
+            return _execute(run)
+        except (RollbackError, DatabaseError, OSError) as err:
+            lift_fence(run)
+            if run.swapped:
+                # The new database is live; what failed came after. Say
+                # so with exit 4 instead of pretending nothing changed.
+                run.warn(f'after the swap: {first_line(err)}')
+                return finish(run, 'follow-up failed',
+                              exit_codes.FOLLOW_UP, error=first_line(err))
+            result = finish(run, 'failed', exit_codes.FAILED,
+                            error=first_line(err))
+            err.report_path = result.report_path
+            raise
+        except BaseException:
+            lift_fence(run)
+            raise
+
+
+def _execute(run: _Run) -> RollbackResult:
+    opts = run.options
+    preflight(run)
+    if not opts.dry_run:
+        write_run_state(run.data_dir, 'running',
+                        started_at=run.runner.started_at)
+    choose_source(run)
+    cutover_summary(run)
+    fence_postgres(run)
+    preserve_postgres(run)
+    new_path = build_new_file(run)
+    try:
+        verify_new_file(run, new_path)
+        run.deadline.check('the swap')
+    except BaseException:
+        remove_sqlite_file(new_path)
+        raise
+    if opts.dry_run:
+        remove_sqlite_file(new_path)
+        return finish(run, 'dry run', exit_codes.OK)
+    restart = swap_and_flip(run, new_path)
+    # The fence stays up: no stale process may write into PostgreSQL now
+    # that nobody reads it (switch_database --to postgres lifts it).
+    prove_loss(run)
+    verified = post_verify(run)
+    write_run_state(run.data_dir, 'done', fence='up' if run.fenced else
+                    'none', finished_at=datetime.now(
+                        timezone.utc).isoformat())
+    if not verified or (restart is not None and not restart.ok):
+        return finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
+    loss, _ = measured_loss(run)
+    if run.source == 'postgres' and loss != 'proven-none':
+        return finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
+    return finish(run, 'rolled back', exit_codes.OK)
+
+
+def measured_loss(run: _Run) -> tuple[str, str]:
+    """('proven-none' | 'lost' | 'unproven' | 'backup', one line)."""
+    if run.source != 'postgres':
+        return 'backup', ''
+    if run.shortfall:
+        shown = '; '.join(f'{s.model}: {s.found} rows, {s.expected} '
+                          'expected' for s in run.shortfall[:5])
+        return 'lost', (f'PostgreSQL had lost rows before the rollback '
+                        f'that no journaled write removed ({shown})')
+    if run.proof is None:
+        return 'unproven', ('not proven: PostgreSQL has no change journal '
+                            '(cutover made without one), so writes made '
+                            'during the rollback cannot be counted')
+    if run.proof.proven_none:
+        return 'proven-none', ('none (proven: no write committed after the '
+                               'copy\'s snapshot; journal, row versions '
+                               'and row counts checked)')
+    parts = [f'{w.model} pk={w.pk} {w.operation}'
+             for w in run.proof.lost[:10]]
+    parts += [f'{label}: {copied} rows copied, {now} on PostgreSQL'
+              for label, (copied, now) in
+              run.proof.count_differences.items()]
+    more = len(run.proof.lost) - 10
+    return 'lost', (f'{len(run.proof.lost)} write(s) not in SQLite: '
+                    + '; '.join(parts)
+                    + (f' (and {more} more in the report)' if more > 0
+                       else ''))
+
+
+def finish(run: _Run, outcome: str, code: int,
+           error: str | None = None) -> RollbackResult:
+    """Build the result and write the JSON + text report (0600)."""
+    now = time.monotonic()
+    result = RollbackResult(
+        outcome=outcome, exit_code=code, source=run.source,
+        source_reason=run.source_reason,
+        live_path=str(run.live_path or ''),
+        safety_copy=str(run.safety_copy) if run.safety_copy else None,
+        backup_used=str(run.backup_used) if run.backup_used else None,
+        postgres_dump=str(run.dump_path) if run.dump_path else None,
+        at_risk_file=str(run.at_risk_file) if run.at_risk_file else None,
+        at_risk_rows=run.at_risk_rows,
+        at_risk_note=run.at_risk_note,
+        resurrected_rows=run.resurrected_rows, rows=run.rows,
+        since_cutover=run.since_cutover, phases=tuple(run.runner.phases),
+        warnings=tuple(run.runner.warnings), error=error,
+        started_at=run.runner.started_at,
+        finished_at=datetime.now(timezone.utc).isoformat(),
+        seconds=round(now - run.runner.started, 3),
+        downtime_seconds=(round(run.flipped_at - run.runner.started, 3)
+                          if run.flipped_at else None),
+        loss=measured_loss(run)[0], loss_detail=measured_loss(run)[1],
+        lost_writes=tuple(asdict(w) for w in run.proof.lost)
+        if run.proof else (),
+        shortfall={s.model: {'expected': s.expected, 'found': s.found}
+                   for s in run.shortfall} or None,
+        cutover_forced=bool(run.journal and run.journal.forced))
+    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
+    path = run.reports_dir / f'rollback_{stamp}.json'
+    result = replace(result, report_path=str(path))
+    write_json_report(path, result.as_dict())
+    fsutil.atomic_write_bytes(path.with_suffix('.txt'),
+                              redact(render_summary(result)).encode(),
+                              mode=0o600)
+    return result

@@ -1,0 +1,98 @@
+"""Reading and rendering results, plain text (commands add colour): the
+newest report and a result loaded back from its JSON, the data-loss line
+as measured by the run (never assumed), the summary written beside each
+report and printed by rollback_migration, and the URGENT / RESOLVED
+notices an operator forwards.
+"""
+import json
+from pathlib import Path
+
+from anthias_rollback.phases import PhaseResult
+from anthias_rollback.rollback.state import RollbackResult
+
+
+def latest_report(reports_dir: Path) -> Path | None:
+    found = sorted(Path(reports_dir).glob('rollback_*.json'))
+    return found[-1] if found else None
+
+
+def load_result(path: Path) -> RollbackResult:
+    data = json.loads(Path(path).read_text())
+    data['phases'] = tuple(PhaseResult(**p) for p in data['phases'])
+    data['warnings'] = tuple(data['warnings'])
+    return RollbackResult(**data)
+
+
+def data_loss_line(result: RollbackResult) -> str:
+    """The loss as measured in the run (never assumed)."""
+    if result.source == 'postgres':
+        return result.loss_detail or 'not proven (no proof recorded)'
+    if result.at_risk_rows is None:
+        return ('UNKNOWN: restored from a backup and PostgreSQL could not '
+                'be compared; writes made after the backup may be lost')
+    total = result.rows_at_risk or 0
+    where = f', saved in {result.at_risk_file}' if result.at_risk_file \
+        else ''
+    return f'{total} rows at risk (written after the backup{where})'
+
+
+def render_summary(result: RollbackResult) -> str:
+    lines = [f'Rollback {result.outcome.upper()} in {result.seconds:.2f}s',
+             f'  live database: {result.live_path}',
+             f'  source:        {result.source} ({result.source_reason})']
+    if result.backup_used:
+        lines.append(f'  backup used:   {result.backup_used}')
+    if result.safety_copy:
+        lines.append(f'  safety copy:   {result.safety_copy}')
+    if result.postgres_dump:
+        lines.append(f'  pg_dump:       {result.postgres_dump}')
+    lines.append(f'  data loss:     {data_loss_line(result)}')
+    if result.resurrected_rows:
+        lines.append('  deleted on PostgreSQL but back from the backup: '
+                     + ', '.join(f'{k} {v}' for k, v in
+                                 result.resurrected_rows.items()))
+    if result.since_cutover and result.since_cutover.get('models'):
+        lines.append(f'  since the cutover at '
+                     f'{result.since_cutover["cutover_at"]}:')
+        for label, m in result.since_cutover['models'].items():
+            lines.append(f'    {label}: {m["rows_at_cutover"]} -> '
+                         f'{m["rows_now"]} rows'
+                         + (f' ({m["new_rows"]} new)' if m['new_rows']
+                            else ''))
+    lines.append('  phases:')
+    for p in result.phases:
+        lines.append(f'    {p.name:<12} {p.status:<8} {p.seconds:7.3f}s  '
+                     f'{p.detail}')
+    if result.rows:
+        lines.append(f'  rows: {sum(result.rows.values())} in '
+                     f'{len(result.rows)} models')
+    for warning in result.warnings:
+        lines.append(f'  WARNING: {warning}')
+    if result.error:
+        lines.append(f'  ERROR: {result.error}')
+    if result.report_path:
+        lines.append(f'  report: {result.report_path}')
+    return '\n'.join(lines) + '\n'
+
+
+def urgent_notice(reason: str, started_at: str) -> str:
+    return (
+        'URGENT: Database Migration Rollback Required\n\n'
+        f'Issue: {reason}\n'
+        'Impact: the app is being moved back onto SQLite; screens keep '
+        'their cached content, edits are paused\n'
+        f'Action Taken: rollback_migration started at {started_at}\n')
+
+
+def resolved_notice(result: RollbackResult) -> str:
+    downtime = (f'{result.downtime_seconds:.1f}s'
+                if result.downtime_seconds is not None else 'unknown')
+    return (
+        'RESOLVED: Database Migration Rollback Completed\n\n'
+        f'Resolution: service restored to the SQLite database '
+        f'{result.live_path}\n'
+        f'Source: {result.source} ({result.source_reason})\n'
+        f'Downtime: {downtime}\n'
+        f'Data Loss: {data_loss_line(result)}\n'
+        f'Safety copy of the replaced database: {result.safety_copy}\n'
+        f'Report: {result.report_path}\n')

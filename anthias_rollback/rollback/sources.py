@@ -1,0 +1,285 @@
+"""Where the rows come from. Decides the source (`auto`: PostgreSQL when it
+answers, is migrated and every table reads, else the newest verified
+backup; a setting to fix raises instead of falling back), and fills the
+new SQLite file from it: a migrate plus a copy inside the journal's
+snapshot from PostgreSQL, or a checked snapshot of the backup. From a
+backup, the rows PostgreSQL holds that the backup lacks are found and
+exported as a loaddata fixture (export_rows, ExactJSONEncoder). Also
+counts rows per model and summarises what changed since the cutover.
+"""
+import contextlib
+import datetime as dt
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from django.core import serializers
+from django.core.management import call_command
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import DatabaseError, connections
+from django.db.migrations.loader import MigrationLoader
+
+from anthias_rollback import (
+    backup,
+    compare,
+    engines,
+    events,
+    faults,
+    fsutil,
+    journal,
+    models_graph,
+    profiles,
+    schema,
+    transfer,
+    window,
+)
+from anthias_rollback.engines import sqlite_file
+from anthias_rollback.exceptions import (
+    BackupError,
+    ConfigError,
+    DatabaseDownError,
+    DatabaseUnavailableError,
+    RollbackError,
+)
+from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.rollback.state import _Run
+
+
+def code_migrations() -> set[str]:
+    """Every migration the installed code knows, as `app.name`."""
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    return {f'{app}.{name}' for app, name in loader.graph.nodes}
+
+
+def count_rows(alias: str) -> dict[str, int]:
+    """Row count per label of every model the transfer moves (including
+    `django_migrations`) on *alias*."""
+    return {m._meta.label: m._base_manager.using(alias).count()
+            for m in transfer.transfer_models()}
+
+
+def postgres_usable(run: _Run) -> tuple[bool, str]:
+    """Can PostgreSQL be the source: answers, migrated, every table read.
+    (False, why) only when the server is down or not serving; a setting
+    to fix (bad password, missing database, invalid port, a malformed
+    variable) raises: falling back to a backup would then silently drop
+    every write since the cutover."""
+    alias = run.options.postgres_alias
+    try:
+        schema.check_connection(alias)
+        pending = schema.pending_migrations(alias)
+        if pending:
+            raise ConfigError(f'{describe_alias(alias)} has unapplied '
+                              f'migrations ({", ".join(pending[:5])})')
+        budget_ms = int(max(1.0, min(30.0, run.deadline.remaining() / 4))
+                        * 1000)
+        for model in models_graph.plan_models().models:
+            engines.for_alias(alias).probe_table(alias, model, budget_ms)
+        run.journal = window.window_state(alias)
+        run.shortfall = window.account_cutover(alias)
+    except DatabaseDownError as err:
+        connections[alias].close()
+        return False, first_line(err)
+    except (RollbackError, DatabaseError) as err:
+        connections[alias].close()
+        if isinstance(err, DatabaseError) and engines.for_alias(
+                alias).server_down(err):
+            return False, first_line(err)
+        raise ConfigError(
+            f'PostgreSQL is not usable and this is not an outage: '
+            f'{first_line(err)}; fix the setting (ANTHIAS_POSTGRES_URL, '
+            'POSTGRES_*, --postgres-*) or restore a backup on purpose with '
+            '--source backup; nothing was changed') from None
+    if run.shortfall:
+        shown = ', '.join(f'{s.model} {s.found} of {s.expected}'
+                          for s in run.shortfall[:5])
+        return False, (f'{describe_alias(alias)} lost rows that no '
+                       f'journaled write removed ({shown} rows)')
+    return True, (f'{describe_alias(alias)} answers and every table is '
+                  'readable')
+
+
+def choose_source(run: _Run) -> None:
+    opts = run.options
+    with run.phase('source') as record:
+        if opts.source == 'backup':
+            run.source = 'backup'
+            run.source_reason = 'asked for (--source backup)'
+        else:
+            usable, why = postgres_usable(run)
+            if opts.source == 'postgres' and run.shortfall:
+                usable = True   # asked for: done, and the shortfall named
+                run.warn(f'--source postgres: {why}')
+            if opts.source == 'postgres' and not usable:
+                raise DatabaseUnavailableError(
+                    f'cannot roll back from PostgreSQL: {why}')
+            if usable:
+                asked = ('asked for (--source postgres); '
+                         if opts.source == 'postgres' else '')
+                run.source = 'postgres'
+                run.source_reason = asked + why
+            else:
+                run.source = 'backup'
+                run.source_reason = f'PostgreSQL not usable: {why}'
+        if run.source == 'backup':
+            run.backup_used = pick_backup(run)
+        record['detail'] = f'{run.source}: {run.source_reason}'
+
+
+def pick_backup(run: _Run) -> Path:
+    """The backup to restore: --backup-path or the newest verified one."""
+    if run.options.backup_path is not None:
+        path = Path(run.options.backup_path)
+        if not path.is_file():
+            raise BackupError(f'backup {path} does not exist')
+        return path
+    directory = run.backup_dir
+    info = backup.latest_verified_backup(directory)
+    if info is None:
+        raise BackupError(
+            f'no verified backup in {directory} and PostgreSQL '
+            'cannot be the source; nothing to roll back from')
+    return info.path
+
+
+def build_from_postgres(run: _Run, new_path: Path) -> None:
+    opts = run.options
+
+    def on_progress(event: events.ProgressEvent) -> None:
+        run.runner.emit(event.kind, event.name, rows=event.rows,
+                        total=event.total, seconds=event.seconds)
+        if event.kind == events.MODEL_DONE:
+            faults.checkpoint(f'rollback:copied-{event.name}')
+        run.deadline.check('the copy from PostgreSQL')
+
+    with profiles.sqlite_file_alias(new_path) as alias:
+        call_command('migrate', database=alias, verbosity=0,
+                     interactive=False)
+        faults.checkpoint('rollback:schema-created')
+        # Also raises sqlite_sequence to PostgreSQL's sequences, so no id
+        # PostgreSQL handed out is reused after the rollback.
+        with contextlib.ExitStack() as stack:
+            if run.journal is not None and run.journal.installed:
+                run.snapshot = stack.enter_context(
+                    window.snapshot_transaction(opts.postgres_alias))
+                faults.checkpoint('rollback:snapshot-taken')
+            result = transfer.transfer_data(
+                opts.postgres_alias, alias, batch_size=opts.batch_size,
+                progress=on_progress)
+        run.expected_rows = {m.label: m.rows for m in result.models}
+    run.rows = dict(run.expected_rows)
+
+
+def build_from_backup(run: _Run, new_path: Path) -> None:
+    checked = backup.verify_backup(run.backup_used)
+    # A backup without a manifest (older tools) cannot be checksummed; an
+    # operator who names one with --backup-path gets it if everything
+    # else checks out (integrity, foreign keys, schema below).
+    only_unverified = (not checked.has_manifest
+                       and len(checked.reasons) == 1
+                       and run.options.backup_path is not None)
+    if not checked.valid and not only_unverified:
+        raise BackupError(f'backup {run.backup_used} is not valid: '
+                          f'{"; ".join(checked.reasons)}')
+    if not checked.has_manifest:
+        run.warn(f'backup {run.backup_used} has no manifest: checked for '
+                 'integrity only, no checksum')
+    sqlite_file.sqlite_snapshot(run.backup_used, new_path,
+                           timeout=max(1.0, run.deadline.remaining()))
+    with profiles.sqlite_file_alias(new_path) as alias:
+        applied = {f'{a}.{n}' for a, n in schema.applied_migrations(alias)}
+        known = code_migrations()
+        unknown, missing = applied - known, known - applied
+        if unknown or missing:
+            detail = '; '.join(filter(None, [
+                f'unknown to this code: {", ".join(sorted(unknown)[:5])}'
+                if unknown else '',
+                f'not applied in the backup: '
+                f'{", ".join(sorted(missing)[:5])}' if missing else '']))
+            raise BackupError(f'backup {run.backup_used} does not match '
+                              f'this code\'s schema ({detail})')
+        run.rows = count_rows(alias)
+        run.expected_rows = dict(run.rows)
+        at_risk_rows(run, alias)
+
+
+def at_risk_rows(run: _Run, backup_alias: str) -> None:
+    """Rows on PostgreSQL that the backup lacks or holds differently,
+    exported as a loaddata fixture; deleted-on-PostgreSQL rows counted."""
+    pg = run.options.postgres_alias
+    try:
+        schema.check_connection(pg)
+        found = compare.find_at_risk_keys(
+            backup_alias, pg, timeout=max(5.0, run.deadline.remaining()))
+    except (RollbackError, DatabaseError) as err:
+        connections[pg].close()
+        run.at_risk_note = ('could not be computed: PostgreSQL is not '
+                            f'usable ({first_line(err)})')
+        run.warn(f'at-risk rows {run.at_risk_note}')
+        return
+    keys, resurrected = found.keys, found.resurrected
+    run.at_risk_rows = {label: len(pks) for label, pks in keys.items()}
+    run.resurrected_rows = resurrected
+    if keys and not run.options.dry_run:
+        run.at_risk_file = export_rows(pg, keys, run.reports_dir)
+    total = sum(run.at_risk_rows.values())
+    run.at_risk_note = (f'{total} rows written on PostgreSQL after the '
+                        'backup' + (f', exported to {run.at_risk_file}'
+                                    if run.at_risk_file else ''))
+
+
+def export_rows(alias: str, keys: dict[str, list[Any]],
+                directory: Path) -> Path:
+    """Write the rows with these keys as a `loaddata` JSON fixture (0600).
+
+    Keys are fetched in chunks far below SQLite's/PostgreSQL's parameter
+    limits; the file appears under its final name only when complete.
+    """
+    fsutil.ensure_private_dir(directory)
+    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
+    path = directory / f'at_risk_rows_{stamp}.json'
+    objects: list[Any] = []
+    order = [m._meta.label for m in models_graph.plan_models().models]
+    for label in sorted(keys, key=lambda lb: order.index(lb)
+                        if lb in order else len(order)):
+        model = models_graph.get_model(label)
+        pks = keys[label]
+        for start in range(0, len(pks), 500):
+            objects.extend(model._base_manager.using(alias).filter(
+                pk__in=pks[start:start + 500]).order_by('pk'))
+    rows = serializers.serialize('python', objects)
+    text = json.dumps(rows, cls=ExactJSONEncoder, indent=1,
+                      ensure_ascii=False)
+    fsutil.atomic_write_bytes(path, text.encode(), mode=0o600)
+    return path
+
+
+class ExactJSONEncoder(DjangoJSONEncoder):
+    """DjangoJSONEncoder cuts datetimes and times to milliseconds (its
+    ECMA-262 format); an exported row must come back exactly, and
+    loaddata parses full ISO 8601."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, (dt.datetime, dt.time)):
+            return o.isoformat()
+        return super().default(o)
+
+
+def cutover_summary(run: _Run) -> None:
+    recorded = journal.read_cutover(run.data_dir)
+    if recorded is None or run.source != 'postgres':
+        return
+    try:
+        since = journal.rows_since_cutover(run.options.postgres_alias,
+                                           recorded)
+    except (RollbackError, DatabaseError):
+        return
+    run.since_cutover = {
+        'cutover_at': recorded.get('cutover_at'),
+        'models': {s.label: {'rows_at_cutover': s.rows_at_cutover,
+                             'rows_now': s.rows_now,
+                             'new_rows': s.new_rows}
+                   for s in since if s.rows_at_cutover != s.rows_now
+                   or s.new_rows},
+    }

@@ -1,0 +1,152 @@
+"""What one rollback run is made of: its options (RollbackOptions), its
+returned result (RollbackResult, also what a report file holds), the
+mutable state the phases share while it runs (_Run, over the shared
+PhaseRunner), and the small run-state file (rollback_state.json) that
+tells the next preflight a run was interrupted and whether the write
+fence on PostgreSQL is still up. Every other module of the package
+builds on these; this one imports none of them.
+"""
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from anthias_rollback import conf, fsutil, profiles, window
+from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.phases import Deadline, PhaseResult, PhaseRunner
+
+SOURCES = ('auto', 'postgres', 'backup')
+STATE_NAME = 'rollback_state.json'
+LOG_NAME = 'rollback.log'
+
+
+@dataclass(frozen=True)
+class RollbackOptions:
+    source: str = 'auto'
+    source_explicit: bool = False
+    live_path: Path | None = None
+    backup_path: Path | None = None
+    postgres_alias: str = profiles.POSTGRES
+    sqlite_alias: str = profiles.SQLITE
+    emergency: bool = False
+    dry_run: bool = False
+    verify: bool = True
+    preserve_postgres: bool = False
+    fence: bool = True
+    timeout_seconds: float = 300.0
+    restart: bool = True
+    batch_size: int = 10_000
+    # None: the configured dirs. A drill points them at its sandbox.
+    data_dir: Path | None = None
+    backup_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    outcome: str  # rolled back | dry run | follow-up failed | failed
+    exit_code: int
+    source: str | None
+    source_reason: str
+    live_path: str
+    safety_copy: str | None
+    backup_used: str | None
+    postgres_dump: str | None
+    at_risk_file: str | None
+    at_risk_rows: dict[str, int] | None
+    at_risk_note: str
+    resurrected_rows: dict[str, int] | None
+    rows: dict[str, int]
+    since_cutover: dict[str, Any] | None
+    phases: tuple[PhaseResult, ...]
+    warnings: tuple[str, ...]
+    error: str | None
+    started_at: str
+    finished_at: str
+    seconds: float
+    downtime_seconds: float | None
+    report_path: str | None = None
+    # The measured loss: 'proven-none' | 'lost' | 'unproven' | 'backup';
+    # lost_writes lists what SQLite lacks (model, pk, operation).
+    loss: str = 'unproven'
+    loss_detail: str = ''
+    lost_writes: tuple[dict, ...] = ()
+    shortfall: dict[str, dict[str, int]] | None = None
+    cutover_forced: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def rows_at_risk(self) -> int | None:
+        if self.at_risk_rows is None:
+            return None
+        return sum(self.at_risk_rows.values())
+
+
+@dataclass
+class _Run:
+    """Mutable state of one run; turned into a RollbackResult at the end.
+    Phases, warnings and the deadline are the shared PhaseRunner's."""
+    options: RollbackOptions
+    data_dir: Path
+    runner: PhaseRunner
+    live_path: Path | None = None
+    source: str | None = None
+    source_reason: str = ''
+    safety_copy: Path | None = None
+    backup_used: Path | None = None
+    dump_path: Path | None = None
+    at_risk_file: Path | None = None
+    at_risk_rows: dict[str, int] | None = None
+    at_risk_note: str = ''
+    resurrected_rows: dict[str, int] | None = None
+    rows: dict[str, int] = field(default_factory=dict)
+    expected_rows: dict[str, int] = field(default_factory=dict)
+    since_cutover: dict[str, Any] | None = None
+    flipped_at: float | None = None
+    fenced: bool = False
+    swapped: bool = False
+    journal: window.WindowState | None = None
+    snapshot: str | None = None
+    proof: window.LossProof | None = None
+    shortfall: list[window.Shortfall] = field(default_factory=list)
+
+    @property
+    def deadline(self) -> Deadline:
+        return self.runner.deadline
+
+    @property
+    def backup_dir(self) -> Path:
+        return Path(self.options.backup_dir or conf.backup_dir())
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / 'reports'
+
+    def phase(self, name: str, check_deadline: bool = True
+              ) -> AbstractContextManager[dict[str, str]]:
+        return self.runner.phase(name, check_deadline=check_deadline)
+
+    def warn(self, message: str) -> None:
+        self.runner.warn(message)
+
+
+def state_path(data_dir: Path) -> Path:
+    return Path(data_dir) / STATE_NAME
+
+
+def read_run_state(data_dir: Path) -> dict[str, Any]:
+    """The last run's recorded state ({} when none or unreadable: it only
+    tells preflight that a run was interrupted)."""
+    try:
+        return fsutil.read_json(state_path(data_dir), 'rollback state',
+                                RollbackError) or {}
+    except RollbackError:
+        return {}
+
+
+def write_run_state(data_dir: Path, status: str, **extra: Any) -> None:
+    state = {'status': status,
+             'at': datetime.now(timezone.utc).isoformat(), **extra}
+    fsutil.atomic_write_json(state_path(data_dir), state, mode=0o600)
