@@ -1,7 +1,8 @@
-"""PostgreSQL: the change journal and the write fence (one trigger).
+"""PostgreSQL: the change journal and the write fence, in the triggers.
 
 From the cutover on, every journaled table carries one AFTER row trigger
-(and a statement trigger for TRUNCATE) calling `anthias_rollback_log()`:
+(its own `anthias_rb_log_row_<hash>()`, which reads the key column
+directly) and a statement trigger for TRUNCATE (`anthias_rb_log()`). Each:
 
 1. it takes the fence lock shared (`pg_advisory_xact_lock_shared`), held
    to the end of the writing transaction;
@@ -21,6 +22,7 @@ Tables and functions live beside the app's tables, named `anthias_rb_*`,
 outside Django's models (no model: nothing copies, compares or migrates
 them, and ending the window drops them without a migration).
 """
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +45,14 @@ FENCE_MESSAGE = ('anthias_rollback: writes to this database are fenced: '
                  'process on the sqlite profile (or run switch_database '
                  '--to postgres to lift the fence)')
 
+# Every journaled write: the fence lock shared to the end of its
+# transaction, then the flag (a sequence: read outside MVCC).
+_FENCE_CHECK = f"""    PERFORM pg_advisory_xact_lock_shared({FENCE_LOCK});
+    IF pg_sequence_last_value('{FENCE}'::regclass) = {UP} THEN
+        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
+            MESSAGE = '{FENCE_MESSAGE}';
+    END IF;"""
+
 _INSTALL_SQL = f"""
 CREATE TABLE IF NOT EXISTS {JOURNAL} (
     id bigserial PRIMARY KEY,
@@ -63,36 +73,47 @@ CREATE TABLE IF NOT EXISTS {CUTOVER} (
 CREATE SEQUENCE IF NOT EXISTS {FENCE} MINVALUE 1 MAXVALUE 2 START 1;
 CREATE OR REPLACE FUNCTION {FUNCTION}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $f$
-DECLARE
-    key_col text := TG_ARGV[0];
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared({FENCE_LOCK});
-    IF pg_sequence_last_value('{FENCE}'::regclass) = {UP} THEN
-        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
-            MESSAGE = '{FENCE_MESSAGE}';
-    END IF;
-    IF TG_LEVEL = 'STATEMENT' THEN
-        INSERT INTO {JOURNAL} (tbl, op) VALUES (TG_TABLE_NAME, 'T');
-    ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO {JOURNAL} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'I', to_jsonb(NEW) ->> key_col);
+{_FENCE_CHECK}
+    INSERT INTO {JOURNAL} (tbl, op) VALUES (TG_TABLE_NAME, 'T');
+    RETURN NULL;
+END
+$f$;
+"""
+
+# One row function per table, reading its key column directly: the
+# generic `to_jsonb(NEW) ->> key` form made a 10,000-row UPDATE about 5x
+# slower than without the journal (bench_journal; ~2.8x when direct).
+_ROW_FUNCTION_SQL = """
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $f$
+BEGIN
+{fence}
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO {journal} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'I', NEW.{pk}::text);
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO {JOURNAL} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'D', to_jsonb(OLD) ->> key_col);
-    ELSIF (to_jsonb(OLD) ->> key_col) IS DISTINCT FROM
-          (to_jsonb(NEW) ->> key_col) THEN
+        INSERT INTO {journal} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'D', OLD.{pk}::text);
+    ELSIF OLD.{pk} IS DISTINCT FROM NEW.{pk} THEN
         -- A changed key is a delete of the old and an insert of the new.
-        INSERT INTO {JOURNAL} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'D', to_jsonb(OLD) ->> key_col),
-               (TG_TABLE_NAME, 'I', to_jsonb(NEW) ->> key_col);
+        INSERT INTO {journal} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'D', OLD.{pk}::text),
+               (TG_TABLE_NAME, 'I', NEW.{pk}::text);
     ELSE
-        INSERT INTO {JOURNAL} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'U', to_jsonb(NEW) ->> key_col);
+        INSERT INTO {journal} (tbl, op, pk)
+        VALUES (TG_TABLE_NAME, 'U', NEW.{pk}::text);
     END IF;
     RETURN NULL;
 END
 $f$;
 """
+
+
+def _row_function(table: str) -> str:
+    """The name of *table*'s row function (fits 63 bytes whatever the
+    table's name)."""
+    return f'{FUNCTION}_row_{hashlib.md5(table.encode()).hexdigest()[:12]}'
 
 
 @dataclass(frozen=True)
@@ -130,15 +151,18 @@ def postgres_install_journal(alias: str,
         cursor.execute(f'TRUNCATE {JOURNAL}, {CUTOVER}')
         for model in model_list:
             table = _quote(alias, model._meta.db_table)
-            pk = model._meta.pk.column.replace("'", "''")
+            row_function = _row_function(model._meta.db_table)
+            cursor.execute(_ROW_FUNCTION_SQL.format(
+                name=row_function, fence=_FENCE_CHECK, journal=JOURNAL,
+                pk=_quote(alias, model._meta.pk.column)))
             cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER} ON {table}')
             cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER}_t ON {table}')
             cursor.execute(
                 f'CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE '
-                f"ON {table} FOR EACH ROW EXECUTE FUNCTION {FUNCTION}('{pk}')")
+                f'ON {table} FOR EACH ROW EXECUTE FUNCTION {row_function}()')
             cursor.execute(
                 f'CREATE TRIGGER {TRIGGER}_t AFTER TRUNCATE ON {table} '
-                f"FOR EACH STATEMENT EXECUTE FUNCTION {FUNCTION}('{pk}')")
+                f'FOR EACH STATEMENT EXECUTE FUNCTION {FUNCTION}()')
         cursor.execute(
             f'INSERT INTO {CUTOVER} (forced, info) VALUES (%s, %s)',
             [forced, json.dumps({**info, 'tables': tables})])
@@ -165,6 +189,12 @@ def postgres_remove_journal(alias: str,
                                f'{quoted}')
                 cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER}_t ON '
                                f'{quoted}')
+        cursor.execute("SELECT p.oid::regprocedure::text FROM pg_proc p "
+                       "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                       "WHERE p.proname LIKE %s AND n.nspname = "
+                       "current_schema()", [f'{FUNCTION}_row_%'])
+        for (signature,) in cursor.fetchall():
+            cursor.execute(f'DROP FUNCTION IF EXISTS {signature} CASCADE')
         cursor.execute(f'DROP FUNCTION IF EXISTS {FUNCTION}() CASCADE')
         cursor.execute(f'DROP TABLE IF EXISTS {JOURNAL}, {CUTOVER}')
         cursor.execute(f'DROP SEQUENCE IF EXISTS {FENCE}')
