@@ -274,20 +274,12 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     that verification can report it as a reason, not a crash.
     """
     mpath = manifest_path_for(path)
-    try:
-        raw = mpath.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise BackupError(f'cannot read manifest {mpath}: '
-                          f'{err.strerror}') from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError:
-        return {'_error': f'manifest {mpath.name} is not valid JSON'}
-    if not isinstance(manifest, dict):
-        return {'_error': f'manifest {mpath.name} is not a JSON object'}
-    return manifest
+
+    def invalid(data: Any) -> dict[str, str]:
+        what = 'valid JSON' if data is None else 'a JSON object'
+        return {'_error': f'manifest {mpath.name} is not {what}'}
+    return fsutil.read_json(mpath, 'manifest', BackupError,
+                            invalid=invalid)
 
 
 def _manifest_problem(manifest: dict[str, Any]) -> str | None:

@@ -7,6 +7,7 @@ directory fsync makes the rename itself survive power loss).
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,14 @@ def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
 
 
 def read_json(path: Path, what: str, error: type[Exception],
-              fix: str = '', kind: type = dict) -> Any | None:
+              fix: str = '', kind: type = dict,
+              invalid: Callable[[Any], Any] | None = None) -> Any | None:
     """The JSON document in the state file *path*: None if the file does
     not exist; *error* naming *what* and the path if it cannot be read,
     is not UTF-8 JSON, or is not a *kind* (a list where a dict belongs).
-    *fix* says how to repair it. The one reader of our state files."""
+    *fix* says how to repair it. With *invalid*, a bad document is not an
+    error: *invalid*(parsed value, or None if unparsable) is returned.
+    The one reader of our state files."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -85,11 +89,14 @@ def read_json(path: Path, what: str, error: type[Exception],
         return None
     except OSError as err:
         raise error(f'cannot read {what} {path}: {err.strerror}') from None
+    parsed = True
     try:
         data = json.loads(raw.decode('utf-8'))
     except ValueError:   # includes UnicodeDecodeError: a binary file
-        data = None
+        data, parsed = None, False
     if not isinstance(data, kind):
+        if invalid is not None:
+            return invalid(data if parsed else None)
         raise error(f'{what} {path} is not valid'
                     + (f'; {fix}' if fix else ''))
     return data

@@ -12,18 +12,11 @@ from django.db import connections
 from anthias_app.models import Asset
 from anthias_rollback.engines import postgres_journal as pj
 from tests.helpers.factories import AssetFactory
+from tests.helpers.pg import pg_session
 
 PG = ['postgres']
 
 
-def raw_connection(user=None, password=None):
-    """A second session on the test database (its own libpq connection)."""
-    s = connections['postgres'].settings_dict
-    conn = psycopg2.connect(
-        dbname=s['NAME'], user=user or s['USER'],
-        password=password if user else s['PASSWORD'],
-        host=s['HOST'], port=s['PORT'] or None)
-    return conn
 
 
 @pytest.fixture
@@ -74,17 +67,17 @@ def snapshot_now():
 @pytest.mark.django_db(databases=PG, transaction=True)
 def test_fence_refuses_every_session_and_role_at_once(journaled):
     s = connections['postgres'].settings_dict
-    other = raw_connection()
+    other = pg_session()
     other.autocommit = True
     with other.cursor() as cur:
         cur.execute("DROP ROLE IF EXISTS anthias_other")
         cur.execute("CREATE ROLE anthias_other LOGIN PASSWORD 'pw'")
         cur.execute('GRANT ALL ON assets TO anthias_other')
-    second_role = raw_connection('anthias_other', 'pw')
+    second_role = pg_session('anthias_other', 'pw')
     # A REPEATABLE READ transaction that began (and read) before the
     # fence: a flag row would be invisible to its snapshot.
     existing = save_pg(make_asset('existing'))
-    early = raw_connection()
+    early = pg_session()
     early.set_session(isolation_level='REPEATABLE READ')
     with early.cursor() as cur:
         cur.execute('SELECT count(*) FROM assets')
@@ -122,7 +115,7 @@ def test_fence_refuses_every_session_and_role_at_once(journaled):
 @pytest.mark.django_db(databases=PG, transaction=True)
 def test_wait_for_writers_waits_for_an_open_writing_transaction(journaled):
     row = save_pg(make_asset('before'))
-    writer = raw_connection()
+    writer = pg_session()
     with writer.cursor() as cur:   # a transaction left open after writing
         cur.execute("UPDATE assets SET name = 'open' WHERE asset_id = %s",
                     [row.pk])
@@ -149,7 +142,7 @@ def test_wait_for_writers_waits_for_an_open_writing_transaction(journaled):
 def test_a_write_with_triggers_disabled_is_found_by_xmin(journaled):
     kept = save_pg(make_asset('kept'))
     snapshot = snapshot_now()
-    sneaky = raw_connection()
+    sneaky = pg_session()
     try:
         with sneaky.cursor() as cur:
             cur.execute("SET session_replication_role = replica")

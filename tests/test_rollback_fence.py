@@ -12,17 +12,12 @@ from django.db import connections
 from anthias_app.models import Asset
 from anthias_rollback import profiles, window
 from tests.conftest import ROOT, run_manage
+from tests.helpers.pg import pg_session
 from tests.helpers.rollback import seed_device
 
 ALL = ['default', 'sqlite', 'postgres']
 
 
-def second_session(**kw):
-    s = connections['postgres'].settings_dict
-    return psycopg2.connect(dbname=s['NAME'], host=s['HOST'],
-                            port=s['PORT'] or None,
-                            user=kw.get('user', s['USER']),
-                            password=kw.get('password', s['PASSWORD']))
 
 
 def start_writers(host_env, log, seconds, n=2):
@@ -59,7 +54,7 @@ def sqlite_asset_ids(live):
 def test_writers_and_another_roles_open_session_lose_nothing(
         data_dir, settings, host_env, tmp_path):
     device = seed_device(settings)
-    admin = second_session()
+    admin = pg_session()
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute('DROP ROLE IF EXISTS anthias_monitor')
@@ -67,7 +62,7 @@ def test_writers_and_another_roles_open_session_lose_nothing(
         cur.execute('GRANT SELECT, UPDATE ON assets TO anthias_monitor')
     # Another role, in a transaction that read and stays open (the app's
     # role may not terminate it): the fence must not depend on ending it.
-    monitor = second_session(user='anthias_monitor', password='pw')
+    monitor = pg_session('anthias_monitor', 'pw')
     monitor.set_session(isolation_level='REPEATABLE READ')
     with monitor.cursor() as cur:
         cur.execute('SELECT count(*) FROM assets')
@@ -115,7 +110,7 @@ def test_a_write_that_bypassed_the_triggers_is_named_and_exit_4(
     connections['sqlite'].close()
     # A session with the triggers disabled (superuser only) writes
     # behind the fence's back while the rollback copies.
-    sneaky = second_session()
+    sneaky = pg_session()
     sneaky.autocommit = True
     # Pause once the assets are copied: the copy's snapshot is taken, so
     # this write is one SQLite cannot hold.
