@@ -285,7 +285,7 @@ def run_drill(options: DrillOptions,
     drills = fsutil.ensure_private_dir(drills_dir(data_dir))
     runner = phases.PhaseRunner(
         phases.Deadline(options.timeout_seconds, expired=EXPIRED),
-        progress=progress)
+        progress=progress, name='drill')
     run = _Run(options, data_dir, runner)
     with locking.operation_lock(drills, 'rollback_drill'):
         try:

@@ -20,6 +20,11 @@ class HealthReport:
         data['problems'] = list(self.problems)
         return data
 
+    def public_dict(self) -> dict[str, Any]:
+        """What an unauthenticated remote caller may see: problems and
+        the profile source carry file paths and PostgreSQL's host:port."""
+        return {'status': self.status, 'profile': self.profile}
+
 
 def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
     """Does *alias* answer, and is its schema fully migrated? Read-only.
@@ -34,6 +39,10 @@ def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
     except RollbackError as err:
         name, source = 'unknown', 'unknown'
         problems.append(str(err))
+    # Settings import fell back to sqlite for a bad profile setting.
+    fallback = profiles.profile_problem()
+    if fallback and fallback not in problems:
+        problems.append(fallback)
     database_ok = False
     pending: int | None = None
     try:

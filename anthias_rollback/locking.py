@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from anthias_rollback.exceptions import LockHeldError
+from anthias_rollback.exceptions import ConfigError, LockHeldError
 
 LOCK_FILE_NAME = 'anthias_rollback.lock'
 
@@ -47,32 +47,73 @@ def _holder(path: Path) -> dict:
         return {}
 
 
+def live_lock_path(live_path: Path) -> Path:
+    """`.<name>.anthias-rollback.lock` beside the live file, found through
+    its resolved path: every data dir that points at one live file (one
+    ANTHIAS_SQLITE_PATH, or a symlink to it) meets on the same lock."""
+    real = Path(os.path.realpath(live_path))
+    return real.with_name(f'.{real.name}.anthias-rollback.lock')
+
+
 @contextmanager
-def operation_lock(data_dir: Path, operation: str) -> Iterator[Path]:
-    """Hold the operation lock for the block; LockHeldError if taken."""
+def _hold(fd: int, path: Path, operation: str, what: str) -> Iterator[Path]:
+    """Hold an exclusive flock on the open lock file *fd* for the block,
+    with the holder recorded in it; LockHeldError if taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(path)
+        raise LockHeldError(
+            f'another operation holds the {what} {path}: '
+            f'{holder.get("operation", "unknown")} '
+            f'(pid {holder.get("pid", "?")}, since '
+            f'{holder.get("started_at", "?")}); wait for it or stop it'
+        ) from None
+    info = {'operation': operation, 'pid': os.getpid(),
+            'host': socket.gethostname(),
+            'started_at': datetime.now(timezone.utc).isoformat()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    try:
+        yield path
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@contextmanager
+def operation_lock(data_dir: Path, operation: str,
+                   live_path: Path | None = None) -> Iterator[Path]:
+    """Hold the operation lock for the block; LockHeldError if taken.
+
+    With *live_path*, also lock the live SQLite file itself (beside it,
+    see live_lock_path): two data dirs sharing one live file once let a
+    second rollback delete the first's new file mid-swap. The data dir
+    lock is taken first; ConfigError if the live lock cannot be created.
+    """
     path = lock_path(data_dir)
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(path)
-            raise LockHeldError(
-                f'another operation holds the lock {path}: '
-                f'{holder.get("operation", "unknown")} '
-                f'(pid {holder.get("pid", "?")}, since '
-                f'{holder.get("started_at", "?")}); wait for it or stop it'
-            ) from None
-        info = {'operation': operation, 'pid': os.getpid(),
-                'host': socket.gethostname(),
-                'started_at': datetime.now(timezone.utc).isoformat()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        with _hold(fd, path, operation, 'lock'):
+            live_lock = (None if live_path is None
+                         else live_lock_path(live_path))
+            # No folder, no live file to race on: the caller refuses a
+            # live path whose folder is missing, with its own message.
+            if live_lock is None or not live_lock.parent.is_dir():
+                yield path
+                return
+            try:
+                live_fd = os.open(live_lock, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as err:
+                raise ConfigError(f'live SQLite path {live_path} is not '
+                                  f'writable: cannot create {live_lock}: '
+                                  f'{err.strerror}') from None
+            try:
+                with _hold(live_fd, live_lock, operation,
+                           f'lock of the live database {live_path} at'):
+                    yield path
+            finally:
+                os.close(live_fd)
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ from django.apps import apps
 from django.db import models
 
 from anthias_rollback import conf
+from anthias_rollback.exceptions import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,35 @@ def is_excluded(model: type[models.Model], excluded: set[str]) -> bool:
     return False
 
 
+def check_exclusions(names: list[str], where: str = 'exclusion') -> None:
+    """ConfigError naming the first of *names* that is neither an
+    installed app label nor an installed model's `app_label.ModelName`.
+
+    A typo (`nosuchapp.Foo`) once excluded nothing, silently: the rows it
+    meant to leave out were copied, or the ones it missed were not.
+    """
+    labels = {config.label for config in apps.get_app_configs()}
+    labels.update(model._meta.label
+                  for model in apps.get_models(include_auto_created=True))
+    for name in names:
+        if name not in labels:
+            raise ConfigError(
+                f'{where} names {name!r}, which is no installed app label '
+                'or model (use an app label such as `sessions`, or '
+                '`app_label.ModelName` as in `auth.Permission`)')
+
+
 def iter_concrete_models(exclude: list[str] | None = None
                          ) -> list[type[models.Model]]:
-    """Concrete managed models (with auto M2M tables), sorted by label."""
-    excluded = set(conf.get_list_setting('ANTHIAS_ROLLBACK_EXCLUDE'))
+    """Concrete managed models (with auto M2M tables), sorted by label.
+
+    Raises ConfigError when ANTHIAS_ROLLBACK_EXCLUDE or *exclude* names
+    no installed app or model.
+    """
+    setting = conf.get_list_setting('ANTHIAS_ROLLBACK_EXCLUDE')
+    check_exclusions(setting, 'ANTHIAS_ROLLBACK_EXCLUDE')
+    check_exclusions(list(exclude or []))
+    excluded = set(setting)
     excluded.update(exclude or [])
     found = []
     for model in apps.get_models(include_auto_created=True):

@@ -2,17 +2,20 @@
 
 The rollback and the drill (and anything long that reports phases) use
 `PhaseRunner`; the results land in their reports as `PhaseResult`s and
-reach the terminal as `events.ProgressEvent`s. The module never prints.
+reach the terminal as `events.ProgressEvent`s. Every phase start, phase
+end and warning is also a record on the run's logger
+(`anthias_rollback.<checkpoint or name>`), and with a log_path a line in
+that file. The module never prints.
 """
-import os
+import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from anthias_rollback import events, faults
+from anthias_rollback import events, faults, logs
 from anthias_rollback.exceptions import DeadlineError
 from anthias_rollback.report import first_line, redact
 
@@ -50,15 +53,16 @@ class Deadline:
                                                     what=what))
 
 
-def append_log_line(path: Path, phase: PhaseResult) -> None:
-    """One line per phase in the run's log file (0600, appended)."""
-    stamp = datetime.now(timezone.utc).isoformat(timespec='seconds')
+def phase_line(phase: PhaseResult) -> str:
+    """The log line of a finished phase (without the time stamp)."""
     group = f' group={phase.group}' if phase.group else ''
-    line = (f'{stamp} phase={phase.name}{group} status={phase.status} '
+    return (f'phase={phase.name}{group} status={phase.status} '
             f'seconds={phase.seconds:.3f} {phase.detail}').rstrip()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, 'a') as fh:
-        fh.write(redact(line) + '\n')
+
+
+# A phase's record level by status: journald filters on it.
+LEVELS = {OK: logging.INFO, SKIPPED: logging.INFO,
+          WARNING: logging.WARNING, FAILED: logging.ERROR}
 
 
 @dataclass
@@ -67,16 +71,51 @@ class PhaseRunner:
 
     *checkpoint* names the fault-injection points: after each phase,
     `faults.checkpoint(f'{checkpoint}:{name}-done')` (tests kill there).
+    It (else *name*, else 'run') also names the logger. *log_path* gets
+    the records while the runner is entered (`with runner:`, the whole
+    run) or, when it is not, while each phase or warning is logged.
     """
     deadline: Deadline
     progress: events.Progress = None
     log_path: Path | None = None
     checkpoint: str = ''
+    name: str = ''
     phases: list[PhaseResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    _log_files: list[ExitStack] = field(default_factory=list, init=False,
+                                        repr=False)
+
+    @property
+    def logger(self) -> logging.Logger:
+        return logs.get_logger(self.checkpoint or self.name or 'run')
+
+    def __enter__(self) -> None:
+        self._open_log()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close_log()
+
+    def _open_log(self) -> None:
+        stack = ExitStack()
+        # Only the outermost entry opens the file: nested phases share it.
+        if self.log_path is not None and not self._log_files:
+            stack.enter_context(logs.file_log(self.logger, self.log_path))
+        self._log_files.append(stack)
+
+    def _close_log(self) -> None:
+        self._log_files.pop().close()
+
+    @contextmanager
+    def attached_log(self) -> Iterator[logging.Logger]:
+        """The run's logger, with the log file attached meanwhile."""
+        self._open_log()
+        try:
+            yield self.logger
+        finally:
+            self._close_log()
 
     def emit(self, kind: str, name: str = '', **fields) -> None:
         events.emit(self.progress, kind, name, **fields)
@@ -84,6 +123,8 @@ class PhaseRunner:
     def warn(self, message: str) -> None:
         message = redact(message)
         self.warnings.append(message)
+        with self.attached_log() as log:
+            log.warning('warning: %s', message)
         self.emit(events.WARNING, detail=message)
 
     def elapsed(self) -> float:
@@ -96,23 +137,27 @@ class PhaseRunner:
         body may set. An exception marks it failed and propagates."""
         if check_deadline:
             self.deadline.check(name)
-        self.emit(events.PHASE_START, name, group=group)
-        record = {'status': OK, 'detail': ''}
-        started = time.monotonic()
-        try:
-            yield record
-        except BaseException as err:
-            record['status'] = FAILED
-            record['detail'] = first_line(err)
-            raise
-        finally:
-            done = PhaseResult(name, record['status'],
-                               round(time.monotonic() - started, 3),
-                               redact(record['detail']), group)
-            self.phases.append(done)
-            if self.log_path is not None:
-                append_log_line(self.log_path, done)
-            self.emit(events.PHASE_DONE, name, status=done.status,
-                      seconds=done.seconds, detail=done.detail, group=group)
+        with self.attached_log() as log:
+            log.info('phase-start=%s%s', name,
+                     f' group={group}' if group else '')
+            self.emit(events.PHASE_START, name, group=group)
+            record = {'status': OK, 'detail': ''}
+            started = time.monotonic()
+            try:
+                yield record
+            except BaseException as err:
+                record['status'] = FAILED
+                record['detail'] = first_line(err)
+                raise
+            finally:
+                done = PhaseResult(name, record['status'],
+                                   round(time.monotonic() - started, 3),
+                                   redact(record['detail']), group)
+                self.phases.append(done)
+                log.log(LEVELS.get(done.status, logging.INFO),
+                        phase_line(done))
+                self.emit(events.PHASE_DONE, name, status=done.status,
+                          seconds=done.seconds, detail=done.detail,
+                          group=group)
         if self.checkpoint:
             faults.checkpoint(f'{self.checkpoint}:{name}-done')

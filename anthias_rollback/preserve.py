@@ -3,6 +3,7 @@
 PostgreSQL only; every function is named for it.
 """
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -12,8 +13,18 @@ from pathlib import Path
 from django.db import connections
 
 from anthias_rollback import conf, fsutil
-from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.report import describe_alias
+
+VERSION_TIMEOUT = 10
+
+
+@dataclass(frozen=True)
+class PgDumpVersion:
+    executable: str
+    client: str        # pg_dump's own version line
+    client_major: int
+    server_major: int | None   # None when not asked
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,58 @@ def find_pg_dump() -> str | None:
     if os.sep in candidate:
         return candidate if os.access(candidate, os.X_OK) else None
     return shutil.which(candidate)
+
+
+def pg_dump_client_version(executable: str) -> tuple[str, int]:
+    """(`pg_dump --version` line, major version); ConfigError if it does
+    not run or says no version."""
+    try:
+        done = subprocess.run([executable, '--version'], capture_output=True,
+                              text=True, timeout=VERSION_TIMEOUT,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError(f'ANTHIAS_PG_DUMP={executable} does not run: '
+                          f'{err}') from None
+    line = done.stdout.strip()
+    found = re.search(r'\b(\d+)(?:\.\d+)*', line)
+    if done.returncode != 0 or found is None:
+        raise ConfigError(f'ANTHIAS_PG_DUMP={executable} --version exited '
+                          f'{done.returncode} without a version')
+    return line, int(found.group(1))
+
+
+def postgres_server_major(alias: str) -> int:
+    """PostgreSQL: the server's major version (server_version_num)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SHOW server_version_num')
+        return int(cursor.fetchone()[0]) // 10000
+
+
+def check_pg_dump_version(alias: str | None = None,
+                          executable: str | None = None) -> PgDumpVersion:
+    """The pg_dump to use can dump *alias*'s server.
+
+    pg_dump refuses a server of a newer major version ("aborting because
+    of server version mismatch"), so a rollback would find out only in
+    its preserve phase. Reads `pg_dump --version` and, with *alias*, the
+    server's server_version_num (one query, no transaction). Raises
+    ConfigError naming ANTHIAS_PG_DUMP and both versions; DatabaseError
+    when the server cannot be asked.
+    """
+    executable = executable or find_pg_dump()
+    if executable is None:
+        raise ConfigError(f'pg_dump not found (ANTHIAS_PG_DUMP='
+                          f'{conf.get_setting("ANTHIAS_PG_DUMP")})')
+    executable = shutil.which(executable) or executable
+    line, client = pg_dump_client_version(executable)
+    server = None if alias is None else postgres_server_major(alias)
+    if server is not None and client < server:
+        raise ConfigError(
+            f'ANTHIAS_PG_DUMP={executable} is pg_dump {client} ({line}) '
+            f'but {describe_alias(alias)} runs PostgreSQL {server}: '
+            f'pg_dump refuses a newer server; install the PostgreSQL '
+            f'{server} client tools and point ANTHIAS_PG_DUMP at them')
+    return PgDumpVersion(executable, line, client, server)
 
 
 def postgres_dump(alias: str, dest: Path, timeout: float) -> DumpResult:

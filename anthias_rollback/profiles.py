@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import environ
-from django.core.exceptions import ImproperlyConfigured
 
 from anthias_rollback import fsutil
 from anthias_rollback.exceptions import ConfigError, StateFileError
@@ -40,6 +39,14 @@ STATE_FILE_NAME = 'anthias_db_profile.json'
 # building settings, reported when the alias is used (not at import, so a
 # bad PostgreSQL URL never stops a device that runs on SQLite).
 PROBLEM_KEY = 'ANTHIAS_CONFIG_PROBLEM'
+# Key on `default`: the active profile could not be read (bad
+# ANTHIAS_DB_PROFILE or state file), so `default` fell back to sqlite.
+# Reported by the system check, /health and the commands that need the
+# profile; settings import itself never fails for it.
+PROFILE_PROBLEM_KEY = 'ANTHIAS_PROFILE_PROBLEM'
+ADOPTION_HINT = ('add to settings.py: `from anthias_rollback.profiles '
+                 'import build_databases` and `DATABASES = '
+                 'build_databases(data_dir=DATA_DIR)`')
 
 # Anthias's own SQLite options (anthias_django/settings.py).
 SQLITE_OPTIONS = {
@@ -183,8 +190,9 @@ def build_databases(data_dir: str | Path | None = None,
 
     Reads ANTHIAS_DATA_DIR (else *data_dir*), ANTHIAS_SQLITE_PATH,
     ANTHIAS_POSTGRES_URL / POSTGRES_*, ANTHIAS_DB_PROFILE and the state
-    file. Raises ImproperlyConfigured only when the active profile itself
-    cannot be known (bad ANTHIAS_DB_PROFILE or state file).
+    file. Never raises: a bad PostgreSQL setting is recorded under
+    PROBLEM_KEY, a profile that cannot be known (bad ANTHIAS_DB_PROFILE
+    or state file) makes `default` sqlite with PROFILE_PROBLEM_KEY set.
     """
     env = _env(env)
     base = env.get('ANTHIAS_DATA_DIR') or data_dir or './var'
@@ -195,34 +203,65 @@ def build_databases(data_dir: str | Path | None = None,
         SQLITE: sqlite_settings(sqlite_path),
         POSTGRES: postgres_settings(env),
     }
+    # Under tests every alias gets its own test database, never a MIRROR:
+    # pytest-django creates only the declared aliases' databases, so a
+    # host test declaring just `default` ran on the mirrored alias's
+    # live NAME (the real anthias.db). The real aliases must not wait on
+    # `default` either (Django's default dependency, circular here).
+    databases[SQLITE]['TEST'] = {
+        'NAME': str(sqlite_path.with_name(f'test_{sqlite_path.name}')),
+        'DEPENDENCIES': []}
+    databases[POSTGRES]['TEST'] = {
+        'NAME': f'test_{databases[POSTGRES]["NAME"]}', 'DEPENDENCIES': []}
+    problem = None
     try:
-        active = resolve_active_profile(base, env)
+        active = resolve_active_profile(base, env).name
     except (ConfigError, StateFileError) as err:
-        raise ImproperlyConfigured(str(err)) from None
-    databases[DEFAULT] = dict(databases[active.name])
-    # In a host's test run `default` must not become a third database;
-    # and the real aliases must not wait on it (Django makes every alias
-    # depend on `default` by default, which would be circular here).
-    databases[DEFAULT]['TEST'] = {'MIRROR': active.name}
-    for alias in PROFILES:
-        databases[alias]['TEST'] = {'DEPENDENCIES': []}
+        # SQLite is where the device runs unless told otherwise: a bad
+        # profile setting must not brick it at settings import.
+        active, problem = SQLITE, str(err)
+    # A shallow copy shares TEST with the active alias: same test NAME,
+    # same signature, so Django creates one test database for both, and
+    # a host that edits DATABASES['sqlite']['TEST'] moves `default` too.
+    databases[DEFAULT] = dict(databases[active])
+    if problem:
+        databases[DEFAULT][PROFILE_PROBLEM_KEY] = (
+            f'{problem} (running on sqlite until fixed)')
     return databases
+
+
+def alias_settings(alias: str) -> dict[str, Any]:
+    """The settings of *alias*; ConfigError (saying how to adopt
+    build_databases) when DATABASES lacks it, instead of Django's
+    ConnectionDoesNotExist traceback."""
+    from django.db import connections
+    from django.utils.connection import ConnectionDoesNotExist
+
+    try:
+        return connections[alias].settings_dict
+    except ConnectionDoesNotExist:
+        raise ConfigError(f'DATABASES has no {alias!r} alias; '
+                          f'{ADOPTION_HINT}') from None
 
 
 def sqlite_alias_path(alias: str = SQLITE) -> Path:
     """The file behind a SQLite alias."""
-    from django.db import connections
-
-    return Path(connections[alias].settings_dict['NAME'])
+    return Path(alias_settings(alias)['NAME'])
 
 
 def check_alias_configured(alias: str) -> None:
     """Raise ConfigError if building the alias's settings found a problem."""
-    from django.db import connections
-
-    problem = connections[alias].settings_dict.get(PROBLEM_KEY)
+    problem = alias_settings(alias).get(PROBLEM_KEY)
     if problem:
         raise ConfigError(problem)
+
+
+def profile_problem() -> str | None:
+    """Why `default` fell back to sqlite at settings import, or None."""
+    from django.conf import settings
+
+    entry = getattr(settings, 'DATABASES', {}).get(DEFAULT) or {}
+    return entry.get(PROFILE_PROBLEM_KEY)
 
 
 def write_active_profile(data_dir: Path, profile: str,
@@ -242,7 +281,9 @@ def write_active_profile(data_dir: Path, profile: str,
                  changed_at=datetime.now(timezone.utc).isoformat())
     try:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        fsutil.atomic_write_json(path, state, mode=0o644)
+        # 0600 like every file the tool creates: the host processes run
+        # as the same user as the tool, so they still read it.
+        fsutil.atomic_write_json(path, state, mode=0o600)
     except OSError as err:
         raise StateFileError(f'cannot write profile state file {path}: '
                              f'{err.strerror}') from None

@@ -7,7 +7,6 @@ marked informational are reported but do not decide `ready`.
 """
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -16,12 +15,21 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import backup, drill_history, locking, schema
-from anthias_rollback.exceptions import DatabaseDownError, RollbackError
+from anthias_rollback import (
+    backup,
+    drill_history,
+    locking,
+    preserve,
+    schema,
+)
+from anthias_rollback.exceptions import (
+    ConfigError,
+    DatabaseDownError,
+    RollbackError,
+)
 from anthias_rollback.report import first_line
 
 DISK_FACTOR = 3
-PG_DUMP_TIMEOUT = 10
 
 
 @dataclass(frozen=True)
@@ -193,22 +201,29 @@ def check_postgres_reachable(ctx: ReadinessContext) -> ReadinessCheck:
 
 
 def check_pg_dump(ctx: ReadinessContext) -> ReadinessCheck:
-    """pg_dump runs: the rollback dumps PostgreSQL before leaving it."""
+    """pg_dump runs and can dump the server: the rollback dumps
+    PostgreSQL before leaving it (pg_dump refuses a newer server)."""
     name = 'pg_dump'
     exe = shutil.which(ctx.pg_dump)
     if exe is None:
         return ReadinessCheck(name, False, f'{ctx.pg_dump} not found '
                               f'(setting ANTHIAS_PG_DUMP)')
     try:
-        done = subprocess.run([exe, '--version'], capture_output=True,
-                              text=True, timeout=PG_DUMP_TIMEOUT,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return ReadinessCheck(name, False, f'{exe} does not run: {err}')
-    if done.returncode != 0:
-        return ReadinessCheck(name, False, f'{exe} --version exited '
-                              f'{done.returncode}')
-    return ReadinessCheck(name, True, done.stdout.strip() or exe)
+        found = preserve.check_pg_dump_version(None, exe)
+    except ConfigError as err:
+        return ReadinessCheck(name, False, str(err))
+    if ctx.postgres_alias is None:
+        return ReadinessCheck(name, True, f'{found.client}; no PostgreSQL '
+                              'alias to compare versions with')
+    try:
+        found = preserve.check_pg_dump_version(ctx.postgres_alias, exe)
+    except ConfigError as err:
+        return ReadinessCheck(name, False, str(err))
+    except (DatabaseError, RollbackError) as err:
+        return ReadinessCheck(name, True, f'{found.client}; server version '
+                              f'not checked: {first_line(err)}')
+    return ReadinessCheck(name, True, f'{found.client}; server is '
+                          f'PostgreSQL {found.server_major}')
 
 
 def check_lock(ctx: ReadinessContext) -> ReadinessCheck:
@@ -297,6 +312,23 @@ def check_window(ctx: ReadinessContext) -> ReadinessCheck:
     return ReadinessCheck('window', True, reason, informational=True)
 
 
+def check_standby(ctx: ReadinessContext) -> ReadinessCheck:
+    """Informational: the standby replicate_changes keeps (what a
+    rollback with PostgreSQL down would restore) and how far behind."""
+    from anthias_rollback import replication
+
+    state = replication.standby_state(ctx.data_dir, ctx.postgres_alias)
+    if state.position is None:
+        return ReadinessCheck('standby', False, state.problem or
+                              'no standby: with PostgreSQL down, a rollback '
+                              'restores a backup', informational=True)
+    pending = (f', {state.pending} journal entries pending'
+               if state.pending is not None else '')
+    return ReadinessCheck(
+        'standby', True, f'standby at {state.position_at} '
+        f'({state.lag_seconds:.1f}s behind{pending})', informational=True)
+
+
 CHECKS: list[Check] = [
     check_backup_fresh,
     check_backup_integrity,
@@ -308,6 +340,7 @@ CHECKS: list[Check] = [
     check_last_drill,
     check_cutover,
     check_window,
+    check_standby,
 ]
 
 

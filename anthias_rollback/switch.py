@@ -12,7 +12,14 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import compare, conf, profiles, schema, window
+from anthias_rollback import (
+    compare,
+    conf,
+    profiles,
+    replication,
+    schema,
+    window,
+)
 from anthias_rollback.exceptions import (
     RollbackError,
     SchemaMismatchError,
@@ -118,6 +125,9 @@ def switch_profile(target: str, force: bool = False,
     DatabaseUnavailableError, SchemaMismatchError or StateFileError,
     with the profile unchanged in every case.
     """
+    # Every setting checked before the flip (the restart timeout is read
+    # only after it).
+    conf.validate_settings()
     data_dir = conf.data_dir()
     previous = profiles.resolve_active_profile(data_dir)
     alias = profiles.alias_for_profile(target)
@@ -138,9 +148,16 @@ def switch_profile(target: str, force: bool = False,
     if cutover:
         # The journal and the cutover row commit together, before the
         # flip: no write on PostgreSQL is ever outside the journal.
+        # A new window: a standby of an older one would hold stale rows.
+        standby = replication.discard_standby(data_dir)
         try:
             opened = window.open_window(profiles.SQLITE, alias,
-                                        forced=force)
+                                        forced=force, standby_dir=standby)
+            problem = opened['standby_cutover'].get('problem')
+            if problem:
+                warnings.append(f'no standby cutover file ({problem}): '
+                                'replicate_changes will start from a '
+                                'full copy of PostgreSQL')
         except (RollbackError, DatabaseError) as err:
             if not force:
                 raise SwitchRefusedError(

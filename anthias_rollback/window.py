@@ -15,6 +15,7 @@ Engine work is in engines.postgres_journal; this module maps tables to
 models and decides. It never prints.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from django.db import DatabaseError, transaction
@@ -83,12 +84,18 @@ def _models_by_table() -> dict[str, Any]:
 
 
 def open_window(sqlite_alias: str, postgres_alias: str, *,
-                forced: bool = False) -> dict[str, Any]:
+                forced: bool = False,
+                standby_dir: Path | None = None) -> dict[str, Any]:
     """Install the journal on *postgres_alias* and record the cutover,
     in one transaction with the planned tables locked against writers,
     so the recorded counts are exactly the journal's starting point.
-    Also lowers a fence left by a rollback (a new window). Returns the
+    Also lowers a fence left by a rollback (a new window). With
+    *standby_dir*, also snapshots *sqlite_alias*'s file there as the
+    cutover file replicate_changes starts from (under the same lock; its
+    path is in info['standby_cutover'], or why not). Returns the
     recorded info: per model, rows on each side."""
+    from anthias_rollback import profiles, replication
+
     plan = list(models_graph.plan_models().models)
     with transaction.atomic(using=postgres_alias):
         pj.postgres_lock_tables(postgres_alias,
@@ -100,6 +107,12 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
                 postgres_alias).count()
             info['sqlite_rows'][label] = model._base_manager.using(
                 sqlite_alias).count()
+        if standby_dir is not None:
+            info['standby_cutover'] = replication.take_cutover_file(
+                profiles.sqlite_alias_path(sqlite_alias), standby_dir,
+                window=pj.postgres_current_txid(postgres_alias),
+                expected_rows={m._meta.db_table: info['rows'][
+                    m._meta.label] for m in plan})
         pj.postgres_install_journal(postgres_alias, plan, info, forced)
     return info
 

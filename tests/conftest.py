@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from django.db import connections
 
+from tests.helpers import pgserver
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,6 +70,8 @@ def host_env(data_dir):
         'PYTHONPATH': str(ROOT),
     })
     env.pop('ANTHIAS_DB_PROFILE', None)
+    # The server's own pg_dump (the machine's is an older major version).
+    env['ANTHIAS_PG_DUMP'] = str(pgserver.embedded_bin_dir() / 'pg_dump')
     return env
 
 
@@ -124,8 +128,6 @@ def small_fs(tmp_path):
 def postgres_stopped():
     """Really stop the run's embedded PostgreSQL server, then start it
     again on the same data dir and socket (pg_ctl, as its OS user)."""
-    from tests.helpers import pgserver
-
     server = pgserver._server
     if server is None:
         pytest.fail('stopping PostgreSQL needs the embedded test server '

@@ -24,3 +24,5 @@ DATABASES['postgres']['TEST']['NAME'] = 'test_anthias'
 INSTALLED_APPS = INSTALLED_APPS + ['tests.kitchensink']
 ROOT_URLCONF = 'tests.urls'
 PASSWORD_HASHERS = ['django.contrib.auth.hashers.MD5PasswordHasher']
+# The server's own client tools (the machine's pg_dump is older).
+ANTHIAS_PG_DUMP = str(pgserver.embedded_bin_dir() / 'pg_dump')

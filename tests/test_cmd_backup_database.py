@@ -92,7 +92,9 @@ def test_list_and_json(data_dir):
     assert lines[0].startswith(os.path.basename(second))
     assert 'verified' in lines[0] and 'assets=2' in lines[0]
     assert 'invalid (sha256 checksum mismatch' in lines[1]
-    listed = json.loads(command('--list', '--json')[0])
+    assert lines[-1].startswith('2 backup(s) in ')
+    assert lines[-1].endswith(f'1 verified; newest {second}')
+    listed = json.loads(command('--list', '--json')[0])['backups']
     assert [b['state'] for b in listed] == ['verified', 'invalid']
     assert listed[0]['row_counts']['assets'] == 2
     made = json.loads(command('--json')[0])

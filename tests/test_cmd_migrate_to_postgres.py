@@ -42,7 +42,7 @@ def test_copies_everything_and_writes_json(data_dir, tmp_path):
     make_kitchen_sink('sqlite')
     make_assets(30)
     report = tmp_path / 'reports' / 'migrate.json'
-    out, _ = migrate('--batch-size', '9', '--json', str(report))
+    out, _ = migrate('--batch-size', '9', '--report', str(report))
     last = out.strip().splitlines()[-1]
     assert last.startswith('copied ') and 'rows/s' in last
     assert 'anthias_app.Asset: 30 rows' in out

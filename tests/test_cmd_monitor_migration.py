@@ -82,7 +82,7 @@ def test_trigger_without_auto_rollback_exits_3(data_dir, flaky):
 @pytest.mark.django_db(**DB)
 def test_json_lines_only_on_stdout(data_dir, flaky):
     flaky.queue(OK, monitor_views.slow(0.06))
-    out, _ = watch(*FAST, '--max-probes', '2', '--json',
+    out, _ = watch(*FAST, '--max-probes', '2', '--json-lines',
                    '--max-response-ms', '50')
     events = [json.loads(line) for line in out.splitlines()]
     assert [e['event'] for e in events] == ['probe', 'probe', 'result']
@@ -106,20 +106,21 @@ def test_max_duration_bounds_a_real_run(data_dir, flaky):
 
 
 @pytest.mark.parametrize('args, match', [
-    (('--interval', '0'), '--interval must be a positive number'),
-    (('--interval', '-2'), '--interval must be a positive number'),
-    (('--window', '0'), '--window must be a positive whole number'),
-    (('--consecutive', '-1'), '--consecutive'),
-    (('--baseline-probes', '0'), '--baseline-probes'),
-    (('--max-response-ms', '0'), 'max_response_ms must be a positive'),
-    (('--max-error-rate', '-5'), 'max_error_rate must be a positive'),
-    (('--max-degradation-pct', '0'), 'max_degradation_pct'),
-    (('--max-duration', '0'), '--max-duration'),
-    (('--timeout', '0'), '--timeout'),
+    (('--interval', '0'), 'argument --interval: must be greater than 0'),
+    (('--interval', '-2'), 'argument --interval: must be greater than 0'),
+    (('--window', '0'), 'argument --window: must be at least 1'),
+    (('--consecutive', '-1'), 'argument --consecutive: must be at least 1'),
+    (('--baseline-probes', '0'), '--baseline-probes: must be at least 1'),
+    (('--max-response-ms', '0'), '--max-response-ms: must be greater th'),
+    (('--max-error-rate', '-5'), '--max-error-rate: must be greater than'),
+    (('--max-degradation-pct', '0'), '--max-degradation-pct: must be gre'),
+    (('--max-duration', '0'), '--max-duration: must be greater than 0'),
+    (('--timeout', '0'), '--timeout: must be greater than 0'),
     (('--base-url', 'localhost:8080'), 'must start with http://'),
 ])
-def test_bad_input_one_line_exit_1_nothing_written(data_dir, args, match):
-    message, out = refused(*args)
+def test_bad_input_one_line_exit_2_nothing_written(data_dir, args, match):
+    # Argparse types refuse these before run(): a usage error, code 2.
+    message, out = refused(*args, code=2)
     assert match in message
     assert '\n' not in message and out == ''
     assert list(data_dir.iterdir()) == []
@@ -137,7 +138,9 @@ def test_base_url_not_answering(data_dir):
     message, out = refused('--base-url', url, '--timeout', '2')
     assert message.startswith(f'base URL {url} does not answer (/health:')
     assert 'is the app running there?' in message
-    assert out == '' and list(data_dir.iterdir()) == []
+    # stdout holds only the verdict: the same line.
+    assert out.splitlines() == [message]
+    assert list(data_dir.iterdir()) == []
 
 
 @pytest.mark.django_db(**DB)
@@ -207,7 +210,8 @@ def test_subprocess_exit_3_when_database_unreachable(host_env):
 def test_subprocess_usage_error_exit_2(host_env):
     proc = run_manage(host_env, 'monitor_migration', '--interval', 'soon')
     assert proc.returncode == 2
-    assert "invalid float value: 'soon'" in proc.stderr
+    assert "argument --interval: 'soon' is not a number" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)

@@ -38,8 +38,8 @@ def test_not_ready_then_ready(data_dir):
     names = [c['name'] for c in report['checks']]
     assert names == ['backup_age', 'backup_integrity', 'disk_space',
                      'sqlite_writable', 'postgres_reachable', 'pg_dump',
-                     'lock', 'last_drill', 'cutover', 'window']
-    window = report['checks'][-1]
+                     'lock', 'last_drill', 'cutover', 'window', 'standby']
+    window = report['checks'][-2]
     assert 'no change journal on PostgreSQL' in window['reason']
     assert report['latest_backup'].startswith(str(data_dir / 'backups'))
 

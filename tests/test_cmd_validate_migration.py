@@ -38,7 +38,7 @@ def validate_fails(*args):
 def test_identical_passes_with_performance_test(tmp_path):
     fill_both('sqlite', 'postgres')
     report = tmp_path / 'report.json'
-    out, err = validate('--json', str(report), '--sample-size', '10')
+    out, err = validate('--report', str(report), '--sample-size', '10')
     lines = out.strip().splitlines()
     assert lines[-1].startswith('PASS: integrity 100.00%')
     assert 'anthias_app.Asset: 40 / 40 rows, 40 identical' in out
@@ -60,7 +60,7 @@ def test_differences_exit_3_and_json_lists_every_key(tmp_path):
                                                        count=-1)
     report = tmp_path / 'r.json'
     error = validate_fails('--no-performance-test', '--deep',
-                           '--json', str(report))
+                           '--report', str(report))
     assert error.returncode == 3
     assert str(error).startswith('FAIL: integrity')
     assert 'below --min-integrity 100%' in str(error)
@@ -102,17 +102,41 @@ def test_min_integrity_95_passes_a_few_differences():
 
 @pytest.mark.django_db(databases=BOTH)
 @pytest.mark.parametrize('args, message', [
-    (['--sample-size', '-1'], '--sample-size must be 0 or more, not -1'),
-    (['--min-integrity', '150'], '--min-integrity must be between 0 and'),
-    (['--min-integrity', '-5'], '--min-integrity must be between 0 and'),
-    (['--timeout', '-3'], '--timeout must be more than 0'),
-    (['--max-query-time', '0'], '--max-query-time must be more than 0'),
-    (['--model', 'nope.Nope'], "unknown model 'nope.Nope'"),
+    (['--sample-size', '-1'], "--sample-size: must be at least 0, not '-1'"),
+    (['--min-integrity', '150'], '--min-integrity: must be at most 100'),
+    (['--min-integrity', '-5'], '--min-integrity: must be 0 or more'),
+    (['--timeout', '-3'], '--timeout: must be greater than 0'),
+    (['--max-query-time', '0'], '--max-query-time: must be greater than 0'),
 ])
-def test_bad_numbers_exit_1_with_one_line(args, message):
+def test_bad_numbers_exit_2_with_one_line(args, message):
+    # Argparse types refuse them: a usage error, code 2 (not 1 any more).
     error = validate_fails(*args)
-    assert error.returncode == 1
+    assert error.returncode == 2
     assert message in str(error)
+    assert '\n' not in str(error)
+
+
+@pytest.mark.django_db(databases=BOTH)
+@pytest.mark.parametrize('kwargs, message', [
+    ({'sample_size': -1}, '--sample-size must be 0 or more, not -1'),
+    ({'min_integrity': 150.0}, '--min-integrity must be between 0 and'),
+    ({'timeout': -3.0}, '--timeout must be more than 0'),
+    ({'max_query_time': 0.0}, '--max-query-time must be more than 0'),
+])
+def test_bad_numbers_from_python_exit_1_with_one_line(kwargs, message):
+    # call_command(**kwargs) skips argparse's types: run() checks again.
+    with pytest.raises(CommandError) as excinfo:
+        call_command('validate_migration', stdout=StringIO(),
+                     stderr=StringIO(), **kwargs)
+    assert excinfo.value.returncode == 1
+    assert message in str(excinfo.value)
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_unknown_model_exit_1_with_one_line():
+    error = validate_fails('--model', 'nope.Nope')
+    assert error.returncode == 1
+    assert "unknown model 'nope.Nope'" in str(error)
     assert '\n' not in str(error)
 
 
@@ -186,7 +210,7 @@ def test_unmigrated_postgres_exit_1():
 def test_timeout_exit_1_with_partial_report(tmp_path):
     fill_both('sqlite', 'postgres')
     report = tmp_path / 'partial.json'
-    error = validate_fails('--timeout', '0.000001', '--json', str(report))
+    error = validate_fails('--timeout', '0.000001', '--report', str(report))
     assert error.returncode == 1
     assert str(error).startswith('INCOMPLETE: stopped (timeout after')
     data = json.loads(report.read_text())
@@ -196,7 +220,7 @@ def test_timeout_exit_1_with_partial_report(tmp_path):
 @pytest.mark.django_db(databases=BOTH, transaction=True)
 def test_json_to_stdout_holds_only_json():
     fill_both('sqlite', 'postgres')
-    out, _ = validate('--json', '-', '--no-performance-test')
+    out, _ = validate('--json', '--no-performance-test')
     assert json.loads(out)['ok'] is True
 
 
@@ -234,7 +258,7 @@ def test_checksum_mode_reports_rows_re_read(tmp_path):
     fill_both('sqlite', 'postgres', n_assets=30)
     Item.objects.using('postgres').filter(pk=3).update(title='x')
     report = tmp_path / 'r.json'
-    error = validate_fails('--no-performance-test', '--json', str(report),
+    error = validate_fails('--no-performance-test', '--report', str(report),
                            '--verbosity', '2')
     assert error.returncode == 3
     data = json.loads(report.read_text())

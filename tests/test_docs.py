@@ -16,7 +16,8 @@ COMMANDS = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 def test_all_commands_found():
     assert COMMANDS == ['backup_database', 'end_rollback_window',
                         'migrate_to_postgres',
-                        'monitor_migration', 'rollback_drill',
+                        'monitor_migration', 'replicate_changes',
+                        'rollback_drill',
                         'rollback_migration', 'rollback_readiness',
                         'switch_database', 'validate_migration']
 
@@ -38,3 +39,32 @@ def test_readme_has_the_two_commands_and_exit_table():
     assert '.venv/bin/pytest\n' in README
     for code in range(5):
         assert f'\n| {code} |' in README
+
+
+COMMANDS_SECTION = README.split('## Commands', 1)[1].split('\n## ', 1)[0]
+
+
+@pytest.mark.parametrize('name', COMMANDS)
+def test_every_command_has_json_and_report(name):
+    from django.core.management import load_command_class
+
+    command = load_command_class('anthias_rollback', name)
+    text = command.create_parser('manage.py', name).format_help()
+    assert '--json [PATH]' in text and '--report PATH' in text
+
+
+def test_readme_documents_the_output_contract():
+    for words in ('`--report PATH`', '`schema_version`', '`exit_code`',
+                  'deprecat', '`-v0`', '`-v3`', 'last line on stdout',
+                  "logging.getLogger('anthias_rollback')"):
+        assert words in COMMANDS_SECTION, words
+    monitor = README.split('### `monitor_migration`', 1)[1].split(
+        '\n### ', 1)[0]
+    assert '`--json-lines`' in monitor
+    for name in ('migrate_to_postgres', 'validate_migration'):
+        section = README.split(f'### `{name}`', 1)[1].split('\n### ', 1)[0]
+        assert '`--report PATH`' in section, name
+        assert '--json PATH' in section, name
+    rollback = README.split('### `rollback_migration`', 1)[1].split(
+        '\n### ', 1)[0]
+    assert '`data_loss`' in rollback

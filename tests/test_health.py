@@ -72,3 +72,79 @@ def test_check_connection_names_host_port():
         conn.settings_dict.update(saved)
     assert '127.0.0.1:1' in str(excinfo.value)
     assert 'hunter2' not in str(excinfo.value)
+
+
+def _down_default():
+    """Point `default` at a closed port (a degraded /health that names
+    PostgreSQL's host:port in its problems); returns a restore function."""
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    conn = connections['default']
+    settings = dict(conn.settings_dict, ENGINE='django.db.backends.'
+                    'postgresql', NAME='anthias', HOST='127.0.0.1', PORT=1,
+                    USER='u', PASSWORD='hunter2',
+                    OPTIONS={'connect_timeout': 2})
+    connections['default'] = DatabaseWrapper(settings, 'default')
+
+    def restore():
+        connections['default'].close()
+        connections['default'] = conn
+    return restore
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite', 'postgres'],
+                       transaction=True)
+def test_remote_callers_get_status_and_profile_only(data_dir):
+    """Anyone who can reach the device got the state file's path and
+    PostgreSQL's host:port. Now only staff and local callers do."""
+    restore = _down_default()
+    try:
+        remote = Client(REMOTE_ADDR='192.0.2.7').get('/health')
+        proxied = Client(HTTP_X_FORWARDED_FOR='192.0.2.7').get('/health')
+        local = Client(REMOTE_ADDR='127.0.0.1').get('/health')
+        local6 = Client(REMOTE_ADDR='::1').get('/health')
+        direct = health.check_health()
+    finally:
+        restore()
+    for response in (remote, proxied):
+        assert response.status_code == 503
+        assert response.json() == {'status': 'degraded',
+                                   'profile': 'sqlite'}
+        assert '127.0.0.1:1' not in response.content.decode()
+        assert str(data_dir) not in response.content.decode()
+    for response in (local, local6):
+        assert response.status_code == 503
+        body = response.json()
+        assert body['profile_source'] == 'default'
+        assert any('127.0.0.1:1' in p for p in body['problems'])
+    # The in-process post-verification calls check_health() directly.
+    assert any('127.0.0.1:1' in p for p in direct.problems)
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite'], transaction=True)
+def test_bad_state_file_is_degraded_and_named(data_dir):
+    """Degraded, the file named to staff and local callers; an
+    unauthenticated (or non-staff) remote caller sees no path."""
+    from django.contrib.auth.models import User
+
+    from anthias_rollback import profiles
+
+    path = profiles.state_file_path(data_dir)
+    path.write_bytes(b'\x00\xffnot json')
+    staff = Client(REMOTE_ADDR='192.0.2.7')
+    staff.force_login(User.objects.db_manager('sqlite').create_user(
+        'ops', is_staff=True))
+    viewer = Client(REMOTE_ADDR='192.0.2.7')
+    viewer.force_login(User.objects.db_manager('sqlite').create_user(
+        'viewer'))
+    for client in (Client(), staff):
+        response = client.get('/health')
+        assert response.status_code == 503
+        body = response.json()
+        assert body['status'] == 'degraded'
+        assert any(str(path) in p for p in body['problems'])
+    for client in (Client(REMOTE_ADDR='192.0.2.7'), viewer):
+        response = client.get('/health')
+        assert response.status_code == 503
+        assert response.json() == {'status': 'degraded',
+                                   'profile': 'unknown'}

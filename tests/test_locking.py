@@ -147,3 +147,76 @@ def test_child_refused_while_parent_holds(tmp_path):
                           env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+LIVE_HOLDER = '''
+import sys, time
+from anthias_rollback.locking import operation_lock
+with operation_lock(sys.argv[1], sys.argv[2], live_path=sys.argv[3]):
+    print("held", flush=True)
+    time.sleep(120)
+'''
+
+LIVE_TRY = '''
+import sys
+from anthias_rollback.exceptions import LockHeldError
+from anthias_rollback.locking import operation_lock
+try:
+    with operation_lock(sys.argv[1], "rollback_migration",
+                        live_path=sys.argv[2]):
+        sys.exit(0)
+except LockHeldError as err:
+    print(err)
+    sys.exit(3)
+'''
+
+
+def test_two_data_dirs_sharing_one_live_file_are_refused(tmp_path):
+    """Two real processes, two data dirs, one ANTHIAS_SQLITE_PATH: the
+    per-data-dir lock let both run, and the second deleted the first's
+    new file mid-swap. The live file's own lock refuses the second."""
+    live_dir = tmp_path / 'shared'
+    live_dir.mkdir()
+    live = live_dir / 'anthias.db'
+    live.write_bytes(b'')
+    # The second process names the live file through a symlink: the
+    # lock follows the resolved file, not the spelling.
+    (tmp_path / 'alias.db').symlink_to(live)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.Popen(
+        [sys.executable, '-c', LIVE_HOLDER, str(tmp_path / 'one'),
+         'rollback_migration', str(live)], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == 'held\n', first.stderr.read()
+        lock = locking.live_lock_path(live)
+        assert lock == live_dir / '.anthias.db.anthias-rollback.lock'
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+        for spelling in (live, tmp_path / 'alias.db'):
+            done = subprocess.run(
+                [sys.executable, '-c', LIVE_TRY, str(tmp_path / 'two'),
+                 str(spelling)], env=env, cwd=ROOT, capture_output=True,
+                text=True, timeout=60, check=False)
+            assert done.returncode == 3, done.stdout + done.stderr
+            assert str(lock) in done.stdout
+            assert f'rollback_migration (pid {first.pid}' in done.stdout
+        # The refused run left its own data dir's lock free.
+        assert locking.read_lock_holder(tmp_path / 'two') is None
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+        first.stdout.close()
+        first.stderr.close()
+    # Killed holder: the kernel released both locks.
+    done = subprocess.run([sys.executable, '-c', LIVE_TRY,
+                           str(tmp_path / 'two'), str(live)], env=env,
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_live_lock_without_live_folder_is_skipped(tmp_path):
+    """No folder, no file to race on: the caller's own check refuses."""
+    with locking.operation_lock(tmp_path, 'rollback_migration',
+                                live_path=tmp_path / 'nope' / 'a.db'):
+        assert not (tmp_path / 'nope').exists()

@@ -1,10 +1,13 @@
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from anthias_rollback import profiles
@@ -30,15 +33,33 @@ def test_sqlite_alias_runs_in_wal_mode():
 
 
 @pytest.mark.django_db(databases=['default', 'sqlite'], transaction=True)
-def test_default_mirrors_active_alias_in_tests():
-    """default is a TEST MIRROR, so no third test database exists.
+def test_default_shares_active_alias_test_database():
+    """default is no TEST MIRROR (a host test declaring only `default`
+    then ran on the live file): it has the active alias's TEST NAME, so
+    Django creates one test database for both, and no third one.
 
     Tests that use `default` run with transaction=True: TestCase opens an
-    atomic block on the mirror too, and two BEGIN IMMEDIATE on one SQLite
-    file would lock each other."""
-    assert connections.settings['default']['TEST']['MIRROR'] == 'sqlite'
+    atomic block on the other alias too, and two BEGIN IMMEDIATE on one
+    SQLite file would lock each other."""
+    default = connections.settings['default']['TEST']
+    assert not default['MIRROR']
+    assert default['NAME'] == connections.settings['sqlite']['TEST']['NAME']
     assert (connections['default'].settings_dict['NAME']
-            == connections['sqlite'].settings_dict['NAME'])
+            == connections['sqlite'].settings_dict['NAME']
+            == default['NAME'])
+
+
+def test_every_alias_has_its_own_test_name(tmp_path):
+    live = tmp_path / 'live' / 'anthias.db'
+    dbs = profiles.build_databases(data_dir=tmp_path, env={
+        'ANTHIAS_SQLITE_PATH': str(live), 'POSTGRES_DB': 'signage'})
+    assert dbs['sqlite']['TEST']['NAME'] == str(live.with_name(
+        'test_anthias.db'))
+    assert dbs['postgres']['TEST']['NAME'] == 'test_signage'
+    for alias in dbs:
+        assert 'MIRROR' not in dbs[alias]['TEST']
+        assert dbs[alias]['TEST']['NAME'] != dbs[alias]['NAME']
+    assert dbs['default']['TEST'] is dbs['sqlite']['TEST']
 
 
 def test_build_databases_three_aliases(tmp_path):
@@ -91,17 +112,90 @@ def test_active_profile_precedence(tmp_path):
     assert dbs['default']['ENGINE'].endswith('postgresql')
 
 
-def test_bad_env_profile_is_one_clear_error(tmp_path):
-    with pytest.raises(ImproperlyConfigured,
-                       match="ANTHIAS_DB_PROFILE='mysql' is not a profile"):
-        profiles.build_databases(data_dir=tmp_path,
-                                 env={'ANTHIAS_DB_PROFILE': 'mysql'})
+def test_bad_env_profile_falls_back_to_sqlite_and_is_named(tmp_path):
+    """It raised at settings import, crashing every command even on a
+    SQLite device; resolving the profile still refuses, naming it."""
+    dbs = profiles.build_databases(data_dir=tmp_path,
+                                   env={'ANTHIAS_DB_PROFILE': 'mysql'})
+    assert dbs['default']['ENGINE'].endswith('sqlite3')
+    assert ("ANTHIAS_DB_PROFILE='mysql' is not a profile"
+            in dbs['default'][profiles.PROFILE_PROBLEM_KEY])
+    with pytest.raises(ConfigError, match='ANTHIAS_DB_PROFILE'):
+        profiles.resolve_active_profile(tmp_path,
+                                        {'ANTHIAS_DB_PROFILE': 'mysql'})
+
+
+@pytest.mark.parametrize('content', [
+    b'\x00\xff\xfe binary', b'["postgres"]', b'{"profile": "oracle"}'],
+    ids=['binary', 'json-list', 'unknown-profile'])
+def test_bad_state_file_falls_back_to_sqlite_and_is_named(tmp_path,
+                                                          content):
+    path = profiles.state_file_path(tmp_path)
+    path.write_bytes(content)
+    dbs = profiles.build_databases(data_dir=tmp_path, env={})
+    assert dbs['default']['ENGINE'].endswith('sqlite3')
+    assert str(path) in dbs['default'][profiles.PROFILE_PROBLEM_KEY]
+    with pytest.raises(StateFileError, match='is not valid'):
+        profiles.resolve_active_profile(tmp_path, {})
+    assert path.read_bytes() == content
+    good = profiles.build_databases(data_dir=tmp_path / 'other', env={})
+    assert profiles.PROFILE_PROBLEM_KEY not in good['default']
 
 
 def test_corrupt_state_file_is_reported(tmp_path):
     profiles.state_file_path(tmp_path).write_text('{"profile": ')
     with pytest.raises(StateFileError, match='is not valid'):
         profiles.resolve_active_profile(tmp_path, {})
+
+
+def test_state_file_is_0600_and_read_by_its_owner(tmp_path):
+    """0600 like every file the tool creates (it was 0644). A process
+    of the same user reads it; another user's cannot."""
+    path = profiles.write_active_profile(tmp_path, 'postgres')
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    if os.geteuid() != 0:
+        assert profiles.resolve_active_profile(tmp_path, {}).name == \
+            'postgres'
+        return
+    # Root reads anything: hand a data dir to two unprivileged users in
+    # forked children (the modules are loaded already). Not under
+    # tmp_path: pytest's base dir is 0700, closed to them.
+    shared = Path(tempfile.mkdtemp(prefix='anthias-owner-'))
+    try:
+        _check_owner_only(shared)
+    finally:
+        shutil.rmtree(shared)
+
+
+def _check_owner_only(data_dir):
+    os.chown(data_dir, 65534, 65534)
+    os.chmod(data_dir, 0o755)
+    path = profiles.state_file_path(data_dir)
+
+    def as_user(uid, action):
+        pid = os.fork()
+        if pid == 0:   # pragma: no cover (child)
+            try:
+                os.setgid(uid)
+                os.setuid(uid)
+                action()
+                os._exit(0)
+            except StateFileError:
+                os._exit(3)
+            except BaseException:  # noqa: BLE001 a forked child must _exit
+                os._exit(4)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    def owner_writes_and_reads():
+        profiles.write_active_profile(data_dir, 'sqlite')
+        assert profiles.resolve_active_profile(data_dir, {}).name == \
+            'sqlite'
+
+    assert as_user(65534, owner_writes_and_reads) == 0
+    assert path.stat().st_uid == 65534
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert as_user(1, lambda: profiles.resolve_active_profile(
+        data_dir, {})) == 3   # another user: "cannot read", no traceback
 
 
 def test_write_unknown_profile_refused(tmp_path):

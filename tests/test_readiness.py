@@ -4,14 +4,19 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from anthias_rollback import backup, locking, profiles, readiness
+from anthias_rollback import backup, locking, preserve, profiles, readiness
+from anthias_rollback.exceptions import ConfigError
 from tests.helpers import backup as bh
+from tests.helpers import pgserver
 
 UNREACHABLE = {'ENGINE': 'django.db.backends.postgresql',
                'NAME': 'anthias', 'USER': 'anthias',
                'PASSWORD': 'hunter2', 'HOST': '127.0.0.1', 'PORT': 1,
                'OPTIONS': {'connect_timeout': 2}}
-PG_DUMP = shutil.which('pg_dump') or 'pg_dump'
+# The pg_dump that matches the test server (the embedded package's); the
+# machine's /usr/bin/pg_dump is an older major version.
+PG_DUMP = str(pgserver.embedded_bin_dir() / 'pg_dump')
+OLD_PG_DUMP = '/usr/bin/pg_dump'
 
 
 @pytest.fixture
@@ -204,3 +209,43 @@ def test_cutover_journal_shown(device):
     assert check.informational
     assert 'cutover to PostgreSQL at' in check.reason
     assert 'row counts moved by 1' in check.reason
+
+
+def _major(executable):
+    return preserve.pg_dump_client_version(executable)[1]
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_pg_dump_older_than_server_is_not_ok(device):
+    """pg_dump 15 cannot dump server 18: it used to say `pg_dump ok`."""
+    if shutil.which(OLD_PG_DUMP) is None:
+        pytest.fail(f'{OLD_PG_DUMP} is needed for the real mismatch')
+    server = preserve.postgres_server_major('postgres')
+    assert _major(OLD_PG_DUMP) < server   # the machine's real mismatch
+    report = run(device, pg_dump=OLD_PG_DUMP)
+    check = by_name(report)['pg_dump']
+    assert not check.ok
+    assert 'ANTHIAS_PG_DUMP' in check.reason
+    assert f'pg_dump {_major(OLD_PG_DUMP)}' in check.reason
+    assert f'PostgreSQL {server}' in check.reason
+    assert 'pg_dump' in failed(report)
+    matching = by_name(run(device, pg_dump=PG_DUMP))['pg_dump']
+    assert matching.ok and f'server is PostgreSQL {server}' in \
+        matching.reason
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_check_pg_dump_version_helper(settings):
+    server = preserve.postgres_server_major('postgres')
+    settings.ANTHIAS_PG_DUMP = OLD_PG_DUMP
+    with pytest.raises(ConfigError) as excinfo:
+        preserve.check_pg_dump_version('postgres')
+    message = str(excinfo.value)
+    assert message.startswith(f'ANTHIAS_PG_DUMP={OLD_PG_DUMP} is pg_dump '
+                              f'{_major(OLD_PG_DUMP)}')
+    assert f'runs PostgreSQL {server}' in message
+    settings.ANTHIAS_PG_DUMP = PG_DUMP
+    found = preserve.check_pg_dump_version('postgres')
+    assert (found.client_major, found.server_major) == (server, server)
+    # Without an alias only the client is read (no database needed).
+    assert preserve.check_pg_dump_version(None).server_major is None

@@ -155,7 +155,9 @@ def test_dry_run_changes_nothing(data_dir, settings):
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_refusals_change_nothing(data_dir, settings, readonly_dir):
     device = seed_device(settings)
-    connections['sqlite'].close()
+    # Every connection of this process to the file closed (sqlite and
+    # default), so its WAL is checkpointed now and not later mid-test.
+    connections.close_all()
     before = file_digest(device.live)
 
     def refused(*args, match):

@@ -49,9 +49,10 @@ def test_switch_writes_state_file_with_previous(data_dir):
     assert written['reason'] == 'cutover'
     assert 'changed_at' in written
     assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
-    # Only the state file and the cutover journal: no temp file left.
+    # Only the state file, the cutover journal and the standby dir (the
+    # cutover file): no temp file left.
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(
-        [path.name, journal.journal_path(data_dir).name])
+        [path.name, journal.journal_path(data_dir).name, 'standby'])
 
 
 @pytest.mark.django_db(databases=BOTH)

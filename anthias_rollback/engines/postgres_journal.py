@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS {JOURNAL} (
     pk text,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- The standby's batches select by transaction id (txid >= the previous
+-- tick's xmin), as PgQ's consumers do.
+CREATE INDEX IF NOT EXISTS {JOURNAL}_txid ON {JOURNAL} (txid);
 CREATE TABLE IF NOT EXISTS {CUTOVER} (
     id bigserial PRIMARY KEY,
     at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -378,3 +381,69 @@ def postgres_journal_size(alias: str) -> dict[str, Any]:
                        f"'{JOURNAL}') FROM {JOURNAL}")
         count, oldest, size = cursor.fetchone()
     return {'entries': count, 'oldest': oldest, 'bytes': size}
+
+
+# --- the standby's batches (replicate_changes) ------------------------------
+
+# PgQ's batch rule: the entries of transactions that committed between two
+# ticks (snapshots). A long transaction that began before the previous tick
+# and commits after it is in the next batch, whatever its journal ids.
+_BATCH_WHERE = ('txid >= pg_snapshot_xmin(%s::pg_snapshot) AND '
+                'pg_visible_in_snapshot(txid, %s::pg_snapshot) AND NOT '
+                'pg_visible_in_snapshot(txid, %s::pg_snapshot)')
+
+
+@dataclass(frozen=True)
+class JournalBatch:
+    entries: int
+    max_id: int | None
+    truncated: tuple[str, ...]     # tables emptied in the batch
+    tables: tuple[str, ...]        # tables with any entry
+
+
+def postgres_batch(alias: str, prev: str, tick: str) -> JournalBatch:
+    """What the journal holds between the ticks *prev* and *tick* (call
+    inside the REPEATABLE READ transaction whose snapshot is *tick*)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f"SELECT tbl, count(*), max(id), bool_or(op = 'T') "
+            f'FROM {JOURNAL} WHERE {_BATCH_WHERE} GROUP BY tbl '
+            'ORDER BY tbl', [prev, tick, prev])
+        rows = cursor.fetchall()
+    return JournalBatch(
+        sum(r[1] for r in rows), max((r[2] for r in rows), default=None),
+        tuple(r[0] for r in rows if r[3]), tuple(r[0] for r in rows))
+
+
+def postgres_batch_keys(alias: str, prev: str, tick: str, table: str,
+                        chunk_rows: int = 500) -> Iterator[list[str]]:
+    """The distinct keys (text) of *table* changed in the batch, in
+    chunks (a server-side cursor: memory stays flat however large the
+    batch). Inside the batch's transaction."""
+    from anthias_rollback.engines import postgresql
+
+    sql = (f'SELECT DISTINCT pk FROM {JOURNAL} WHERE {_BATCH_WHERE} '
+           "AND tbl = %s AND op <> 'T' AND pk IS NOT NULL ORDER BY pk")
+    for rows in postgresql.fetch_chunks(alias, sql,
+                                        [prev, tick, prev, table],
+                                        chunk_rows=chunk_rows):
+        yield [row[0] for row in rows]
+
+
+def postgres_pending_entries(alias: str, snapshot: str) -> int:
+    """Committed journal entries a standby at *snapshot* does not hold."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f'SELECT count(*) FROM {JOURNAL} WHERE txid >= '
+            'pg_snapshot_xmin(%s::pg_snapshot) AND NOT '
+            'pg_visible_in_snapshot(txid, %s::pg_snapshot)',
+            [snapshot, snapshot])
+        return cursor.fetchone()[0]
+
+
+def postgres_current_txid(alias: str) -> str:
+    """This transaction's id (xid8 text): inside open_window's
+    transaction it is the cutover row's txid, the window's identity."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SELECT pg_current_xact_id()::text')
+        return cursor.fetchone()[0]

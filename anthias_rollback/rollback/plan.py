@@ -12,7 +12,15 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import conf, events, exit_codes, faults, fsutil, locking
+from anthias_rollback import (
+    conf,
+    events,
+    exit_codes,
+    faults,
+    fsutil,
+    locking,
+    profiles,
+)
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.phases import Deadline, PhaseRunner
 from anthias_rollback.report import first_line, redact, write_json_report
@@ -57,6 +65,10 @@ def run_rollback(options: RollbackOptions,
         raise ConfigError(f'unknown source {options.source!r}')
     if options.timeout_seconds <= 0:
         raise ConfigError('the deadline must be positive')
+    # Every setting checked before the first change: one read only after
+    # the swap (the restart timeout) once failed there, exit 1 after a
+    # change was made.
+    conf.validate_settings()
     data_dir = Path(options.data_dir or conf.data_dir())
     data_dir.mkdir(parents=True, exist_ok=True)
     deadline = Deadline(options.timeout_seconds,
@@ -65,7 +77,11 @@ def run_rollback(options: RollbackOptions,
     run = _Run(options, data_dir, PhaseRunner(
         deadline, progress, log_path=data_dir / LOG_NAME,
         checkpoint='rollback'))
-    with locking.operation_lock(data_dir, 'rollback_migration'):
+    live_path = options.live_path or profiles.sqlite_alias_path(
+        options.sqlite_alias)
+    # Two data dirs may name one live file: lock the file's identity too.
+    with locking.operation_lock(data_dir, 'rollback_migration',
+                                live_path=live_path), run.runner:
         faults.checkpoint('rollback:locked')
         try:
             return _execute(run)
@@ -117,13 +133,16 @@ def _execute(run: _Run) -> RollbackResult:
     if not verified or (restart is not None and not restart.ok):
         return finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
     loss, _ = measured_loss(run)
-    if run.source == 'postgres' and loss != 'proven-none':
+    if run.source in ('postgres', 'standby') and loss != 'proven-none':
         return finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
     return finish(run, 'rolled back', exit_codes.OK)
 
 
 def measured_loss(run: _Run) -> tuple[str, str]:
-    """('proven-none' | 'lost' | 'unproven' | 'backup', one line)."""
+    """('proven-none' | 'lost' | 'unproven' | 'bounded' | 'backup', one
+    line). A standby's loss is bounded by its last applied position."""
+    if run.source == 'standby':
+        return 'bounded', run.at_risk_note
     if run.source != 'postgres':
         return 'backup', ''
     if run.shortfall:
@@ -178,7 +197,8 @@ def finish(run: _Run, outcome: str, code: int,
         if run.proof else (),
         shortfall={s.model: {'expected': s.expected, 'found': s.found}
                    for s in run.shortfall} or None,
-        cutover_forced=bool(run.journal and run.journal.forced))
+        cutover_forced=bool(run.journal and run.journal.forced),
+        standby_bound=run.standby_bound)
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
     path = run.reports_dir / f'rollback_{stamp}.json'
     result = replace(result, report_path=str(path))

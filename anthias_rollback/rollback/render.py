@@ -27,6 +27,9 @@ def data_loss_line(result: RollbackResult) -> str:
     """The loss as measured in the run (never assumed)."""
     if result.source == 'postgres':
         return result.loss_detail or 'not proven (no proof recorded)'
+    if result.source == 'standby':
+        return standby_loss_line(result.standby_bound) \
+            if result.standby_bound else result.at_risk_note
     if result.at_risk_rows is None:
         return ('UNKNOWN: restored from a backup and PostgreSQL could not '
                 'be compared; writes made after the backup may be lost')
@@ -34,6 +37,13 @@ def data_loss_line(result: RollbackResult) -> str:
     where = f', saved in {result.at_risk_file}' if result.at_risk_file \
         else ''
     return f'{total} rows at risk (written after the backup{where})'
+
+
+def standby_loss_line(bound: dict) -> str:
+    """The bound a standby restore proves (its recorded position)."""
+    return (f'at most the writes after {bound["position_at"]} (standby '
+            f'{bound["behind_seconds"]:.1f} s behind when PostgreSQL was '
+            'last seen)')
 
 
 def render_summary(result: RollbackResult) -> str:

@@ -30,6 +30,7 @@ from anthias_rollback import (
     journal,
     models_graph,
     profiles,
+    replication,
     schema,
     transfer,
     window,
@@ -43,6 +44,7 @@ from anthias_rollback.exceptions import (
     RollbackError,
 )
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.rollback import render
 from anthias_rollback.rollback.state import _Run
 
 
@@ -122,9 +124,25 @@ def choose_source(run: _Run) -> None:
             else:
                 run.source = 'backup'
                 run.source_reason = f'PostgreSQL not usable: {why}'
+                if opts.source == 'auto' and not run.shortfall:
+                    choose_standby(run, why)
         if run.source == 'backup':
             run.backup_used = pick_backup(run)
         record['detail'] = f'{run.source}: {run.source_reason}'
+
+
+def choose_standby(run: _Run, why: str) -> None:
+    """PostgreSQL is down: the standby replicate_changes kept, when there
+    is a usable one, loses only the writes after its position (a backup
+    loses every write since the cutover)."""
+    position, problem = replication.usable_standby(run.data_dir)
+    if position is None:
+        if problem != 'no standby':
+            run.warn(f'{problem}; restoring a backup instead')
+        return
+    run.source = 'standby'
+    run.source_reason = (f'PostgreSQL not usable: {why}; standby at '
+                         f'{position.position_at}')
 
 
 def pick_backup(run: _Run) -> Path:
@@ -171,7 +189,47 @@ def build_from_postgres(run: _Run, new_path: Path) -> None:
     run.rows = dict(run.expected_rows)
 
 
+def build_from_standby(run: _Run, new_path: Path) -> None:
+    """A copy of the standby, its position table dropped, checked like a
+    backup (schema here; quick_check and counts in the verify phase).
+    Records the bound: every write committed before its position."""
+    position = replication.copy_standby(
+        run.data_dir, new_path, timeout=max(1.0, run.deadline.remaining()))
+    with profiles.sqlite_file_alias(new_path) as alias:
+        _check_schema(alias, f'standby '
+                             f'{replication.standby_path(run.data_dir)}')
+        run.rows = count_rows(alias)
+    run.expected_rows = dict(run.rows)
+    run.standby_bound = {
+        'standby': str(replication.standby_path(run.data_dir)),
+        'position_at': position.position_at,
+        'position_ts': position.position_ts,
+        'postgres_seen_at': datetime.fromtimestamp(
+            position.postgres_seen_ts, timezone.utc).isoformat(),
+        'behind_seconds': round(position.behind_seconds, 3),
+        'journal_id': position.journal_id, 'snapshot': position.snapshot,
+        'window': position.window}
+    run.at_risk_note = render.standby_loss_line(run.standby_bound)
+
+
+def _check_schema(alias: str, what: str) -> None:
+    """BackupError unless the file's migrations are this code's."""
+    applied = {f'{a}.{n}' for a, n in schema.applied_migrations(alias)}
+    known = code_migrations()
+    unknown, missing = applied - known, known - applied
+    if unknown or missing:
+        detail = '; '.join(filter(None, [
+            f'unknown to this code: {", ".join(sorted(unknown)[:5])}'
+            if unknown else '',
+            f'not applied in the backup: '
+            f'{", ".join(sorted(missing)[:5])}' if missing else '']))
+        raise BackupError(f'{what} does not match this code\'s schema '
+                          f'({detail})')
+
+
 def build_from_backup(run: _Run, new_path: Path) -> None:
+    if run.source == 'standby':
+        return build_from_standby(run, new_path)
     checked = backup.verify_backup(run.backup_used)
     # A backup without a manifest (older tools) cannot be checksummed; an
     # operator who names one with --backup-path gets it if everything
@@ -188,17 +246,7 @@ def build_from_backup(run: _Run, new_path: Path) -> None:
     sqlite_file.sqlite_snapshot(run.backup_used, new_path,
                            timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
-        applied = {f'{a}.{n}' for a, n in schema.applied_migrations(alias)}
-        known = code_migrations()
-        unknown, missing = applied - known, known - applied
-        if unknown or missing:
-            detail = '; '.join(filter(None, [
-                f'unknown to this code: {", ".join(sorted(unknown)[:5])}'
-                if unknown else '',
-                f'not applied in the backup: '
-                f'{", ".join(sorted(missing)[:5])}' if missing else '']))
-            raise BackupError(f'backup {run.backup_used} does not match '
-                              f'this code\'s schema ({detail})')
+        _check_schema(alias, f'backup {run.backup_used}')
         run.rows = count_rows(alias)
         run.expected_rows = dict(run.rows)
         at_risk_rows(run, alias)

@@ -73,6 +73,9 @@ class RollbackResult:
     lost_writes: tuple[dict, ...] = ()
     shortfall: dict[str, dict[str, int]] | None = None
     cutover_forced: bool = False
+    # Restored from the standby (PostgreSQL down): what it held, i.e.
+    # every write committed before position_at (replication.Position).
+    standby_bound: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +114,7 @@ class _Run:
     snapshot: str | None = None
     proof: window.LossProof | None = None
     shortfall: list[window.Shortfall] = field(default_factory=list)
+    standby_bound: dict[str, Any] | None = None
 
     @property
     def deadline(self) -> Deadline:

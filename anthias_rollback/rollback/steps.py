@@ -89,9 +89,7 @@ def preflight(run: _Run) -> None:
         recovery = swap.recover_interrupted_swap(
             opts.live_path or profiles.sqlite_alias_path(opts.sqlite_alias))
         if recovery.found:
-            run.warn('an interrupted swap was found and cleared ('
-                     + ('it had completed' if recovery.swapped else
-                        'the live file is the old database') + ')')
+            run.warn(recovery.warning)
         live = Path(opts.live_path or
                     profiles.sqlite_alias_path(opts.sqlite_alias))
         run.live_path = live
@@ -208,13 +206,22 @@ def preserve_postgres(run: _Run) -> None:
     if not opts.preserve_postgres:
         return
     with run.phase('preserve') as record:
-        if opts.dry_run:
-            record['status'] = 'skipped'
-            record['detail'] = 'dry run: no dump written'
-            return
+        message = None
         if preserve.find_pg_dump() is None:
             message = (f'pg_dump not found (ANTHIAS_PG_DUMP='
                        f'{conf.get_setting("ANTHIAS_PG_DUMP")})')
+        else:
+            try:
+                # pg_dump refuses a newer server: find out now, not after
+                # the fence (a dry run says so too).
+                preserve.check_pg_dump_version(opts.postgres_alias)
+            except (ConfigError, DatabaseError) as err:
+                message = first_line(err)
+        if opts.dry_run and message is None:
+            record['status'] = 'skipped'
+            record['detail'] = 'dry run: no dump written'
+            return
+        if message is not None:
             if not opts.emergency:
                 raise RollbackError(message + '; install it, or run with '
                                     '--emergency to skip preservation')

@@ -7,7 +7,8 @@ list or prune backups.
 The backup uses SQLite's online backup API (one snapshot, safe while the
 server, celery and viewer write), is checked, fsync'd and then named
 anthias_backup_YYYYMMDD_HHMMSS.db with a .manifest.json beside it (0600).
-The last line of normal output is the new backup's path.
+The last line of normal output is the new backup's path (or the
+verdict, on failure); --json prints one JSON document instead.
 
 Exit codes: 0 backup made / backup valid / listed; 1 could not do it or
 could not check (nothing kept under a final name); 2 usage error; 3 the
@@ -21,7 +22,12 @@ from pathlib import Path
 
 from anthias_rollback import backup, conf, events, exit_codes, profiles
 from anthias_rollback.exceptions import BackupError
-from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    non_negative_days,
+    non_negative_float,
+    path_arg,
+)
 
 
 class Command(RollbackCommand):
@@ -34,32 +40,33 @@ class Command(RollbackCommand):
     def add_arguments(self, parser):
         mode = parser.add_mutually_exclusive_group()
         mode.add_argument('--verify', '--verify-only', dest='verify',
-                          metavar='PATH',
+                          metavar='PATH', type=path_arg,
                           help='check a backup against its manifest')
         mode.add_argument('--list', action='store_true',
                           help='list backups newest first, verifying each')
-        parser.add_argument('--source-db', metavar='PATH',
+        parser.add_argument('--source-db', metavar='PATH', type=path_arg,
                             help='SQLite file to back up (default: the '
                                  'sqlite alias\'s file)')
-        parser.add_argument('--backup-dir', metavar='DIR',
+        parser.add_argument('--backup-dir', metavar='DIR', type=path_arg,
                             help='default ANTHIAS_BACKUP_DIR, else '
                                  '$ANTHIAS_DATA_DIR/backups')
-        parser.add_argument('--retention-days', type=float, metavar='N',
+        parser.add_argument('--retention-days', type=non_negative_days,
+                            metavar='N',
                             help='after the backup, remove backups older '
                                  'than N days (never the newest verified)')
-        parser.add_argument('--timeout', type=float, metavar='SECONDS',
+        parser.add_argument('--timeout', type=non_negative_float,
+                            metavar='SECONDS',
                             help='wait this long for a locked source '
                                  '(default ANTHIAS_BACKUP_TIMEOUT, 20)')
-        parser.add_argument('--json', action='store_true',
-                            help='machine-readable output on stdout')
 
     def run(self, *args, **options):
+        conf.validate_settings()   # before the first file is written
         backup_dir = Path(options['backup_dir'] or conf.backup_dir())
         as_json = options['json']
         if options['verify']:
             return self.verify(Path(options['verify']), as_json)
         if options['list']:
-            return self.list(backup_dir, as_json)
+            return self.list(backup_dir, as_json, options['verbosity'])
         source = Path(options['source_db'] or profiles.sqlite_alias_path())
         timeout = options['timeout']
         if timeout is None:
@@ -79,12 +86,11 @@ class Command(RollbackCommand):
                 removed = backup.apply_retention(backup_dir, days)
             except BackupError as err:
                 retention_error = str(err)
-        if as_json:
-            data = asdict(result)
-            data['removed'] = [str(p) for p in removed]
-            data['retention_error'] = retention_error
-            self.write_json(data)
-        else:
+        data = asdict(result)
+        data['removed'] = [str(p) for p in removed]
+        data['retention_error'] = retention_error
+        self.set_json(data)
+        if not as_json:
             if verbose:
                 counts = result.manifest['row_counts']
                 self.stdout.write(
@@ -113,37 +119,36 @@ class Command(RollbackCommand):
 
     def verify(self, path: Path, as_json: bool) -> None:
         result = backup.verify_backup(path)
-        if as_json:
-            data = asdict(result)
-            data['state'] = result.state
-            self.write_json(data)
-        elif result.valid:
+        data = asdict(result)
+        data['state'] = result.state
+        self.set_json(data)
+        if result.valid and not as_json:
             self.stdout.write(self.style.SUCCESS(
                 f'valid: {path} (sha256, integrity, foreign keys, row '
                 f'counts and migrations match its manifest)'))
-        else:
+        elif not as_json:
             for reason in result.reasons[1:]:
                 self.stderr.write(f'also: {reason}')
         if not result.valid:
             self.fail(f'{result.state}: {path}: {result.reasons[0]}',
                       exit_codes.NO)
 
-    def list(self, backup_dir: Path, as_json: bool) -> None:
+    def list(self, backup_dir: Path, as_json: bool, verbosity: int) -> None:
         infos = backup.list_backups(backup_dir, verify=True)
         now = datetime.now(timezone.utc)
+        self.set_json({'backup_dir': str(backup_dir), 'backups': [{
+            'path': str(i.path), 'created_at': i.created_at.isoformat(),
+            'age_hours': round((now - i.created_at).total_seconds()
+                               / 3600, 2),
+            'size': i.size, 'row_counts': i.row_counts,
+            'state': i.state,
+            'reasons': list(i.verification.reasons)} for i in infos]})
         if as_json:
-            self.write_json([{
-                'path': str(i.path), 'created_at': i.created_at.isoformat(),
-                'age_hours': round((now - i.created_at).total_seconds()
-                                   / 3600, 2),
-                'size': i.size, 'row_counts': i.row_counts,
-                'state': i.state,
-                'reasons': list(i.verification.reasons)} for i in infos])
             return
         if not infos:
             self.stdout.write(f'no backups in {backup_dir}')
             return
-        for i in infos:
+        for i in infos if verbosity >= 1 else ():
             hours = (now - i.created_at).total_seconds() / 3600
             counts = i.row_counts or i.verification.row_counts
             rows = ', '.join(f'{t}={n}' for t, n in sorted(counts.items())
@@ -153,3 +158,6 @@ class Command(RollbackCommand):
                 state = f'{state} ({i.verification.reasons[0]})'
             self.stdout.write(f'{i.path.name}  {hours:7.1f}h  '
                               f'{i.size / 1e6:8.1f} MB  {state}  {rows}')
+        verified = sum(1 for i in infos if i.verified)
+        self.stdout.write(f'{len(infos)} backup(s) in {backup_dir}, '
+                          f'{verified} verified; newest {infos[0].path}')

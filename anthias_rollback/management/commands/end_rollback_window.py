@@ -31,8 +31,6 @@ class Command(RollbackCommand):
         parser.add_argument('--force', action='store_true',
                             help='end it even off the postgres profile or '
                                  'with the fence up')
-        parser.add_argument('--json', action='store_true',
-                            help='machine-readable output on stdout')
 
     def run(self, *args, **options):
         alias = profiles.POSTGRES
@@ -53,8 +51,8 @@ class Command(RollbackCommand):
         if state.installed:
             before = window.end_window(alias)
             journal.record_window_end(conf.data_dir(), before)
+        self.set_json({'ended': state.installed, **asdict(state)})
         if options['json']:
-            self.write_json({'ended': state.installed, **asdict(state)})
             return
         if state.installed:
             self.stdout.write(self.style.SUCCESS(

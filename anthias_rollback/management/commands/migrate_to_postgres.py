@@ -2,13 +2,14 @@
 
     python manage.py migrate_to_postgres
     python manage.py migrate_to_postgres --sqlite-db backups/x.db --replace \
-        --json reports/migrate.json
+        --report reports/migrate.json
 
 Creates the schema on PostgreSQL (`migrate --database postgres`), refuses
 when the two sides have different migrations applied or PostgreSQL
 already holds data (unless --replace or --repair), checks every source
 value PostgreSQL would reject, then copies in one transaction and resets
-the sequences. --dry-run prints the plan and changes nothing.
+the sequences. --dry-run prints the plan and changes nothing. --json
+prints one JSON document on stdout, --report PATH writes it (0600).
 
 Exit codes: 0 copied (or planned); 1 could not do it, PostgreSQL
 unchanged (unreachable, different migrations, data present, rejected
@@ -20,8 +21,11 @@ from pathlib import Path
 from anthias_rollback import conf, exit_codes, profiles, transfer
 from anthias_rollback.engines.sqlite import sqlite_file_problem
 from anthias_rollback.exceptions import TransferError
-from anthias_rollback.management.base import RollbackCommand
-from anthias_rollback.report import write_json_report
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    batch_size,
+    path_arg,
+)
 
 
 class Command(RollbackCommand):
@@ -30,7 +34,7 @@ class Command(RollbackCommand):
             '0 done, 1 could not do it (PostgreSQL unchanged), 2 usage.')
 
     def add_arguments(self, parser):
-        parser.add_argument('--sqlite-db', metavar='PATH',
+        parser.add_argument('--sqlite-db', metavar='PATH', type=path_arg,
                             help='copy from this SQLite file (e.g. a '
                                  'backup) instead of the sqlite alias')
         mode = parser.add_mutually_exclusive_group()
@@ -40,19 +44,16 @@ class Command(RollbackCommand):
         mode.add_argument('--repair', action='store_true',
                           help='make PostgreSQL equal to the source with '
                                'the fewest writes; report per model')
-        parser.add_argument('--batch-size', type=int,
+        parser.add_argument('--batch-size', type=batch_size,
                             default=transfer.DEFAULT_BATCH_SIZE,
                             help='rows per batch (default %(default)s)')
         parser.add_argument('--dry-run', action='store_true',
                             help='print the plan and preflight problems; '
                                  'change nothing')
-        parser.add_argument('--json', metavar='PATH',
-                            help='also write the result as JSON (0600); '
-                                 '"-" for stdout only')
 
     def run(self, *args, **options):
         self.verbosity = options['verbosity']
-        self.json_path = options['json']
+        self.as_json = options['json']
         if options['batch_size'] < 1:
             self.fail('--batch-size must be at least 1', exit_codes.USAGE)
         path = options['sqlite_db']
@@ -67,7 +68,7 @@ class Command(RollbackCommand):
 
     def migrate(self, source_alias, options):
         render = (self.render_events(self.verbosity)
-                  if self.json_path != '-' else None)
+                  if not self.as_json else None)
         try:
             report = transfer.migrate_to_postgres(
                 source_alias, profiles.POSTGRES, data_dir=conf.data_dir(),
@@ -82,23 +83,35 @@ class Command(RollbackCommand):
             data['transfer']['rows_per_second'] = {
                 m.label: round(m.rows_per_second)
                 for m in report.transfer.models}
-        if self.json_path and self.json_path != '-':
-            write_json_report(Path(self.json_path), data)
-        if self.json_path == '-':
-            self.write_json(data)
-        elif report.plan is not None:
-            self.show_plan(report.plan)
-        elif report.repair is not None:
-            self.show_repair(report.repair)
-        else:
-            self.show_transfer(report)
+        self.set_json(data)
+        if not self.as_json:
+            self.show(report)
         if report.plan is not None and report.plan.problem_count:
             self.fail(f'{report.plan.problem_count} source value(s) would '
                       f'be rejected by PostgreSQL; see the list above')
 
     # ------------------------------------------------------------- output
 
+    def show(self, report):
+        if report.plan is not None:
+            self.show_plan(report.plan)
+        elif report.repair is not None:
+            self.show_repair(report.repair)
+        else:
+            self.show_transfer(report)
+
     def show_plan(self, plan):
+        if self.verbosity >= 1:
+            self.show_plan_models(plan)
+        for problem in plan.problems:
+            self.stderr.write(self.style.ERROR(f'  rejected: {problem}'))
+        rows = sum(m.source_rows for m in plan.models)
+        self.stdout.write(self.style.SUCCESS(
+            f'plan: {len(plan.models)} models, {rows} rows, about '
+            f'{plan.estimated_seconds:.0f}s; {plan.problem_count} '
+            f'problem(s)'))
+
+    def show_plan_models(self, plan):
         self.stdout.write(f'dry run ({plan.mode}): {plan.source} -> '
                           f'{plan.target}; nothing will be changed')
         if plan.pending_migrations:
@@ -111,13 +124,6 @@ class Command(RollbackCommand):
                     if model.target_rows else '')
             self.stdout.write(f'  {model.label} ({model.table}): '
                               f'{model.source_rows} rows{note}')
-        for problem in plan.problems:
-            self.stderr.write(self.style.ERROR(f'  rejected: {problem}'))
-        rows = sum(m.source_rows for m in plan.models)
-        self.stdout.write(self.style.SUCCESS(
-            f'plan: {len(plan.models)} models, {rows} rows, about '
-            f'{plan.estimated_seconds:.0f}s; {plan.problem_count} '
-            f'problem(s)'))
 
     def show_transfer(self, report):
         result = report.transfer
@@ -137,7 +143,8 @@ class Command(RollbackCommand):
 
     def show_repair(self, result):
         for model in result.models:
-            if (model.inserted or model.updated or model.deleted
+            if self.verbosity >= 1 and (
+                    model.inserted or model.updated or model.deleted
                     or self.verbosity >= 2):
                 self.stdout.write(
                     f'  {model.label}: {model.inserted} inserted, '

@@ -2,13 +2,14 @@
 
     python manage.py monitor_migration --interval 5 --max-duration 3600
     python manage.py monitor_migration --base-url http://127.0.0.1:8080 \\
-        --auto-rollback --json
+        --auto-rollback --json-lines
 
 Every --interval seconds, probes /health and ANTHIAS_ROLLBACK_VERIFY_URLS,
 in-process (Django's test client) or over HTTP with --base-url. A trigger
 (response time, window error rate, slowdown against the baseline, database
 unreachable) counts only after --consecutive bad rounds in a row. Record a
-baseline on SQLite first with --record-baseline.
+baseline on SQLite first with --record-baseline. --json-lines streams
+one JSON object per round; --json prints one final JSON document.
 
 Exit codes: 0 ran to --max-duration/--max-probes or Ctrl-C with no trigger,
 baseline recorded, or triggered and rolled back; 1 could not run (bad
@@ -25,18 +26,29 @@ from django.core.management import call_command, get_commands
 from django.core.management.base import CommandError
 
 from anthias_rollback import conf, exit_codes, monitor, profiles
-from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    http_url,
+    number,
+    percent_above_zero,
+    positive_float,
+    positive_int,
+    positive_ms,
+)
 from anthias_rollback.report import redact
 
 ROLLBACK_COMMAND = 'rollback_migration'
+# A monitor may watch for weeks; a pct may exceed 100 (300 = 4x slower).
+max_duration = number(0.0, 366 * 24 * 3600.0)
+degradation_pct = number(0.0, 1e6)
 
 
-def run_rollback(stdout: Any, stderr: Any) -> None:
+def run_rollback(stdout: Any, stderr: Any, verbosity: int = 1) -> None:
     """Start the emergency rollback, with the same lock and report as when
     a person runs it. Returns on success; raises CommandError carrying the
     rollback's exit code (1 nothing changed, 4 follow-up failed)."""
     call_command(ROLLBACK_COMMAND, '--emergency', '--yes', stdout=stdout,
-                 stderr=stderr)
+                 stderr=stderr, verbosity=verbosity)
 
 
 class Command(RollbackCommand):
@@ -48,41 +60,42 @@ class Command(RollbackCommand):
             '4 rolled back but its follow-up failed.')
 
     def add_arguments(self, parser):
-        parser.add_argument('--interval', type=float, default=5.0,
+        parser.add_argument('--interval', type=positive_float, default=5.0,
                             help='seconds between probe rounds (default 5)')
-        parser.add_argument('--window', type=int, default=20,
+        parser.add_argument('--window', type=positive_int, default=20,
                             help='rounds in the error-rate window '
                                  '(default 20)')
-        parser.add_argument('--baseline-probes', type=int, default=5,
+        parser.add_argument('--baseline-probes', type=positive_int,
+                            default=5,
                             help='rounds that make the baseline when none '
                                  'is stored, and rounds --record-baseline '
                                  'measures (default 5)')
-        parser.add_argument('--consecutive', type=int, default=3,
+        parser.add_argument('--consecutive', type=positive_int, default=3,
                             help='bad rounds in a row before a trigger '
                                  'counts (default 3)')
-        parser.add_argument('--max-response-ms', type=float,
+        parser.add_argument('--max-response-ms', type=positive_ms,
                             help='slowest acceptable probe, ms (default '
                                  'ANTHIAS_ROLLBACK_MONITOR_MAX_RESPONSE_MS'
                                  ', 1000)')
-        parser.add_argument('--max-error-rate', type=float,
+        parser.add_argument('--max-error-rate', type=percent_above_zero,
                             help='failed probes in the window, percent '
                                  '(default ANTHIAS_ROLLBACK_MONITOR_MAX_'
                                  'ERROR_RATE, 5)')
-        parser.add_argument('--max-degradation-pct', type=float,
+        parser.add_argument('--max-degradation-pct', type=degradation_pct,
                             help='percent slower than the baseline '
                                  '(default ANTHIAS_ROLLBACK_MONITOR_MAX_'
                                  'DEGRADATION_PCT, 300)')
-        parser.add_argument('--base-url',
+        parser.add_argument('--base-url', type=http_url,
                             help='probe a running server over HTTP, e.g. '
                                  'http://127.0.0.1:8080 (default: '
                                  'in-process)')
-        parser.add_argument('--timeout', type=float, default=10.0,
+        parser.add_argument('--timeout', type=positive_float, default=10.0,
                             help='HTTP timeout per probe, seconds '
                                  '(default 10)')
-        parser.add_argument('--max-duration', type=float,
+        parser.add_argument('--max-duration', type=max_duration,
                             help='stop after this many seconds (default: '
                                  'run until a trigger or Ctrl-C)')
-        parser.add_argument('--max-probes', type=int,
+        parser.add_argument('--max-probes', type=positive_int,
                             help='stop after this many rounds')
         mode = parser.add_mutually_exclusive_group()
         mode.add_argument('--record-baseline', action='store_true',
@@ -91,12 +104,20 @@ class Command(RollbackCommand):
         mode.add_argument('--auto-rollback', action='store_true',
                           help='on a trigger, run rollback_migration '
                                '--emergency --yes')
-        parser.add_argument('--json', action='store_true',
-                            help='one JSON object per line on stdout')
+        parser.add_argument('--json-lines', action='store_true',
+                            help='one JSON object per round and a final '
+                                 'one, one per line, on stdout')
 
     def run(self, *args, **options):
-        self.as_json = options['json']
+        # Both keep stdout for JSON: the stream, or the final document.
+        self.json_lines = options['json_lines']
+        self.json_document = options['json']
+        self.as_json = self.json_document or self.json_lines
         self.verbosity = options['verbosity']
+        if self.json_document and self.json_lines:
+            self.json_lines = False
+            self.fail('--json prints one document, --json-lines a stream: '
+                      'choose one', exit_codes.USAGE)
         thresholds = monitor.default_thresholds(
             max_response_ms=options['max_response_ms'],
             max_error_rate=options['max_error_rate'],
@@ -142,56 +163,75 @@ class Command(RollbackCommand):
     def record(self, config: monitor.MonitorConfig) -> None:
         baseline, path = monitor.record_baseline(config,
                                                  on_probe=self.show_round)
+        self.set_json({'event': 'baseline', 'path': str(path),
+                       **baseline.as_dict()})
+        if self.json_lines:
+            self.write_line(self.json_data)
         if self.as_json:
-            self.write_line({'event': 'baseline', 'path': str(path),
-                             **baseline.as_dict()})
             return
         values = ', '.join(f'{url} {ms:.1f} ms'
                            for url, ms in baseline.ms.items())
-        self.stdout.write(self.style.SUCCESS(
+        self.write_verdict(
             f'baseline recorded ({baseline.rounds} rounds on '
-            f'{baseline.profile}): {values}; saved to {path}'))
+            f'{baseline.profile}): {values}; saved to {path}')
 
     def finish(self, result: monitor.MonitorResult,
                auto_rollback: bool) -> None:
-        if self.as_json:
+        self.set_json({'event': 'result', **result.as_dict(),
+                       'rollback': None})
+        if self.json_lines:
             self.write_line({'event': 'result', **result.as_dict()})
         if not result.triggered:
             if not self.as_json:
-                self.stdout.write(self.style.SUCCESS(
+                self.write_verdict(
                     f'no trigger: {result.rounds} rounds in '
                     f'{result.seconds:.1f}s (stopped: {result.stopped}; '
-                    f'baseline from {result.baseline_source})'))
+                    f'baseline from {result.baseline_source})')
             return
         reasons = '; '.join(b.message for b in result.reasons)
         alert = (f'ROLLBACK TRIGGER after {result.last.consecutive} bad '
                  f'rounds in a row: {reasons}')
         if not auto_rollback:
             if not self.as_json:
-                self.stdout.write(self.style.ERROR(alert))
+                self.write_verdict(alert, ok=False)
             self.fail(f'{alert}; roll back with `manage.py '
                       f'{ROLLBACK_COMMAND} --emergency`', exit_codes.NO)
         self.stderr.write(self.style.ERROR(f'{alert}; rolling back now'))
-        # With --json, stdout holds only JSON lines: the rollback's own
-        # output goes to stderr.
+        # With --json/--json-lines, stdout holds only JSON: the
+        # rollback's own output goes to stderr.
         out = self.stderr if self.as_json else self.stdout
         try:
-            run_rollback(out, self.stderr)
+            # -v3's SQL log is already on: the nested command must not
+            # attach a second one (every line twice).
+            run_rollback(out, self.stderr, min(self.verbosity, 2))
         except CommandError as err:
             code = getattr(err, 'returncode', exit_codes.FAILED)
-            if self.as_json:
+            self.json_data['rollback'] = {'returncode': code,
+                                          'error': redact(str(err))}
+            if self.json_lines:
                 self.write_line({'event': 'rollback', 'returncode': code,
                                  'error': str(err)})
             self.fail(f'{alert}; the rollback failed: {err}', code)
-        if self.as_json:
+        self.json_data['rollback'] = {'returncode': 0, 'error': None}
+        if self.json_lines:
             self.write_line({'event': 'rollback', 'returncode': 0})
-        else:
-            self.stdout.write(self.style.SUCCESS(
-                f'rolled back after the trigger ({reasons})'))
+        elif not self.as_json:
+            self.write_verdict(f'rolled back after the trigger ({reasons})')
+
+    def conclude(self, code: int, error: str | None) -> None:
+        # --json-lines: the stream ends in the verdict, an object too.
+        if getattr(self, 'json_lines', False):
+            self.as_json = self.json_document
+            if code != exit_codes.OK:
+                self.write_line({'event': 'error', 'exit_code': code,
+                                 'error': error})
+            self.verdict_written = True
+        super().conclude(code, error)
 
     def show_round(self, rnd: monitor.RoundResult) -> None:
-        if self.as_json:
+        if self.json_lines:
             self.write_line({'event': 'probe', **rnd.as_dict()})
+        if self.as_json:
             return
         if self.verbosity < 1:
             return

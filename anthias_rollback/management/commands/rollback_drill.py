@@ -21,8 +21,10 @@ from pathlib import Path
 from anthias_rollback import drill, events, exit_codes, phases, transfer
 from anthias_rollback.management.base import (
     RollbackCommand,
-    positive_float,
+    batch_size,
+    path_arg,
     positive_int,
+    positive_minutes,
 )
 
 
@@ -78,23 +80,22 @@ class Command(RollbackCommand):
                                  'default: the configured server, embedded '
                                  'only if it does not answer; --no-... '
                                  'never falls back')
-        parser.add_argument('--workdir', metavar='DIR',
+        parser.add_argument('--workdir', metavar='DIR', type=path_arg,
                             help='make the sandbox inside DIR (default: '
                                  'the system temp dir)')
         parser.add_argument('--keep', action='store_true',
                             help='keep the sandbox for inspection')
         parser.add_argument('--original-db-path', metavar='PATH',
+                            type=path_arg,
                             help='the live SQLite file to copy (default: '
                                  'the sqlite alias\'s file)')
-        parser.add_argument('--batch-size', type=positive_int,
+        parser.add_argument('--batch-size', type=batch_size,
                             default=transfer.DEFAULT_BATCH_SIZE,
                             help='rows per batch (default %(default)s)')
-        parser.add_argument('--timeout-minutes', type=positive_float,
+        parser.add_argument('--timeout-minutes', type=positive_minutes,
                             default=drill.DEFAULT_TIMEOUT_SECONDS / 60,
                             help='limit for the whole drill (default '
                                  '%(default)g)')
-        parser.add_argument('--json', action='store_true',
-                            help='print the JSON report only')
 
     def run(self, *args, **options):
         as_json = options['json']
@@ -111,14 +112,11 @@ class Command(RollbackCommand):
         verbosity = 0 if as_json else options['verbosity']
         result = drill.run_drill(opts, progress=self.render_progress(
             verbosity))
-        if as_json:
-            self.write_json(result.as_dict())
-        else:
+        self.set_json(result.as_dict())
+        if not as_json:
             if verbosity >= 1:
                 self.stdout.write(render_summary(result))
-            style = self.style.SUCCESS if result.passed else \
-                self.style.ERROR
-            self.stdout.write(style(verdict_line(result)))
+            self.write_verdict(verdict_line(result), ok=result.passed)
         if result.exit_code != exit_codes.OK:
             self.fail(f'{verdict_line(result)} (report: '
                       f'{result.report_path})', result.exit_code)

@@ -4,10 +4,14 @@ verified backup with the at-risk rows exported. Crash-safe and reported.
     python manage.py rollback_migration --emergency
     python manage.py rollback_migration --source backup --preserve-postgres --yes
 
+--json prints one JSON document (the result plus `data_loss`: status,
+detail, lost_writes) for every outcome; --report PATH writes it (0600).
+
 Exit codes: 0 rolled back and verified (or dry run done); 1 refused or
 failed, live database and profile unchanged; 2 usage error; 4 rolled
 back, but post-verification or the restart command failed (look at it).
 """
+import contextlib
 import sys
 
 from django.core.management.base import CommandError
@@ -16,10 +20,23 @@ from anthias_rollback import conf, exit_codes, profiles, rollback
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.management.base import (
     RollbackCommand,
-    positive_float,
-    positive_int,
+    batch_size,
+    path_arg,
+    positive_minutes,
+    text_arg,
 )
 from anthias_rollback.report import redact
+
+# The data_loss of a run that never started (refused before it): nothing
+# was touched, and no loss was measured either.
+NOT_RUN = {'status': 'not-run',
+           'detail': 'no rollback ran: the live database and the profile '
+                     'are unchanged', 'lost_writes': []}
+
+
+def data_loss(result: rollback.RollbackResult) -> dict:
+    return {'status': result.loss, 'detail': rollback.data_loss_line(result),
+            'lost_writes': list(result.lost_writes)}
 
 
 class Command(RollbackCommand):
@@ -37,11 +54,11 @@ class Command(RollbackCommand):
         parser.add_argument('--source', choices=rollback.SOURCES,
                             help='where the data comes from (default auto: '
                                  'postgres if usable, else backup)')
-        parser.add_argument('--backup-path',
+        parser.add_argument('--backup-path', metavar='PATH', type=path_arg,
                             help='backup to restore (default: newest '
                                  'verified in the backup dir)')
-        parser.add_argument('--original-db-path',
-                            help='the live SQLite file (default: the '
+        parser.add_argument('--original-db-path', metavar='PATH',
+                            type=path_arg, help='the live SQLite file (default: the '
                                  'sqlite alias\'s file)')
         parser.add_argument('--preserve-postgres', action='store_true',
                             help='pg_dump PostgreSQL into the backup dir '
@@ -56,23 +73,24 @@ class Command(RollbackCommand):
         parser.add_argument('--dry-run', action='store_true',
                             help='build and verify into a scratch file, '
                                  'change nothing live')
-        parser.add_argument('--timeout-minutes', type=positive_float,
+        parser.add_argument('--timeout-minutes', type=positive_minutes,
                             default=5.0,
                             help='deadline for the whole run (default 5)')
-        parser.add_argument('--batch-size', type=positive_int,
+        parser.add_argument('--batch-size', type=batch_size,
                             default=10_000)
         parser.add_argument('--yes', '--noinput', action='store_true',
                             dest='yes', help='do not ask for confirmation')
-        parser.add_argument('--json', action='store_true',
-                            help='print the JSON report only')
         parser.add_argument('--generate-report', action='store_true',
                             help='print the latest rollback report again')
         for name in ('host', 'port', 'db', 'user', 'password'):
-            parser.add_argument(f'--postgres-{name}',
+            # A bad port is the core's to name: a typo, not an outage
+            # (exit 1, tests/test_rollback_typos.py).
+            parser.add_argument(f'--postgres-{name}', type=text_arg,
                                 help=f'override the postgres alias\'s '
                                      f'{name} (runbook compatibility)')
 
     def run(self, *args, **options):
+        self.set_json({'data_loss': NOT_RUN})
         if options['generate_report']:
             return self.show_latest(options['json'])
         overrides = {k: options[f'postgres_{k}'] for k in
@@ -108,11 +126,23 @@ class Command(RollbackCommand):
                     opts, progress=self.render_progress(options))
             except RollbackError as err:
                 where = getattr(err, 'report_path', None)
+                self.set_failed_result(where)
                 raise CommandError(
                     redact(str(err)) + (f' (report: {where})' if where
                                         else ''),
                     returncode=exit_codes.FAILED) from err
         self.render(result, options)
+
+    def set_failed_result(self, report_path) -> None:
+        """The failed run's report as the JSON document's data."""
+        if not report_path:
+            return
+        # OSError, ValueError, TypeError: an unreadable report leaves the
+        # document without the result; the error line still names it.
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            result = rollback.load_result(report_path)
+            self.set_json({**result.as_dict(), 'data_loss':
+                           data_loss(result)})
 
     def confirm(self, opts, options) -> None:
         if options['yes'] or opts.emergency or opts.dry_run:
@@ -131,26 +161,25 @@ class Command(RollbackCommand):
         return self.render_events(options['verbosity'])
 
     def render(self, result, options) -> None:
-        if options['json']:
-            self.write_json(result.as_dict())
-        else:
-            self.stdout.write(rollback.render_summary(result))
-            if result.outcome != 'dry run':
-                self.stdout.write(rollback.resolved_notice(result))
+        self.set_json({**result.as_dict(), 'data_loss': data_loss(result)})
+        if not options['json']:
+            if options['verbosity'] >= 1:
+                self.stdout.write(rollback.render_summary(result))
+                if result.outcome != 'dry run':
+                    self.stdout.write(rollback.resolved_notice(result))
             verdict = {
-                'rolled back': self.style.SUCCESS(
-                    'ROLLED BACK: profile sqlite, data loss: '
-                    + rollback.data_loss_line(result)),
-                'rolled back with a loss': self.style.ERROR(
-                    'ROLLED BACK: profile sqlite, data loss: '
-                    + rollback.data_loss_line(result)),
-                'dry run': self.style.SUCCESS(
-                    'DRY RUN OK: nothing changed; a rollback from '
-                    f'{result.source} would succeed'),
-            }.get(result.outcome, self.style.ERROR(
-                'ROLLED BACK WITH PROBLEMS: the SQLite database is live; '
-                'check the warnings above'))
-            self.stdout.write(verdict)
+                'rolled back': 'ROLLED BACK: profile sqlite, data loss: '
+                               + rollback.data_loss_line(result),
+                'rolled back with a loss': 'ROLLED BACK: profile sqlite, '
+                                           'data loss: '
+                                           + rollback.data_loss_line(result),
+                'dry run': 'DRY RUN OK: nothing changed; a rollback from '
+                           f'{result.source} would succeed',
+            }.get(result.outcome, 'ROLLED BACK WITH PROBLEMS: the SQLite '
+                                  'database is live; check the warnings '
+                                  'above')
+            self.write_verdict(verdict, ok=result.outcome in (
+                'rolled back', 'dry run'))
         if result.exit_code != exit_codes.OK:
             what = (rollback.data_loss_line(result)
                     if result.outcome == 'rolled back with a loss' else
@@ -165,8 +194,7 @@ class Command(RollbackCommand):
         if path is None:
             self.fail(f'no rollback report in {conf.reports_dir()}')
         result = rollback.load_result(path)
-        if as_json:
-            self.write_json(result.as_dict())
-        else:
+        self.set_json({**result.as_dict(), 'data_loss': data_loss(result)})
+        if not as_json:
             self.stdout.write(rollback.render_summary(result))
             self.stdout.write(rollback.resolved_notice(result))

@@ -16,7 +16,11 @@ Exit codes: 0 ready; 1 the check itself could not run; 2 usage error;
 from dataclasses import asdict
 
 from anthias_rollback import conf, exit_codes, profiles, readiness
-from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    path_arg,
+    positive_hours,
+)
 
 
 class Command(RollbackCommand):
@@ -26,14 +30,13 @@ class Command(RollbackCommand):
             'could not run, 2 usage, 3 not ready.')
 
     def add_arguments(self, parser):
-        parser.add_argument('--max-age-hours', type=float, default=24,
+        parser.add_argument('--max-age-hours', type=positive_hours,
+                            default=24.0,
                             help='newest verified backup must be younger '
                                  '(default 24)')
-        parser.add_argument('--backup-dir', metavar='DIR',
+        parser.add_argument('--backup-dir', metavar='DIR', type=path_arg,
                             help='default ANTHIAS_BACKUP_DIR, else '
                                  '$ANTHIAS_DATA_DIR/backups')
-        parser.add_argument('--json', action='store_true',
-                            help='machine-readable output on stdout')
 
     def run(self, *args, **options):
         report = readiness.check_readiness(
@@ -43,20 +46,24 @@ class Command(RollbackCommand):
             postgres_alias=profiles.POSTGRES,
             pg_dump=conf.get_setting('ANTHIAS_PG_DUMP'),
             max_age_hours=options['max_age_hours'])
-        if options['json']:
-            self.write_json(asdict(report))
-        else:
-            width = max(len(c.name) for c in report.checks)
-            for check in report.checks:
-                if check.ok:
-                    verdict = self.style.SUCCESS('ok  ')
-                elif check.informational:
-                    verdict = self.style.WARNING('info')
-                else:
-                    verdict = self.style.ERROR('FAIL')
-                self.stdout.write(f'{verdict}  {check.name:<{width}}  '
-                                  f'{check.reason}')
-            self.stdout.write('READY' if report.ready else 'NOT READY')
+        self.set_json(asdict(report))
+        if not options['json']:
+            if options['verbosity'] >= 1:
+                self.show_checks(report)
+            self.write_verdict('READY' if report.ready else 'NOT READY',
+                               ok=report.ready)
         if not report.ready:
             names = ', '.join(c.name for c in report.failed)
             self.fail(f'not ready: {names}', exit_codes.NO)
+
+    def show_checks(self, report: readiness.ReadinessReport) -> None:
+        width = max(len(c.name) for c in report.checks)
+        for check in report.checks:
+            if check.ok:
+                verdict = self.style.SUCCESS('ok  ')
+            elif check.informational:
+                verdict = self.style.WARNING('info')
+            else:
+                verdict = self.style.ERROR('FAIL')
+            self.stdout.write(f'{verdict}  {check.name:<{width}}  '
+                              f'{check.reason}')

@@ -15,7 +15,14 @@ Exit codes: 0 switched (or shown); 1 refused, nothing changed;
 """
 from dataclasses import asdict
 
-from anthias_rollback import conf, exit_codes, profiles, switch, window
+from anthias_rollback import (
+    conf,
+    exit_codes,
+    profiles,
+    replication,
+    switch,
+    window,
+)
 from anthias_rollback.management.base import RollbackCommand
 from anthias_rollback.report import first_line
 
@@ -36,24 +43,21 @@ class Command(RollbackCommand):
                             help='flip even if the target fails its checks')
         parser.add_argument('--no-restart', action='store_true',
                             help='do not run the restart command')
-        parser.add_argument('--json', action='store_true',
-                            help='machine-readable output on stdout')
 
     def run(self, *args, **options):
         if options['show']:
-            return self.show(options['json'])
+            return self.show(options['json'], options['verbosity'])
         result = switch.switch_profile(options['to'],
                                        force=options['force'],
                                        restart=not options['no_restart'])
-        if options['json']:
-            self.write_json(asdict(result))
-        else:
+        self.set_json(asdict(result))
+        if not options['json']:
             for warning in result.warnings:
                 self.stderr.write(self.style.WARNING(warning))
             if result.forced:
                 self.stderr.write(self.style.WARNING(
                     'forced: the target was not checked'))
-            if result.restart is not None:
+            if result.restart is not None and options['verbosity'] >= 1:
                 self.stdout.write(
                     f'restart command: exit {result.restart.returncode} '
                     f'in {result.restart.seconds:.1f}s')
@@ -65,14 +69,23 @@ class Command(RollbackCommand):
                       f'restart command failed: {result.restart.output}',
                       exit_codes.FOLLOW_UP)
 
-    def show(self, as_json: bool) -> None:
+    def show(self, as_json: bool, verbosity: int) -> None:
         active = profiles.resolve_active_profile(conf.data_dir())
         try:
             state = asdict(window.window_state(profiles.POSTGRES))
         except Exception as err:  # noqa: BLE001 --show must answer anyway
             state = {'error': first_line(err)}
+        try:
+            standby = replication.standby_state(conf.data_dir(),
+                                                profiles.POSTGRES)
+            lag = {'position_at': standby.position_at,
+                   'lag_seconds': standby.lag_seconds,
+                   'pending': standby.pending, 'problem': standby.problem}
+        except Exception as err:  # noqa: BLE001 --show must answer anyway
+            lag = {'position_at': None, 'lag_seconds': None,
+                   'pending': None, 'problem': first_line(err)}
+        self.set_json({**asdict(active), 'window': state, 'standby': lag})
         if as_json:
-            self.write_json({**asdict(active), 'window': state})
             return
         if 'error' in state:
             detail = f'PostgreSQL not readable ({state["error"]})'
@@ -82,6 +95,11 @@ class Command(RollbackCommand):
             detail = (f'change journal since {state["cutover_at"]} '
                       f'({state["entries"]} entries), fence {state["fence"]}'
                       + (', cutover FORCED' if state['forced'] else ''))
-        self.stdout.write(f'rollback window: {detail}')
+        if verbosity >= 1:
+            self.stdout.write(f'rollback window: {detail}')
+            self.stdout.write(
+                f'standby: at {lag["position_at"]}, {lag["lag_seconds"]:.1f}s'
+                f' behind' if lag['position_at'] else
+                f'standby: {lag["problem"] or "none"}')
         self.stdout.write(f'active profile: {active.name} '
                           f'(from {active.source}: {active.detail})')

@@ -2,23 +2,32 @@
 
     python manage.py validate_migration
     python manage.py validate_migration --sqlite-db /data/backups/b.db \\
-        --deep --json /tmp/validate.json --no-performance-test
+        --deep --report /tmp/validate.json --no-performance-test
 
 Compares migrations, tables, row counts and a checksum of every row
 (values normalised by the Django fields) for every model, bisecting
 mismatching key ranges down to the differing rows; --deep compares every
-row field by field. Reads only, each side in one snapshot.
+row field by field. Reads only, each side in one snapshot. --json prints
+the full report as one JSON document, --report PATH writes it (0600).
 
 Exit codes: 0 pass; 1 could not validate (unreachable, unmigrated,
-timeout, bad input); 2 usage error; 3 differences below --min-integrity
-or queries above --max-query-time.
+timeout, bad input); 2 usage error (also a negative or non-finite
+number); 3 differences below --min-integrity or queries above
+--max-query-time.
 """
 import shutil
 from pathlib import Path
 
 from anthias_rollback import compare, events, exit_codes, profiles
-from anthias_rollback.management.base import RollbackCommand
-from anthias_rollback.report import write_json_report
+from anthias_rollback.management.base import (
+    RollbackCommand,
+    non_negative_int,
+    path_arg,
+    percent,
+    positive_float,
+    positive_ms,
+    text_arg,
+)
 
 SHOW_KEYS = 5
 
@@ -32,20 +41,22 @@ class Command(RollbackCommand):
             '3 differences below --min-integrity or slow queries.')
 
     def add_arguments(self, parser):
-        parser.add_argument('--sqlite-db', metavar='PATH',
+        parser.add_argument('--sqlite-db', metavar='PATH', type=path_arg,
                             help='compare this SQLite file (e.g. a backup) '
                             'instead of the sqlite alias')
         parser.add_argument('--deep', '--deep-validation', dest='deep',
                             action='store_true',
                             help='compare every row field by field')
-        parser.add_argument('--sample-size', type=int, default=0,
+        parser.add_argument('--sample-size', type=non_negative_int,
+                            default=0,
                             metavar='N', help='also compare N random rows '
                             'per model field by field (clamped to the '
                             'table size)')
-        parser.add_argument('--min-integrity', type=float, default=100.0,
+        parser.add_argument('--min-integrity', type=percent, default=100.0,
                             metavar='PCT', help='pass when every model has '
                             'at least PCT%% identical rows (default 100)')
-        parser.add_argument('--timeout', type=float, metavar='SECONDS',
+        parser.add_argument('--timeout', type=positive_float,
+                            metavar='SECONDS',
                             help='stop cleanly after SECONDS with a '
                             'partial report (exit 1)')
         parser.add_argument('--performance-test', action='store_true',
@@ -54,15 +65,13 @@ class Command(RollbackCommand):
         parser.add_argument('--no-performance-test',
                             dest='performance_test', action='store_false',
                             help='skip the query timings')
-        parser.add_argument('--max-query-time', type=float, metavar='MS',
+        parser.add_argument('--max-query-time', type=positive_ms,
+                            metavar='MS',
                             help='fail (exit 3) if a timed query takes '
                             'longer than MS milliseconds')
         parser.add_argument('--model', action='append', dest='models',
-                            metavar='APP.MODEL',
+                            metavar='APP.MODEL', type=text_arg,
                             help='compare only this model (repeatable)')
-        parser.add_argument('--json', metavar='PATH',
-                            help="write the full report (every differing "
-                            "key) to PATH (0600), or '-' for stdout")
 
     def run(self, *args, **options):
         sqlite_db = options['sqlite_db']
@@ -73,9 +82,9 @@ class Command(RollbackCommand):
         performance = options['performance_test']
         max_query_ms = options['max_query_time']
         models = options['models']
-        json_path = options['json']
+        json_path = options['report']
         self.verbosity = options['verbosity']
-        self.quiet = json_path == '-'
+        self.quiet = options['json']
         self.check_numbers(sample_size, min_integrity, timeout,
                            max_query_ms)
         if sqlite_db:
@@ -118,20 +127,19 @@ class Command(RollbackCommand):
         data = report.to_dict()
         data['min_integrity'] = min_integrity
         data['performance'] = perf.to_dict() if perf else None
-        if json_path == '-':
-            self.write_json(data)
-        elif json_path:
-            write_json_report(Path(json_path), data)
-        if not self.quiet:
+        self.set_json(data)
+        if not self.quiet and self.verbosity >= 1:
             self.print_report(report, perf)
             if json_path:
                 self.stdout.write(f'full report: {json_path}')
+        elif not self.quiet and report.not_compared:
+            self.print_not_compared(report)
         self.verdict(report, perf, min_integrity)
 
     # ----------------------------------------------------------- output
 
     def progress_renderer(self):
-        if self.quiet:
+        if self.quiet or self.verbosity < 1:
             return None
         if self.is_tty():
             return self.tty_progress()
@@ -191,11 +199,14 @@ class Command(RollbackCommand):
                 write(line if m.ok else self.style.WARNING(line))
             self.print_keys(m)
         if report.not_compared:
-            self.stderr.write(self.style.ERROR(
-                f'not compared ({report.stopped_reason}): '
-                f'{", ".join(report.not_compared)}'))
+            self.print_not_compared(report)
         if perf is not None:
             self.print_performance(perf)
+
+    def print_not_compared(self, report):
+        self.stderr.write(self.style.ERROR(
+            f'not compared ({report.stopped_reason}): '
+            f'{", ".join(report.not_compared)}'))
 
     def print_keys(self, m):
         right = 'postgres side'
@@ -252,4 +263,4 @@ class Command(RollbackCommand):
                       f'--max-query-time {perf.max_query_ms:g} ms; '
                       f'{summary}', exit_codes.NO)
         if not self.quiet:
-            self.stdout.write(self.style.SUCCESS(f'PASS: {summary}'))
+            self.write_verdict(f'PASS: {summary}')
