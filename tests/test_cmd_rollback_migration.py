@@ -85,3 +85,29 @@ def test_verbose_rollback_prints_a_line_per_copied_model(data_dir, settings,
     assert '  anthias_app.Asset: 12/12 rows' in done.stdout
     assert any(line.startswith('-> build') for line in lines)
     assert any(line.startswith('  auth.User: ') for line in lines)
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_report_of_a_refused_run_is_never_resolved_and_notice_names_who(
+        data_dir, settings, host_env):
+    device = seed_device(settings)
+    write_on_postgres(device)
+    connections['sqlite'].close()
+    done = run_manage(host_env, 'rollback_migration', '--emergency',
+                      '--source', 'backup', '--backup-path',
+                      str(data_dir / 'nope.db'))
+    assert done.returncode == 1
+    shown = run_manage(host_env, 'rollback_migration', '--generate-report')
+    assert 'Rollback Completed' not in shown.stdout
+    assert 'NOT RESOLVED' in shown.stdout and 'failed' in shown.stdout
+    done = run_manage(host_env, 'rollback_migration', '--emergency',
+                      '--trigger', 'monitor_migration: error rate 40 %')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert 'Triggered by: monitor_migration: error rate 40 %' in done.stdout
+    shown = run_manage(host_env, 'rollback_migration', '--generate-report')
+    assert 'RESOLVED: Database Migration Rollback Completed' in shown.stdout
+    # A deploy hook's rerun: exit 0, one line, nothing redone.
+    again = run_manage(host_env, 'rollback_migration', '--emergency')
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.strip().startswith('already on SQLite since ')
+    assert 'URGENT' not in again.stdout

@@ -188,12 +188,19 @@ def test_refusals_change_nothing(data_dir, settings, readonly_dir):
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
-def test_already_on_sqlite_is_refused_unless_source_given(data_dir,
+def test_rerun_after_a_rollback_succeeds_without_redoing_it(data_dir,
                                                           settings):
     seed_device(settings)
     roll_back('--emergency')
-    with pytest.raises(CommandError, match='already sqlite'):
-        roll_back('--emergency')
+    reports = sorted((data_dir / 'reports').glob('rollback_*.json'))
+    # A rerun (a retrying hook, a second operator) succeeds, one line, no
+    # banner, and changes nothing: no new report, no new run.
+    out, _ = roll_back('--emergency')
+    assert out.strip().splitlines() == [out.strip()]
+    assert out.startswith('already on SQLite since ')
+    assert str(reports[-1]) in out and 'data loss: none (proven' in out
+    assert 'URGENT' not in out
+    assert sorted((data_dir / 'reports').glob('rollback_*.json')) == reports
     out, _ = roll_back('--emergency', '--source', 'postgres')
     assert 'ROLLED BACK' in out
 

@@ -55,3 +55,18 @@ def test_a_typo_refuses_instead_of_restoring_the_backup(
     assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
     assert 'RESTORED' not in done.stdout and 'ROLLED BACK' not in \
         done.stdout
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_profile_forced_by_the_environment_is_refused(data_dir, settings,
+                                                      host_env):
+    device = seed_device(settings)
+    connections['sqlite'].close()
+    before = file_digest(device.live)
+    env = dict(host_env, ANTHIAS_DB_PROFILE='postgres')
+    done = run_manage(env, 'rollback_migration', '--emergency')
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'ANTHIAS_DB_PROFILE=postgres' in lines[0]
+    assert file_digest(device.live) == before
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'

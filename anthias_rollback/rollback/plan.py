@@ -24,7 +24,11 @@ from anthias_rollback import (
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.phases import Deadline, PhaseRunner
 from anthias_rollback.report import first_line, redact, write_json_report
-from anthias_rollback.rollback.render import render_summary
+from anthias_rollback.rollback.render import (
+    latest_report,
+    load_result,
+    render_summary,
+)
 from anthias_rollback.rollback.sources import choose_source, cutover_summary
 from anthias_rollback.rollback.state import (
     LOG_NAME,
@@ -32,6 +36,7 @@ from anthias_rollback.rollback.state import (
     RollbackOptions,
     RollbackResult,
     _Run,
+    read_run_state,
     write_run_state,
 )
 from anthias_rollback.rollback.steps import (
@@ -206,4 +211,36 @@ def finish(run: _Run, outcome: str, code: int,
     fsutil.atomic_write_bytes(path.with_suffix('.txt'),
                               redact(render_summary(result)).encode(),
                               mode=0o600)
+    return result
+
+
+def already_rolled_back(options: RollbackOptions) -> RollbackResult | None:
+    """The completed rollback a rerun would repeat, or None.
+
+    A rerun by a deploy hook that timed out, or by a second operator, of
+    a rollback that finished (profile sqlite from its flip, run state
+    done, a report saying rolled back) must not fail: the caller reports
+    that result instead. An interrupted run (state running) returns None:
+    the rerun does the work again from the start (every phase before the
+    swap is repeatable, the swap recovers itself). Reads only.
+    """
+    if options.source_explicit or options.dry_run:
+        return None
+    data_dir = Path(options.data_dir or conf.data_dir())
+    try:
+        active = profiles.resolve_active_profile(data_dir)
+    except RollbackError:
+        return None
+    if active.name != profiles.SQLITE or \
+            read_run_state(data_dir).get('status') != 'done':
+        return None
+    path = latest_report(data_dir / 'reports')
+    if path is None:
+        return None
+    try:
+        result = load_result(path)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not result.outcome.startswith('rolled back'):
+        return None
     return result

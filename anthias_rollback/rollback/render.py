@@ -85,13 +85,26 @@ def render_summary(result: RollbackResult) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def urgent_notice(reason: str, started_at: str) -> str:
+def urgent_notice(reason: str, started_at: str, trigger: str) -> str:
+    """The notice at the start: what is wrong, who or what triggered the
+    rollback (an operator, or the monitor's rule with its figures)."""
     return (
         'URGENT: Database Migration Rollback Required\n\n'
         f'Issue: {reason}\n'
+        f'Triggered by: {trigger}\n'
         'Impact: the app is being moved back onto SQLite; screens keep '
         'their cached content, edits are paused\n'
         f'Action Taken: rollback_migration started at {started_at}\n')
+
+
+def failed_notice(result: RollbackResult) -> str:
+    """For a refused or failed run: never called RESOLVED."""
+    return (
+        'NOT RESOLVED: Database Migration Rollback Failed or Refused\n\n'
+        f'Outcome: {result.outcome} (nothing changed unless the report '
+        'says otherwise)\n'
+        f'Error: {result.error}\n'
+        f'Report: {result.report_path}\n')
 
 
 def resolved_notice(result: RollbackResult) -> str:

@@ -110,6 +110,16 @@ def preflight(run: _Run) -> None:
         if live.exists() and not os.access(live, os.W_OK):
             raise ConfigError(f'live SQLite file {live} is not writable')
         active = profiles.resolve_active_profile(run.data_dir)
+        if active.source == 'env' and active.name != profiles.SQLITE \
+                and not opts.dry_run:
+            # The flip writes the state file, which the variable overrides:
+            # processes started with it would stay on PostgreSQL.
+            raise ConfigError(
+                f'ANTHIAS_DB_PROFILE={active.name} is set in the '
+                'environment and overrides the profile state file: after '
+                'a rollback, processes started with it would stay on '
+                'PostgreSQL; unset it (or set ANTHIAS_DB_PROFILE=sqlite) '
+                'where the app is started, then run again')
         interrupted = read_run_state(run.data_dir).get('status') == 'running'
         if (active.name == profiles.SQLITE and not opts.source_explicit
                 and not interrupted):

@@ -43,12 +43,14 @@ max_duration = number(0.0, 366 * 24 * 3600.0)
 degradation_pct = number(0.0, 1e6)
 
 
-def run_rollback(stdout: Any, stderr: Any, verbosity: int = 1) -> None:
+def run_rollback(stdout: Any, stderr: Any, verbosity: int = 1,
+                 trigger: str = 'monitor_migration') -> None:
     """Start the emergency rollback, with the same lock and report as when
-    a person runs it. Returns on success; raises CommandError carrying the
-    rollback's exit code (1 nothing changed, 4 follow-up failed)."""
-    call_command(ROLLBACK_COMMAND, '--emergency', '--yes', stdout=stdout,
-                 stderr=stderr, verbosity=verbosity)
+    a person runs it, naming the rule that fired. Returns on success;
+    raises CommandError carrying the rollback's exit code (1 nothing
+    changed, 4 follow-up failed)."""
+    call_command(ROLLBACK_COMMAND, '--emergency', '--yes', '--trigger',
+                 trigger, stdout=stdout, stderr=stderr, verbosity=verbosity)
 
 
 class Command(RollbackCommand):
@@ -203,7 +205,8 @@ class Command(RollbackCommand):
         try:
             # -v3's SQL log is already on: the nested command must not
             # attach a second one (every line twice).
-            run_rollback(out, self.stderr, min(self.verbosity, 2))
+            run_rollback(out, self.stderr, min(self.verbosity, 2),
+                         trigger=f'monitor_migration: {alert}')
         except CommandError as err:
             code = getattr(err, 'returncode', exit_codes.FAILED)
             self.json_data['rollback'] = {'returncode': code,

@@ -12,7 +12,9 @@ failed, live database and profile unchanged; 2 usage error; 4 rolled
 back, but post-verification or the restart command failed (look at it).
 """
 import contextlib
+import getpass
 import sys
+from datetime import datetime, timezone
 
 from django.core.management.base import CommandError
 
@@ -82,6 +84,11 @@ class Command(RollbackCommand):
                             dest='yes', help='do not ask for confirmation')
         parser.add_argument('--generate-report', action='store_true',
                             help='print the latest rollback report again')
+        parser.add_argument('--trigger', type=text_arg, metavar='TEXT',
+                            help='who or what started this rollback, for '
+                                 'the URGENT notice and the log (default: '
+                                 'the operator; the monitor passes its '
+                                 'rule and figures)')
         for name in ('host', 'port', 'db', 'user', 'password'):
             # A bad port is the core's to name: a typo, not an outage
             # (exit 1, tests/test_rollback_typos.py).
@@ -116,11 +123,19 @@ class Command(RollbackCommand):
                 timeout_seconds=options['timeout_minutes'] * 60,
                 restart=not options['no_restart'],
                 batch_size=options['batch_size'])
+            done = rollback.already_rolled_back(opts)
+            if done is not None:
+                return self.already_done(done)
             self.confirm(opts, options)
             verbose = options['verbosity'] >= 1 and not options['json']
             if verbose and not opts.dry_run:
+                trigger = options['trigger'] or (
+                    f'operator {getpass.getuser()} (rollback_migration'
+                    + (' --emergency' if opts.emergency else '') + ')')
                 self.stdout.write(self.style.WARNING(rollback.urgent_notice(
-                    'operator requested a rollback', 'now')))
+                    'PostgreSQL is to be left for SQLite', datetime.now(
+                        timezone.utc).isoformat(timespec='seconds'),
+                    trigger)))
             try:
                 result = rollback.run_rollback(
                     opts, progress=self.render_progress(options))
@@ -189,6 +204,18 @@ class Command(RollbackCommand):
                 f'(report: {result.report_path})',
                 returncode=result.exit_code)
 
+    def already_done(self, result) -> None:
+        """A rerun after a finished rollback: the same answer, one line,
+        no banner (deploy hooks retry; a second operator looks)."""
+        self.set_json({**result.as_dict(), 'data_loss': data_loss(result),
+                       'already': True})
+        line = (f'already on SQLite since {result.finished_at} (report '
+                f'{result.report_path}); data loss: '
+                f'{rollback.data_loss_line(result)}')
+        self.write_verdict(line, ok=result.exit_code == exit_codes.OK)
+        if result.exit_code != exit_codes.OK:
+            self.fail(line, result.exit_code)
+
     def show_latest(self, as_json: bool) -> None:
         path = rollback.latest_report(conf.reports_dir())
         if path is None:
@@ -197,4 +224,7 @@ class Command(RollbackCommand):
         self.set_json({**result.as_dict(), 'data_loss': data_loss(result)})
         if not as_json:
             self.stdout.write(rollback.render_summary(result))
-            self.stdout.write(rollback.resolved_notice(result))
+            self.stdout.write(
+                rollback.resolved_notice(result)
+                if result.outcome.startswith('rolled back') else
+                rollback.failed_notice(result))
