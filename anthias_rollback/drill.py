@@ -375,8 +375,8 @@ def make_sandbox_database(run: _Run, sandbox_db: Path) -> None:
     rows = opts.seed_rows
     if rows is None and not live.exists():
         rows = DEFAULT_SEED_ROWS
-        run.runner.warn(f'no live database at {live}: seeding {rows} generated '
-                 'rows per model instead')
+        run.runner.warn(f'no live database at {live}: seeding {rows} '
+                        'generated rows per model instead')
     if rows is not None:
         with run.step('seed', SETUP) as record, \
                 profiles.sqlite_file_alias(sandbox_db) as alias:
@@ -425,9 +425,11 @@ def migrate_and_compare(run: _Run, sandbox_db: Path, scratch: str) -> None:
             left_out = excluded_rows(source)
             if left_out:
                 record['status'] = phases.WARNING
-                run.runner.warn('ANTHIAS_ROLLBACK_EXCLUDE leaves out ' + ', '.join(
-                    f'{k} ({v} rows)' for k, v in left_out.items())
-                    + ': a rollback would not bring these rows back')
+                shown = ', '.join(f'{k} ({v} rows)'
+                                  for k, v in left_out.items())
+                run.runner.warn(f'ANTHIAS_ROLLBACK_EXCLUDE leaves out {shown}'
+                                ': a rollback would not bring these rows '
+                                'back')
 
 
 def sandbox_rollback(run: _Run, sandbox_db: Path,

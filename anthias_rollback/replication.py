@@ -684,7 +684,8 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
     while True:
         try:
             result = replicator.apply_round()
-        except Exception as err:  # noqa: BLE001  a round's failure is a state, retried
+        # A round's failure is a state to report and retry, not a crash.
+        except Exception as err:  # noqa: BLE001
             connections[replicator.pg].close()
             replicator.close()
             down = isinstance(err, DatabaseError) and engines.for_alias(

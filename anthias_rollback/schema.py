@@ -1,8 +1,10 @@
 """Migration state and reachability of an alias, and applying the
 schema (`migrate`) on one.
 
-Reads only, but for ensure_schema. Raises DatabaseUnavailableError (naming the alias and
-host:port, never the password) when the alias does not answer.
+Reads only, but for ensure_schema. Raises DatabaseUnavailableError
+(DatabaseDownError when the server is down rather than misconfigured),
+naming the alias and host:port, never the password, when the alias does
+not answer.
 """
 from io import StringIO
 

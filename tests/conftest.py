@@ -163,3 +163,14 @@ def _end_rollback_window(request):
             tables = [m._meta.db_table
                       for m in models_graph.plan_models().models]
             pj.postgres_remove_journal('postgres', tables)
+
+
+@pytest.fixture
+def same_data():
+    """PostgreSQL made equal to SQLite (as migrate_to_postgres would),
+    for tests that switch to postgres: the switch refuses otherwise, and
+    the test databases' content types and permissions get different ids
+    on the two engines depending on which tests flushed them before."""
+    from anthias_rollback import transfer
+
+    transfer.transfer_data('sqlite', 'postgres', replace=True)

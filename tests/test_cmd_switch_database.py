@@ -26,7 +26,7 @@ def active(data_dir):
 
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
-def test_switch_to_migrated_postgres_and_back(data_dir):
+def test_switch_to_migrated_postgres_and_back(same_data, data_dir):
     out, _ = switch('--to', 'postgres')
     assert 'active profile: postgres (was sqlite' in out
     assert active(data_dir) == 'postgres'
@@ -101,7 +101,7 @@ def test_data_dir_not_writable_leaves_profile(readonly_dir):
 
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
-def test_restart_command_failure_is_exit_4_and_flip_stays(data_dir,
+def test_restart_command_failure_is_exit_4_and_flip_stays(same_data, data_dir,
                                                           settings):
     settings.ANTHIAS_ROLLBACK_RESTART_COMMAND = 'sh -c "echo boom; exit 7"'
     with pytest.raises(CommandError) as excinfo:
@@ -112,7 +112,7 @@ def test_restart_command_failure_is_exit_4_and_flip_stays(data_dir,
 
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
-def test_restart_command_runs(data_dir, settings, tmp_path):
+def test_restart_command_runs(same_data, data_dir, settings, tmp_path):
     marker = tmp_path / 'restarted'
     settings.ANTHIAS_ROLLBACK_RESTART_COMMAND = f'touch {marker}'
     out, _ = switch('--to', 'postgres')
@@ -121,7 +121,7 @@ def test_restart_command_runs(data_dir, settings, tmp_path):
 
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'], transaction=True)
-def test_subprocess_exit_codes(host_env):
+def test_subprocess_exit_codes(same_data, host_env):
     done = run_manage(host_env, 'switch_database', '--to', 'postgres')
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith(

@@ -34,7 +34,7 @@ def state(data_dir) -> dict:
 
 
 @pytest.mark.django_db(databases=BOTH)
-def test_switch_writes_state_file_with_previous(data_dir):
+def test_switch_writes_state_file_with_previous(same_data, data_dir):
     result = switch.switch_profile('postgres', restart=False,
                                    extra_state={'reason': 'cutover'})
     path = profiles.state_file_path(data_dir)
@@ -56,7 +56,7 @@ def test_switch_writes_state_file_with_previous(data_dir):
 
 
 @pytest.mark.django_db(databases=BOTH)
-def test_state_file_mode_private_to_its_writer(data_dir):
+def test_state_file_mode_private_to_its_writer(same_data, data_dir):
     """Owner read/write, nobody else may write it (it decides which
     database every process opens). Its content holds no secret."""
     switch.switch_profile('postgres', restart=False)
@@ -70,7 +70,8 @@ def test_state_file_mode_private_to_its_writer(data_dir):
 
 
 @pytest.mark.django_db(databases=BOTH)
-def test_second_switch_records_previous_and_no_new_journal(data_dir):
+def test_second_switch_records_previous_and_no_new_journal(same_data,
+                                                         data_dir):
     first = switch.switch_profile('postgres', restart=False)
     assert first.cutover_journal == journal.journal_path(data_dir)
     again = switch.switch_profile('postgres', restart=False)
@@ -91,7 +92,8 @@ switch.switch_profile("sqlite", force=True, restart=False)
 
 
 @pytest.mark.django_db(databases=BOTH, transaction=True)
-def test_flip_killed_before_rename_keeps_old_profile(data_dir, host_env):
+def test_flip_killed_before_rename_keeps_old_profile(same_data, data_dir,
+                                                     host_env):
     """SIGKILL inside the flip, after the new state was written to a temp
     file: the old state file is whole and still decides."""
     switch.switch_profile('postgres', restart=False)
@@ -162,7 +164,7 @@ def test_switch_refused_for_unreachable_postgres_alias(data_dir):
 
 
 @pytest.mark.django_db(databases=BOTH)
-def test_env_override_is_a_warning(data_dir, monkeypatch):
+def test_env_override_is_a_warning(same_data, data_dir, monkeypatch):
     monkeypatch.setenv('ANTHIAS_DB_PROFILE', 'sqlite')
     result = switch.switch_profile('postgres', restart=False)
     assert result.previous == 'sqlite'
@@ -174,8 +176,8 @@ def test_env_override_is_a_warning(data_dir, monkeypatch):
 
 
 @pytest.mark.django_db(databases=BOTH)
-def test_restart_false_never_runs_configured_command(data_dir, settings,
-                                                     tmp_path):
+def test_restart_false_never_runs_configured_command(
+        same_data, data_dir, settings, tmp_path):
     marker = tmp_path / 'restarted'
     settings.ANTHIAS_ROLLBACK_RESTART_COMMAND = f'touch {marker}'
     result = switch.switch_profile('postgres', restart=False)

@@ -60,7 +60,8 @@ class Command(RollbackCommand):
                             help='backup to restore (default: newest '
                                  'verified in the backup dir)')
         parser.add_argument('--original-db-path', metavar='PATH',
-                            type=path_arg, help='the live SQLite file (default: the '
+                            type=path_arg,
+                            help='the live SQLite file (default: the '
                                  'sqlite alias\'s file)')
         parser.add_argument('--preserve-postgres', action='store_true',
                             help='pg_dump PostgreSQL into the backup dir '

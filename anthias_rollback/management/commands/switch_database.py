@@ -7,7 +7,8 @@ Before flipping, the target must answer and have no unapplied migrations;
 a switch to postgres also needs PostgreSQL to hold exactly SQLite's rows
 (counts and checksums) and installs the change journal and write fence
 with the cutover, lifting a fence left by a rollback (all unless
---force, which is recorded). --show also reports the rollback window. The state file in the data dir is replaced atomically;
+--force, which is recorded). --show also reports the rollback window
+and the standby. The state file in the data dir is replaced atomically;
 the configured ANTHIAS_ROLLBACK_RESTART_COMMAND runs afterwards.
 
 Exit codes: 0 switched (or shown); 1 refused, nothing changed;
