@@ -2,6 +2,8 @@
 import contextlib
 import datetime as dt
 import json
+import sqlite3
+import threading
 from io import StringIO
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from tests.helpers.transfer import (
     rows_by_pk,
 )
 from tests.kitchensink.models import Category, Item
+
+UTC = dt.timezone.utc
 
 BOTH = ['sqlite', 'postgres']
 ASSET_COLUMNS = [f.column for f in Asset._meta.concrete_fields]
@@ -67,6 +71,59 @@ def test_round_trip_sqlite_postgres_fresh_sqlite(tmp_path):
     first = next(iter(pg_assets.values()))
     assert first['start_date'].tzinfo is not None
     assert isinstance(first['metadata'], dict)
+
+
+ODD_MOMENTS = [
+    (dt.datetime(2024, 1, 1, tzinfo=UTC), dt.date(1, 1, 1),
+     dt.time(0, 0)),
+    (dt.datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC),
+     dt.date(9999, 12, 31), dt.time(23, 59, 59, 999999)),
+    (dt.datetime(1, 1, 2, 0, 0, 0, 10, tzinfo=UTC), dt.date(999, 3, 4),
+     dt.time(12, 0, 0, 120000)),
+    (dt.datetime(999, 12, 31, 1, 2, 3, 120000, tzinfo=UTC),
+     dt.date(2000, 1, 1), dt.time(6, 30, 15, 500000)),
+    (dt.datetime(9999, 12, 30, 23, 59, 59, 500000, tzinfo=UTC), None,
+     dt.time(0, 0, 0, 1)),
+    (dt.datetime(2024, 7, 1, 12, tzinfo=dt.timezone(dt.timedelta(
+        hours=5, minutes=30))), dt.date(2024, 7, 1), None),
+    (None, None, None),
+]
+
+
+def _odd_moment_items(alias):
+    category = Category.objects.using(alias).create(name='moments')
+    for n, (at, day, clock) in enumerate(ODD_MOMENTS):
+        Item.objects.using(alias).create(category=category, title=str(n),
+                                         at=at, day=day, clock=clock)
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+@pytest.mark.parametrize('zone', ['UTC', 'Asia/Kathmandu'])
+def test_reverse_dates_stored_as_django_stores_them(tmp_path, zone):
+    # The reverse copy reads dates and times as PostgreSQL's text and
+    # re-pads it; what lands in SQLite must be byte for byte what the
+    # ORM writes there. A session in another zone (text the fast path
+    # does not take) goes through psycopg2's parser: the same bytes.
+    _odd_moment_items('sqlite')
+    transfer.transfer_data('sqlite', 'postgres')
+    with connections['postgres'].cursor() as cursor:
+        cursor.execute('SET TIME ZONE %s', [zone])
+    try:
+        with fresh_sqlite(tmp_path / 'back.db') as back:
+            transfer.transfer_data('postgres', back, batch_size=3)
+            sql = ('SELECT id, at, day, clock, flag, maybe FROM '
+                   'kitchensink_item ORDER BY id')
+            stored = connections['sqlite'].connection.execute(
+                sql).fetchall()
+            connections[back].ensure_connection()
+            copied = connections[back].connection.execute(sql).fetchall()
+            assert copied == stored
+            assert [list(map(type, r)) for r in copied] == [
+                list(map(type, r)) for r in stored]
+            assert_same_rows('sqlite', back, [Item])
+    finally:
+        connections['postgres'].close()
+    assert_same_rows('sqlite', 'postgres', [Item])
 
 
 @pytest.mark.django_db(databases=BOTH, transaction=True)
@@ -254,6 +311,76 @@ def test_server_stopped_mid_copy_leaves_target_unchanged(private_server):
         result = transfer.transfer_data('sqlite', target, batch_size=20)
         assert result.rows > 120
         assert_same_rows('sqlite', target, [Asset, ContentType])
+
+
+def _sqlite_dump(alias):
+    connections[alias].close()
+    path = connections[alias].settings_dict['NAME']
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return list(conn.iterdump())
+
+
+def _reader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith('read-')]
+
+
+@pytest.mark.django_db(databases=['sqlite'], transaction=True)
+def test_reverse_source_stopped_mid_copy_leaves_sqlite_unchanged(
+        private_server, tmp_path):
+    # The reverse copy reads PostgreSQL in a second thread; the server
+    # dying under that thread must fail the copy naming the model, and
+    # roll the SQLite target back to what it was.
+    make_assets(300)
+    with private_alias(private_server) as source:
+        call_command('migrate', database=source, interactive=False,
+                     verbosity=0, stdout=StringIO())
+        transfer.transfer_data('sqlite', source, replace=True)
+        with fresh_sqlite(tmp_path / 'back.db') as back:
+            before = _sqlite_dump(back)
+            stopped = []
+
+            def stop_mid_assets(event):
+                if (event.kind == 'batch' and event.name == Asset._meta.label
+                        and event.rows >= 40 and not stopped):
+                    stopped.append(event.rows)
+                    stop_server(private_server)
+
+            try:
+                with pytest.raises(TransferError) as excinfo:
+                    transfer.transfer_data(source, back, batch_size=10,
+                                           progress=stop_mid_assets)
+            finally:
+                connections[source].close()
+                private_server.ensure_postgres_running()
+            assert stopped
+            assert 'while copying anthias_app.Asset' in str(excinfo.value)
+            assert 'the target is unchanged' in str(excinfo.value)
+            assert not _reader_threads()
+            assert _sqlite_dump(back) == before
+            result = transfer.transfer_data(source, back, batch_size=10)
+            assert result.rows > 300
+            assert_same_rows(source, back, [Asset])
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_reverse_insert_side_failure_stops_the_reader(tmp_path):
+    make_assets(200)
+    transfer.transfer_data('sqlite', 'postgres')
+
+    def fail_mid_assets(event):
+        if event.kind == 'batch' and event.name == Asset._meta.label:
+            raise RuntimeError('disk gone')
+
+    with fresh_sqlite(tmp_path / 'back.db') as back:
+        before = _sqlite_dump(back)
+        with pytest.raises(RuntimeError, match='disk gone'):
+            transfer.transfer_data('postgres', back, batch_size=10,
+                                   progress=fail_mid_assets)
+        assert not _reader_threads()
+        assert _sqlite_dump(back) == before
+        # The source connection is usable again: the reader is done.
+        result = transfer.transfer_data('postgres', back, batch_size=10)
+        assert result.rows > 200
 
 
 @pytest.mark.django_db(databases=['sqlite'], transaction=True)

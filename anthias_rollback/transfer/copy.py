@@ -1,8 +1,10 @@
 """The copy: every planned model from one alias into another, from one
 source snapshot into one target transaction (engines do the engine parts:
 COPY or executemany, truncation, indexes, sequences)."""
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from django.db import DatabaseError, connections, models
 from django.db.migrations.recorder import MigrationRecorder
@@ -30,6 +32,11 @@ from anthias_rollback.transfer.results import (
 from anthias_rollback.transfer.values import _Converter, _ModelSpec
 
 MIGRATIONS_LABEL = 'migrations.Migration'
+# Converted batches the reader thread may hold ready for a SQLite target
+# (memory: this many batches plus one on each side).
+READ_AHEAD_BATCHES = 4
+# How often a blocked reader or a closing consumer checks the other side.
+_PUT_POLL_SECONDS = 0.5
 
 
 def migration_model() -> type[models.Model]:
@@ -60,10 +67,88 @@ def source_snapshot(alias: str):
     return engines.for_alias(alias).read_snapshot(alias)
 
 
-def _source_batches(alias: str, spec: _ModelSpec, batch_size: int
-                    ) -> Iterator[list[tuple]]:
+def _source_batches(alias: str, spec: _ModelSpec, batch_size: int,
+                    sql: str | None = None) -> Iterator[list[tuple]]:
     return engines.for_alias(alias).fetch_chunks(
-        alias, spec.select_sql(alias), chunk_rows=batch_size)
+        alias, sql or spec.select_sql(alias), chunk_rows=batch_size)
+
+
+class _ReaderFailed:
+    """What the read-ahead thread hands over when reading failed."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_READ_DONE = object()
+
+
+def _read_ahead(batches: Iterator[list[tuple]],
+                convert: Callable[[list[tuple]], list],
+                label: str) -> Iterator[list]:
+    """Converted *batches*, read and converted in a second thread up to
+    READ_AHEAD_BATCHES ahead of the caller (who inserts them): psycopg2
+    and sqlite3 release the GIL while their engines work, so fetching,
+    converting and SQLite's inserting overlap on two cores.
+
+    *batches* must be made in the calling thread (Django connections are
+    per thread; fetch_chunks takes the raw connection when called). A
+    failure in the reader is re-raised here; closing this generator (or
+    a failure of the caller) stops the reader and waits for it, so the
+    source connection is idle again when this returns.
+    """
+    pipe: queue.Queue = queue.Queue(maxsize=READ_AHEAD_BATCHES)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                pipe.put(item, timeout=_PUT_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        outcome: object = _READ_DONE
+        try:
+            for batch in batches:
+                if not put(convert(batch)):
+                    break
+        except BaseException as err:  # noqa: BLE001 re-raised by consumer
+            outcome = _ReaderFailed(err)
+        finally:
+            # Close the source cursor in this thread, before the caller
+            # may use the connection again.
+            try:
+                close = getattr(batches, 'close', None)
+                if close is not None:
+                    close()
+            except BaseException as err:  # noqa: BLE001 as above
+                if outcome is _READ_DONE:
+                    outcome = _ReaderFailed(err)
+        put(outcome)
+
+    worker = threading.Thread(target=read, name=f'read-{label}',
+                              daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = pipe.get()
+            if item is _READ_DONE:
+                return
+            if isinstance(item, _ReaderFailed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        # Unblock a reader waiting on a full queue, then wait for it.
+        while worker.is_alive():
+            try:
+                pipe.get(timeout=_PUT_POLL_SECONDS)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 def model_rows(alias: str, model: type[models.Model]) -> int:
@@ -256,19 +341,33 @@ def _copy_model(spec: _ModelSpec, source_alias: str, target_alias: str,
     emit(progress, MODEL_START, spec.label, total=total)
     converter = _Converter(spec, source_alias, target_alias, problems,
                            counter)
+    target = engines.for_alias(target_alias)
+    batches = _source_batches(source_alias, spec, batch_size,
+                              converter.select_sql(source_alias))
+    if target.ROWS_AS_COPY_TEXT:
+        # COPY runs in a thread of its own (postgres_copy_rows): reading
+        # and converting stay in this one.
+        converted = (converter.convert(batch) for batch in batches)
+    else:
+        converted = _read_ahead(batches, converter.convert, spec.label)
     copied = [0]
 
     def converted_batches() -> Iterator[list]:
-        for batch in _source_batches(source_alias, spec, batch_size):
-            rows = converter.convert(batch)
+        # Progress and checkpoints in this thread, once a batch is in.
+        for rows in converted:
             copied[0] += len(rows)
             yield rows
             emit(progress, BATCH, spec.label, rows=copied[0], total=total,
                  seconds=time.perf_counter() - started)
             checkpoint('transfer_batch')
 
-    engines.for_alias(target_alias).write_rows(
-        target_alias, spec.table, list(spec.columns), converted_batches())
+    try:
+        target.write_rows(target_alias, spec.table, list(spec.columns),
+                          converted_batches())
+    finally:
+        # Stop (and wait for) a reader still running after a failure.
+        converted.close()
+        batches.close()
     seconds = time.perf_counter() - started
     emit(progress, MODEL_DONE, spec.label, rows=copied[0], total=total,
          seconds=seconds)

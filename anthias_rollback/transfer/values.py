@@ -12,7 +12,11 @@ from django.db import connections, models
 
 from anthias_rollback import engines, fields
 from anthias_rollback.engines import ValueRejected
-from anthias_rollback.engines.rows import compile_row_converter
+from anthias_rollback.engines.rows import (
+    compile_row_converter,
+    postgres_text_columns,
+    postgres_text_parser,
+)
 from anthias_rollback.report import first_line
 from anthias_rollback.transfer.results import MAX_PROBLEMS, SourceProblem
 
@@ -106,9 +110,36 @@ class _Converter:
         self.funcs = [self._compose(*s) for s in self.steps]
         self.joined = bool(target_alias) and engines.for_alias(
             target_alias).ROWS_AS_COPY_TEXT
+        # Columns read as the source's text (PostgreSQL -> SQLite dates);
+        # their generic path parses that text as the driver would have.
+        self.as_text = (postgres_text_columns(list(spec.fields),
+                                              source_alias, target_alias)
+                        if target_alias else {})
+        for i, internal in self.as_text.items():
+            self.funcs[i] = self._parsed_first(
+                postgres_text_parser(internal, source_alias), self.funcs[i])
         self.row = (compile_row_converter(list(spec.fields), self.funcs,
-                                          source_alias, target_alias)
+                                          source_alias, target_alias,
+                                          self.as_text)
                     if target_alias else None)
+
+    def select_sql(self, alias: str) -> str:
+        """The SELECT this converter reads: the model's, with the
+        as_text columns cast to text."""
+        if not self.as_text:
+            return self.spec.select_sql(alias)
+        quote = connections[alias].ops.quote_name
+        columns = ', '.join(
+            f'{quote(fld.column)}::text' if i in self.as_text
+            else quote(fld.column) for i, fld in enumerate(self.spec.fields))
+        return f'SELECT {columns} FROM {quote(self.spec.table)}'
+
+    @staticmethod
+    def _parsed_first(parse: Callable[[Any], Any],
+                      func: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def convert(value: Any) -> Any:
+            return func(parse(value))
+        return convert
 
     @staticmethod
     def _compose(read, check, write) -> Callable[[Any], Any]:
