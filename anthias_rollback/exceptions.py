@@ -77,3 +77,11 @@ class DrillError(RollbackError):
 
 class SwitchRefusedError(RollbackError):
     """switch_database refused: the target does not hold the data."""
+
+
+class ReplicationError(RollbackError):
+    """The standby could not be brought up to date (exit 1)."""
+
+
+class ReplicationRefusedError(ReplicationError):
+    """Nothing to replicate: no window, or the profile is not postgres."""

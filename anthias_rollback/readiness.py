@@ -315,9 +315,9 @@ def check_window(ctx: ReadinessContext) -> ReadinessCheck:
 def check_standby(ctx: ReadinessContext) -> ReadinessCheck:
     """Informational: the standby replicate_changes keeps (what a
     rollback with PostgreSQL down would restore) and how far behind."""
-    from anthias_rollback import replication
+    from anthias_rollback import standby
 
-    state = replication.standby_state(ctx.data_dir, ctx.postgres_alias)
+    state = standby.standby_state(ctx.data_dir, ctx.postgres_alias)
     if state.position is None:
         return ReadinessCheck('standby', False, state.problem or
                               'no standby: with PostgreSQL down, a rollback '

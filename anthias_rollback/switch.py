@@ -16,8 +16,8 @@ from anthias_rollback import (
     compare,
     conf,
     profiles,
-    replication,
     schema,
+    standby,
     window,
 )
 from anthias_rollback.exceptions import (
@@ -149,10 +149,10 @@ def switch_profile(target: str, force: bool = False,
         # The journal and the cutover row commit together, before the
         # flip: no write on PostgreSQL is ever outside the journal.
         # A new window: a standby of an older one would hold stale rows.
-        standby = replication.discard_standby(data_dir)
+        folder = standby.discard_standby(data_dir)
         try:
             opened = window.open_window(profiles.SQLITE, alias,
-                                        forced=force, standby_dir=standby)
+                                        forced=force, standby_dir=folder)
             problem = opened['standby_cutover'].get('problem')
             if problem:
                 warnings.append(f'no standby cutover file ({problem}): '

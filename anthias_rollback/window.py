@@ -94,7 +94,7 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
     cutover file replicate_changes starts from (under the same lock; its
     path is in info['standby_cutover'], or why not). Returns the
     recorded info: per model, rows on each side."""
-    from anthias_rollback import profiles, replication
+    from anthias_rollback import profiles, standby
 
     plan = list(models_graph.plan_models().models)
     with transaction.atomic(using=postgres_alias):
@@ -108,7 +108,7 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
             info['sqlite_rows'][label] = model._base_manager.using(
                 sqlite_alias).count()
         if standby_dir is not None:
-            info['standby_cutover'] = replication.take_cutover_file(
+            info['standby_cutover'] = standby.take_cutover_file(
                 profiles.sqlite_alias_path(sqlite_alias), standby_dir,
                 window=pj.postgres_current_txid(postgres_alias),
                 expected_rows={m._meta.db_table: info['rows'][

@@ -14,7 +14,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 
-from anthias_rollback import replication
+from anthias_rollback import standby
 from tests.conftest import ROOT, postgres_stopped, run_manage
 from tests.helpers.factories import AssetFactory
 from tests.helpers.rollback import seed_device
@@ -71,12 +71,12 @@ def test_killed_at_its_fault_points_then_once_catches_up(data_dir,
                 using='postgres')
         bootstrap = point == 'replicate:bootstrap-copied'
         if bootstrap:
-            replication.standby_path(data_dir).unlink(missing_ok=True)
+            standby.standby_path(data_dir).unlink(missing_ok=True)
         env = dict(host_env, ANTHIAS_ROLLBACK_KILL_AT=point)
         killed = run_manage(env, 'replicate_changes', '--once')
         assert killed.returncode == -9, (point, killed.stderr)
         if bootstrap:
-            assert not replication.standby_path(data_dir).exists()
+            assert not standby.standby_path(data_dir).exists()
         done = run_manage(host_env, 'replicate_changes', '--once')
         assert done.returncode == 0, done.stderr
         assert_standby_equals_postgres(data_dir)
@@ -102,7 +102,7 @@ def test_emergency_rollback_with_postgres_down_restores_the_standby(
         # The replicator and the writers started (a loaded CI box takes
         # seconds to boot Django), then a random 2-4 s of both running.
         ends = time.monotonic() + 60
-        while (replication.standby_state(data_dir).position is None
+        while (standby.standby_state(data_dir).position is None
                or not log.exists() or log.stat().st_size < 200):
             assert time.monotonic() < ends, 'the replicator never started'
             time.sleep(0.1)
@@ -144,6 +144,6 @@ def test_emergency_rollback_with_postgres_down_restores_the_standby(
         assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
         assert conn.execute(
             "SELECT count(*) FROM sqlite_master WHERE name = ?",
-            [replication.POSITION_TABLE]).fetchone()[0] == 0
+            [standby.POSITION_TABLE]).fetchone()[0] == 0
     finally:
         conn.close()

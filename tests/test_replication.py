@@ -17,7 +17,7 @@ import pytest
 from django.db import connections, transaction
 
 from anthias_app.models import Asset
-from anthias_rollback import compare, events, profiles, replication
+from anthias_rollback import compare, events, profiles, replication, standby
 from tests.conftest import postgres_stopped
 from tests.helpers.factories import AssetFactory
 from tests.helpers.rollback import seed_device
@@ -32,7 +32,7 @@ def once(data_dir):
 
 
 def assert_standby_equals_postgres(data_dir):
-    path = replication.standby_path(data_dir)
+    path = standby.standby_path(data_dir)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
@@ -57,8 +57,8 @@ def pg_session():
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_cutover_file_is_private_and_recorded(data_dir, settings):
     seed_device(settings, n_assets=5)
-    folder = replication.standby_dir(data_dir)
-    cut = replication.cutover_path(data_dir)
+    folder = standby.standby_dir(data_dir)
+    cut = standby.cutover_path(data_dir)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(cut.stat().st_mode) == 0o600
     from anthias_rollback.engines import postgres_journal as pj
@@ -117,8 +117,8 @@ def test_every_kind_of_write_reaches_the_standby(data_dir, settings):
     result = once(data_dir)
     assert result.entries >= 1
     assert_standby_equals_postgres(data_dir)
-    position = replication.read_position(replication.standby_path(data_dir))
-    state = replication.standby_state(data_dir)
+    position = standby.read_position(standby.standby_path(data_dir))
+    state = standby.standby_state(data_dir)
     assert state.pending == 0 and state.position == position
     assert 0 <= state.lag_seconds < 60
 
@@ -144,7 +144,7 @@ def test_a_long_transaction_that_commits_late_is_not_skipped(data_dir,
         late.close()
     once(data_dir)
     assert_standby_equals_postgres(data_dir)
-    conn = sqlite3.connect(replication.standby_path(data_dir))
+    conn = sqlite3.connect(standby.standby_path(data_dir))
     try:
         assert conn.execute("SELECT name FROM assets WHERE asset_id "
                             "= ?", [first]).fetchone()[0] == 'long'
@@ -186,9 +186,9 @@ def test_sigkill_at_random_points_leaves_a_whole_standby(data_dir,
             Asset.objects.using(pg).filter(
                 asset_id__startswith=f't{trial - 1}-').delete()
         if trial % 25 == 10:   # a fresh standby: kill the bootstrap too
-            replication.standby_path(data_dir).unlink(missing_ok=True)
+            standby.standby_path(data_dir).unlink(missing_ok=True)
         _child_replicates(data_dir, rng.uniform(0, 0.3))
-        path = replication.standby_path(data_dir)
+        path = standby.standby_path(data_dir)
         if path.exists():
             conn = sqlite3.connect(path)
             try:
@@ -221,7 +221,7 @@ def test_postgres_stopped_mid_run_is_survived(data_dir, settings):
         AssetFactory.build(asset_id='after-restart').save(using='postgres')
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            state = replication.standby_state(data_dir)
+            state = standby.standby_state(data_dir)
             if state.pending == 0 and state.lag_seconds < 2:
                 conn = sqlite3.connect(state.path)
                 found = conn.execute("SELECT count(*) FROM assets WHERE "

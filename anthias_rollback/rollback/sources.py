@@ -30,8 +30,8 @@ from anthias_rollback import (
     journal,
     models_graph,
     profiles,
-    replication,
     schema,
+    standby,
     transfer,
     window,
 )
@@ -135,7 +135,7 @@ def choose_standby(run: _Run, why: str) -> None:
     """PostgreSQL is down: the standby replicate_changes kept, when there
     is a usable one, loses only the writes after its position (a backup
     loses every write since the cutover)."""
-    position, problem = replication.usable_standby(run.data_dir)
+    position, problem = standby.usable_standby(run.data_dir)
     if position is None:
         if problem != 'no standby':
             run.warn(f'{problem}; restoring a backup instead')
@@ -193,15 +193,15 @@ def build_from_standby(run: _Run, new_path: Path) -> None:
     """A copy of the standby, its position table dropped, checked like a
     backup (schema here; quick_check and counts in the verify phase).
     Records the bound: every write committed before its position."""
-    position = replication.copy_standby(
+    position = standby.copy_standby(
         run.data_dir, new_path, timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
         _check_schema(alias, f'standby '
-                             f'{replication.standby_path(run.data_dir)}')
+                             f'{standby.standby_path(run.data_dir)}')
         run.rows = count_rows(alias)
     run.expected_rows = dict(run.rows)
     run.standby_bound = {
-        'standby': str(replication.standby_path(run.data_dir)),
+        'standby': str(standby.standby_path(run.data_dir)),
         'position_at': position.position_at,
         'position_ts': position.position_ts,
         'postgres_seen_at': datetime.fromtimestamp(

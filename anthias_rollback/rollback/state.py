@@ -74,7 +74,7 @@ class RollbackResult:
     shortfall: dict[str, dict[str, int]] | None = None
     cutover_forced: bool = False
     # Restored from the standby (PostgreSQL down): what it held, i.e.
-    # every write committed before position_at (replication.Position).
+    # every write committed before position_at (standby.Position).
     standby_bound: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:

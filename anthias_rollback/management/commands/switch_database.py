@@ -20,7 +20,7 @@ from anthias_rollback import (
     conf,
     exit_codes,
     profiles,
-    replication,
+    standby,
     switch,
     window,
 )
@@ -77,11 +77,10 @@ class Command(RollbackCommand):
         except Exception as err:  # noqa: BLE001 --show must answer anyway
             state = {'error': first_line(err)}
         try:
-            standby = replication.standby_state(conf.data_dir(),
-                                                profiles.POSTGRES)
-            lag = {'position_at': standby.position_at,
-                   'lag_seconds': standby.lag_seconds,
-                   'pending': standby.pending, 'problem': standby.problem}
+            kept = standby.standby_state(conf.data_dir(), profiles.POSTGRES)
+            lag = {'position_at': kept.position_at,
+                   'lag_seconds': kept.lag_seconds,
+                   'pending': kept.pending, 'problem': kept.problem}
         except Exception as err:  # noqa: BLE001 --show must answer anyway
             lag = {'position_at': None, 'lag_seconds': None,
                    'pending': None, 'problem': first_line(err)}

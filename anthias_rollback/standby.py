@@ -1,0 +1,288 @@
+"""The standby's files: the cutover file, the standby SQLite file and the
+position it holds, and what a rollback or a report needs from them
+(standby_state, usable_standby, copy_standby). The replicator that keeps
+the standby current is in replication.py.
+
+Reads PostgreSQL only for standby_state's pending count; never prints.
+"""
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from django.db import DatabaseError, connections
+
+from anthias_rollback import (
+    fsutil,
+    profiles,
+)
+from anthias_rollback.engines import postgres_journal as pj
+from anthias_rollback.engines import sqlite_file
+from anthias_rollback.exceptions import (
+    ReplicationError,
+    RollbackError,
+)
+from anthias_rollback.report import first_line
+
+STANDBY_DIR = 'standby'
+CUTOVER_NAME = 'cutover.db'
+CUTOVER_INFO = 'cutover.json'
+STANDBY_NAME = 'standby.db'
+LOCK_NAME = 'replicate.lock'
+POSITION_TABLE = 'anthias_rb_standby'
+# Keys per statement: far below SQLite's 999 variables; memory stays flat.
+CHUNK = 500
+DEFAULT_INTERVAL = 0.5
+MAX_BACKOFF = 10.0
+_SIDE = ('-wal', '-shm', '-journal')
+
+_POSITION_DDL = (
+    f'CREATE TABLE IF NOT EXISTS {POSITION_TABLE} ('
+    'id INTEGER PRIMARY KEY CHECK (id = 1), '
+    'window TEXT NOT NULL, snapshot TEXT NOT NULL, '
+    'journal_id INTEGER NOT NULL, position_ts REAL NOT NULL, '
+    'postgres_seen_ts REAL NOT NULL, batches INTEGER NOT NULL, '
+    'entries INTEGER NOT NULL, started_from TEXT NOT NULL)')
+
+
+@dataclass(frozen=True)
+class Position:
+    """What the standby holds: every write committed on PostgreSQL
+    before *position_ts* (the tick), as of journal entry *journal_id*."""
+    window: str          # the cutover's txid: one per rollback window
+    snapshot: str        # the tick, pg_snapshot text
+    journal_id: int
+    position_ts: float   # UNIX time taken just before the tick
+    postgres_seen_ts: float
+    batches: int
+    entries: int
+    started_from: str    # 'cutover file' | 'full copy'
+
+    @property
+    def position_at(self) -> str:
+        return _iso(self.position_ts)
+
+    @property
+    def behind_seconds(self) -> float:
+        """How far behind PostgreSQL the standby was when PostgreSQL
+        last answered the replicator."""
+        return max(0.0, self.postgres_seen_ts - self.position_ts)
+
+
+@dataclass(frozen=True)
+class StandbyState:
+    path: Path
+    exists: bool
+    position: Position | None
+    position_at: str | None
+    lag_seconds: float | None      # now - position time
+    pending: int | None            # journal entries not applied yet
+    problem: str | None = None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+# --- paths -----------------------------------------------------------------
+
+def standby_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / STANDBY_DIR
+
+
+def standby_path(data_dir: Path) -> Path:
+    return standby_dir(data_dir) / STANDBY_NAME
+
+
+def cutover_path(data_dir: Path) -> Path:
+    return standby_dir(data_dir) / CUTOVER_NAME
+
+
+def _remove_db(path: Path) -> None:
+    for candidate in (path, *(Path(f'{path}{s}') for s in _SIDE)):
+        candidate.unlink(missing_ok=True)
+
+
+def _private_dir(path: Path) -> Path:
+    fsutil.ensure_private_dir(path)
+    os.chmod(path, 0o700)
+    return path
+
+
+def discard_standby(data_dir: Path) -> Path:
+    """A new window begins: remove the standby and cutover files of the
+    previous one (their rows are older than this cutover). Returns the
+    standby dir (0700)."""
+    folder = _private_dir(standby_dir(data_dir))
+    for name in (STANDBY_NAME, CUTOVER_NAME):
+        _remove_db(folder / name)
+    (folder / CUTOVER_INFO).unlink(missing_ok=True)
+    return folder
+
+
+# --- the cutover file --------------------------------------------------------
+
+def take_cutover_file(live_path: Path, folder: Path, *, window: str,
+                      expected_rows: dict[str, int],
+                      timeout: float = 20.0) -> dict[str, Any]:
+    """Snapshot the live SQLite file into *folder*/cutover.db (0600; the
+    dir 0700), checking its row counts per table against
+    *expected_rows* (PostgreSQL's, taken under the cutover's lock).
+    Returns {'path', 'sha256', 'window'} for the cutover row, or
+    {'problem': why} when there is no usable file (never raises: the
+    standby is an extra, the switch goes on without it)."""
+    folder = _private_dir(Path(folder))
+    target = folder / CUTOVER_NAME
+    tmp = folder / f'.{CUTOVER_NAME}.{os.getpid()}.tmp'
+    _remove_db(tmp)
+    try:
+        problem = sqlite_file.sqlite_file_problem(Path(live_path))
+        if problem:
+            return {'problem': problem}
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        os.close(fd)
+        taken = sqlite_file.sqlite_snapshot(Path(live_path), tmp, timeout)
+        conn = sqlite_file.sqlite_open_readonly(tmp, timeout)
+        try:
+            counts = sqlite_file.sqlite_table_counts(conn)
+        finally:
+            conn.close()
+        wrong = {t: (counts.get(t), n) for t, n in expected_rows.items()
+                 if counts.get(t) != n}
+        if wrong:
+            table, (got, want) = next(iter(wrong.items()))
+            _remove_db(tmp)
+            return {'problem': f'SQLite changed after the check: {table} '
+                               f'has {got} rows, PostgreSQL {want}'}
+        fsutil.fsync_file(tmp)
+        os.replace(tmp, target)
+        fsutil.fsync_dir(folder)
+        digest, size = sqlite_file.file_sha256(target)
+        info = {'path': str(target), 'sha256': digest, 'size': size,
+                'window': window, 'taken_at': taken.isoformat()}
+        fsutil.atomic_write_json(folder / CUTOVER_INFO, info, mode=0o600)
+        return info
+    except (OSError, sqlite3.Error, RollbackError) as err:
+        _remove_db(tmp)
+        return {'problem': f'cannot snapshot {live_path}: '
+                           f'{first_line(err)}'}
+
+
+def _cutover_info(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((standby_dir(data_dir) / CUTOVER_INFO)
+                          .read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --- the position ------------------------------------------------------------
+
+def _position_of(conn: sqlite3.Connection) -> Position | None:
+    try:
+        row = conn.execute(
+            f'SELECT window, snapshot, journal_id, position_ts, '
+            f'postgres_seen_ts, batches, entries, started_from FROM '
+            f'{POSITION_TABLE} WHERE id = 1').fetchone()
+    except sqlite3.OperationalError as err:
+        if 'no such table' in str(err):
+            return None
+        raise
+    return Position(*row) if row else None
+
+
+def read_position(path: Path, timeout: float = 5.0) -> Position | None:
+    """The position recorded in the standby at *path* (read-only), or
+    None when it has none. Raises sqlite3.Error for an unreadable file."""
+    if sqlite_file.sqlite_file_problem(Path(path)):
+        return None
+    conn = sqlite_file.sqlite_open_readonly(Path(path), timeout)
+    try:
+        return _position_of(conn)
+    finally:
+        conn.close()
+
+
+def standby_state(data_dir: Path, postgres_alias: str | None = None
+                  ) -> StandbyState:
+    """How far behind the standby in *data_dir* is: its position time,
+    the lag (now - position time) and, when *postgres_alias* answers,
+    the journal entries committed since. Reads only."""
+    path = standby_path(data_dir)
+    if not path.exists():
+        return StandbyState(path, False, None, None, None, None,
+                            'no standby (replicate_changes not run)')
+    try:
+        position = read_position(path)
+    except sqlite3.Error as err:
+        return StandbyState(path, True, None, None, None, None,
+                            f'unreadable: {first_line(err)}')
+    if position is None:
+        return StandbyState(path, True, None, None, None, None,
+                            'no position recorded')
+    pending, problem = None, None
+    alias = postgres_alias or profiles.POSTGRES
+    try:
+        if pj.postgres_journal_installed(alias):
+            pending = pj.postgres_pending_entries(alias, position.snapshot)
+    except (DatabaseError, RollbackError) as err:
+        connections[alias].close()
+        problem = f'PostgreSQL not answering: {first_line(err)}'
+    return StandbyState(path, True, position, position.position_at,
+                        round(max(0.0, time.time()
+                                  - position.position_ts), 3),
+                        pending, problem)
+
+
+def usable_standby(data_dir: Path) -> tuple[Position | None, str]:
+    """The standby a rollback may restore (PostgreSQL down): it exists,
+    has a position, belongs to the current window (the cutover file's),
+    and passes quick_check. (position, '') or (None, why not)."""
+    path = standby_path(data_dir)
+    if not path.exists():
+        return None, 'no standby'
+    try:
+        position = read_position(path)
+        if position is None:
+            return None, f'standby {path} has no recorded position'
+        cutover = _cutover_info(data_dir)
+        if cutover is not None and cutover.get('window') != position.window:
+            return None, (f'standby {path} belongs to an older rollback '
+                          'window')
+        conn = sqlite_file.sqlite_open_readonly(path, 5.0)
+        try:
+            quick = conn.execute('PRAGMA quick_check').fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        return None, f'standby {path} is unreadable: {first_line(err)}'
+    if quick != 'ok':
+        return None, f'standby {path} fails quick_check: {quick}'
+    return position, ''
+
+
+def copy_standby(data_dir: Path, target: Path,
+                 timeout: float = 20.0) -> Position:
+    """Snapshot the standby into the new file *target* and drop the
+    position table from the copy. Returns the position read from the
+    copy itself (so it describes exactly the rows copied). Raises
+    ReplicationError. Writes only *target*."""
+    source = standby_path(data_dir)
+    try:
+        sqlite_file.sqlite_snapshot(source, Path(target), timeout)
+        conn = sqlite3.connect(target, isolation_level=None)
+        try:
+            position = _position_of(conn)
+            conn.execute(f'DROP TABLE IF EXISTS {POSITION_TABLE}')
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        raise ReplicationError(f'cannot copy the standby {source}: '
+                               f'{first_line(err)}') from None
+    if position is None:
+        raise ReplicationError(f'the standby {source} has no position')
+    return position
