@@ -358,7 +358,8 @@ def _execute(run: _Run) -> None:
                 raise DrillError(f'rollback {result.outcome}: {why}')
             record['detail'] = (f'{result.outcome} from {result.source} in '
                                 f'{result.seconds:.2f}s (downtime '
-                                f'{result.downtime_seconds:.2f}s)')
+                                f'{result.downtime_seconds:.2f}s), loss '
+                                f'{result.loss}')
         with run.step('verify', LOOP) as record, \
                 profiles.sqlite_file_alias(sandbox_db, wal=True) as restored:
             report = compare.compare_aliases(restored, scratch,
