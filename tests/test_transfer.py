@@ -279,6 +279,20 @@ def stop_server(server):
            user=server.system_user)
 
 
+def server_stopper(server):
+    """A progress callable that really stops *server* once 40 asset rows
+    are copied; `.stopped` records the row count it stopped at."""
+    stopped = []
+
+    def on_event(event):
+        if (event.kind == 'batch' and event.name == Asset._meta.label
+                and event.rows >= 40 and not stopped):
+            stopped.append(event.rows)
+            stop_server(server)
+    on_event.stopped = stopped
+    return on_event
+
+
 @pytest.mark.django_db(databases=['sqlite'], transaction=True)
 def test_server_stopped_mid_copy_leaves_target_unchanged(private_server):
     make_assets(120)
@@ -287,13 +301,8 @@ def test_server_stopped_mid_copy_leaves_target_unchanged(private_server):
                      verbosity=0, stdout=StringIO())
         before = sorted(ContentType.objects.using(target).values_list(
             'id', 'app_label', 'model'))
-        stopped = []
-
-        def stop_mid_assets(event):
-            if (event.kind == 'batch' and event.name == Asset._meta.label
-                    and event.rows >= 40 and not stopped):
-                stopped.append(event.rows)
-                stop_server(private_server)
+        stop_mid_assets = server_stopper(private_server)
+        stopped = stop_mid_assets.stopped
 
         try:
             with pytest.raises(TransferError) as excinfo:
@@ -337,13 +346,8 @@ def test_reverse_source_stopped_mid_copy_leaves_sqlite_unchanged(
         transfer.transfer_data('sqlite', source, replace=True)
         with fresh_sqlite(tmp_path / 'back.db') as back:
             before = _sqlite_dump(back)
-            stopped = []
-
-            def stop_mid_assets(event):
-                if (event.kind == 'batch' and event.name == Asset._meta.label
-                        and event.rows >= 40 and not stopped):
-                    stopped.append(event.rows)
-                    stop_server(private_server)
+            stop_mid_assets = server_stopper(private_server)
+            stopped = stop_mid_assets.stopped
 
             try:
                 with pytest.raises(TransferError) as excinfo:
