@@ -328,6 +328,11 @@ def temporary_alias(settings_dict: dict[str, Any],
     # handed the wrapper itself.
     wrapper = load_backend(config['ENGINE']).DatabaseWrapper(config, alias)
     connections[alias] = wrapper
+    # Not in settings.DATABASES, so report.secrets() would not know it.
+    from anthias_rollback import report
+
+    report.register_secret(config.get('PASSWORD'))
+    report.register_secret((config.get('OPTIONS') or {}).get('password'))
     try:
         yield alias
     finally:

@@ -7,7 +7,22 @@ from django.db import connections
 
 from anthias_rollback import fsutil
 
-_DSN_CREDENTIALS = re.compile(r'((?:postgres|postgresql|pgsql)://)[^@\s/]*@')
+# user:password@ in a URL, up to the LAST @ before the host (a raw @ in a
+# password is accepted by parse_postgres_url, as urlsplit splits there).
+_DSN_CREDENTIALS = re.compile(r'((?:postgres|postgresql|pgsql)://)[^\s/]*@')
+# password=... as a URL query parameter or a libpq keyword DSN.
+_PASSWORD_PARAMETER = re.compile(
+    r"((?:^|[?&\s(,])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s)]+)",
+    re.IGNORECASE)
+# Passwords of aliases not in settings.DATABASES (an override alias made
+# for one run: rollback_migration --postgres-password).
+_REGISTERED: set[str] = set()
+
+
+def register_secret(password: Any) -> None:
+    """Redact *password* from every later output of this process."""
+    if password:
+        _REGISTERED.add(str(password))
 
 
 def first_line(err: BaseException) -> str:
@@ -31,21 +46,26 @@ def describe_alias(alias: str) -> str:
 
 def secrets() -> list[str]:
     """Passwords configured on any alias (to strip from any output)."""
-    found = []
+    found = set(_REGISTERED)
     for alias in connections.settings:
-        password = connections.settings[alias].get('PASSWORD')
-        if password:
-            found.append(str(password))
-    return found
+        config = connections.settings[alias]
+        for password in (config.get('PASSWORD'),
+                         (config.get('OPTIONS') or {}).get('password')):
+            if password:
+                found.add(str(password))
+    # Longest first: a password containing another is removed whole.
+    return sorted(found, key=len, reverse=True)
 
 
 def redact(value: Any) -> Any:
     """Strip passwords and DSN credentials from strings, lists and dicts."""
     if isinstance(value, str):
-        value = _DSN_CREDENTIALS.sub(r'\1***@', value)
+        # Known passwords first: what is left of a DSN is then safe to
+        # pattern-match.
         for secret in secrets():
             value = value.replace(secret, '***')
-        return value
+        value = _DSN_CREDENTIALS.sub(r'\1***@', value)
+        return _PASSWORD_PARAMETER.sub(r'\1***', value)
     if isinstance(value, dict):
         return {k: redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -133,11 +133,6 @@ def test_first_line_skips_blank_lines_and_falls_back_to_type():
     assert report.first_line(KeyError()) == 'KeyError'
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'redact() applies the DSN regex before the configured password: a '
-    'raw "@" in the password (accepted by parse_postgres_url, urlsplit '
-    'splits on the last "@") leaves the part after it visible, e.g. '
-    'postgresql://***@s3cr3t@h/db'))
 def test_raw_at_sign_in_dsn_password_fully_removed(monkeypatch):
     url = 'postgresql://pi:Zq9@s3cr3t@h/db'
     config = profiles.parse_postgres_url(url, 'ANTHIAS_POSTGRES_URL')
@@ -146,10 +141,6 @@ def test_raw_at_sign_in_dsn_password_fully_removed(monkeypatch):
     assert 's3cr3t' not in report.redact(f'bad URL {url}')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'a password given as ?password= in ANTHIAS_POSTGRES_URL (valid for '
-    'libpq) lands in OPTIONS, which secrets() never reads, and the DSN '
-    'regex only knows user:pass@'))
 def test_password_in_url_query_is_a_secret(monkeypatch):
     config = profiles.parse_postgres_url(
         'postgresql://pi@/anthias?host=/run/pg&password=Qu3ry-pw',
@@ -162,20 +153,11 @@ def test_password_in_url_query_is_a_secret(monkeypatch):
     assert 'Qu3ry-pw' not in report.redact(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'a libpq keyword DSN (password=...) is not recognised: only a '
-    'password configured on a DATABASES alias is removed, so one from '
-    'another source (e.g. --postgres-password, PGPASSWORD echoed in a '
-    'pg_dump command line) passes through'))
 def test_libpq_keyword_dsn_password_removed():
     text = "dbname=anthias host=db.local user=pi password='Kw-s3cret'"
     assert 'Kw-s3cret' not in report.redact(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'secrets() lists only aliases in settings.DATABASES: the password of '
-    'a temporary alias (rollback_migration --postgres-password via '
-    'postgres_override_alias) is not redacted from messages'))
 def test_override_alias_password_is_a_secret():
     with profiles.postgres_override_alias({'password': 'Ov3rr1de-pw'}):
         assert 'Ov3rr1de-pw' not in report.redact('got Ov3rr1de-pw back')
