@@ -47,6 +47,7 @@ from anthias_rollback import (
     profiles,
 )
 from anthias_rollback.engines import postgres_journal as pj
+from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import (
     ConfigError,
@@ -324,26 +325,20 @@ class Replicator:
                                    f'be written to the standby: {problem}')
         if converted:
             spec = converter.spec
-            quote = connections[self.standby].ops.quote_name
             # SQLite: OR REPLACE drops a standby row whose unique value the
             # snapshot gave to another key; that row's key is in this
             # batch too (the standby was one snapshot), so it comes back.
-            sql = (f'INSERT OR REPLACE INTO {quote(spec.table)} '
-                   f'({", ".join(quote(c) for c in spec.columns)}) VALUES '
-                   f'({", ".join("?" * len(spec.columns))})')
-            connections[self.standby].connection.executemany(sql,
-                                                             converted)
+            lite.sqlite_insert_rows(self.standby, spec.table,
+                                    list(spec.columns), converted,
+                                    replace=True)
         return len(converted)
 
     def _apply_keys(self, model, texts: list[str]) -> int:
         pg_keys, sqlite_keys = _keys_for(model, texts, self.pg,
                                          self.standby)
         meta = model._meta
-        quote = connections[self.standby].ops.quote_name
-        column = quote(meta.pk.column)
-        connections[self.standby].connection.execute(
-            f'DELETE FROM {quote(meta.db_table)} WHERE {column} IN '
-            f'({", ".join("?" * len(sqlite_keys))})', sqlite_keys)
+        lite.sqlite_delete_rows(self.standby, meta.db_table, meta.pk.column,
+                                sqlite_keys)
         engine = engines.for_alias(self.pg)
         kind = fields.key_kind(model)
         pg_column = connections[self.pg].ops.quote_name(meta.pk.column)
@@ -361,9 +356,7 @@ class Replicator:
     def _refetch_table(self, model) -> int:
         """A TRUNCATE in the batch: the table again, whole, from the
         tick (in chunks)."""
-        quote = connections[self.standby].ops.quote_name
-        connections[self.standby].connection.execute(
-            f'DELETE FROM {quote(model._meta.db_table)}')
+        lite.sqlite_delete_rows(self.standby, model._meta.db_table)
         spec = self.converter(model).spec
         rows_done = 0
         engine = engines.for_alias(self.pg)

@@ -137,9 +137,10 @@ _MAX_ROWS_PER_INSERT = 500
 
 
 def sqlite_insert_rows(alias: str, table: str, columns: list[str],
-                       rows: list[tuple]) -> None:
+                       rows: list[tuple], replace: bool = False) -> None:
     """Insert one batch into *table* (in the caller's transaction), many
-    rows per INSERT statement.
+    rows per INSERT statement (*replace*: INSERT OR REPLACE, a row whose
+    key or unique value is taken replaces the one holding it).
 
     sqlite3 releases the GIL around each sqlite3_step; with one row per
     step, a thread reading the source for the next batch made the insert
@@ -153,7 +154,8 @@ def sqlite_insert_rows(alias: str, table: str, columns: list[str],
     raw = connections[alias].connection
     quote = connections[alias].ops.quote_name
     width = len(columns)
-    head = (f'INSERT INTO {quote(table)} '
+    verb = 'INSERT OR REPLACE' if replace else 'INSERT'
+    head = (f'{verb} INTO {quote(table)} '
             f'({", ".join(quote(c) for c in columns)}) VALUES ')
     one = f'({", ".join("?" * width)})'
     limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
@@ -172,6 +174,24 @@ def sqlite_insert_rows(alias: str, table: str, columns: list[str],
                     list(chain.from_iterable(rest)))
     elif rest:
         raw.execute(head + one, rest[0])
+
+
+def sqlite_delete_rows(alias: str, table: str, column: str | None = None,
+                       keys: Sequence = ()) -> None:
+    """Delete the rows of *table* whose *column* is in *keys* (all rows
+    when *column* is None), in the caller's transaction; keys go in
+    groups under SQLite's variable limit."""
+    raw = connections[alias].connection
+    quote = connections[alias].ops.quote_name
+    if column is None:
+        raw.execute(f'DELETE FROM {quote(table)}')
+        return
+    limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    keys = list(keys)
+    for start in range(0, len(keys), limit):
+        group = keys[start:start + limit]
+        raw.execute(f'DELETE FROM {quote(table)} WHERE {quote(column)} IN '
+                    f'({", ".join("?" * len(group))})', group)
 
 
 
