@@ -14,6 +14,7 @@ the transaction that records the cutover), ended by
 Engine work is in engines.postgres_journal; this module maps tables to
 models and decides. It never prints.
 """
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,6 @@ def take_fence(alias: str, timeout: float, terminate: bool = True
     half the budget, ask the server to end those sessions (optional
     help: refused for another role's session without privilege). The
     fence stays up whatever happens; lower_fence undoes it."""
-    import time
-
     started = time.monotonic()
     pj.postgres_raise_fence(alias)
     faults.checkpoint('window:fence-raised')

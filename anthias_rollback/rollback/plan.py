@@ -179,6 +179,7 @@ def finish(run: _Run, outcome: str, code: int,
            error: str | None = None) -> RollbackResult:
     """Build the result and write the JSON + text report (0600)."""
     now = time.monotonic()
+    loss, loss_detail = measured_loss(run)
     result = RollbackResult(
         outcome=outcome, exit_code=code, source=run.source,
         source_reason=run.source_reason,
@@ -197,7 +198,7 @@ def finish(run: _Run, outcome: str, code: int,
         seconds=round(now - run.runner.started, 3),
         downtime_seconds=(round(run.flipped_at - run.runner.started, 3)
                           if run.flipped_at else None),
-        loss=measured_loss(run)[0], loss_detail=measured_loss(run)[1],
+        loss=loss, loss_detail=loss_detail,
         lost_writes=tuple(asdict(w) for w in run.proof.lost)
         if run.proof else (),
         shortfall={s.model: {'expected': s.expected, 'found': s.found}
