@@ -4,7 +4,9 @@
 point, in which case the process SIGKILLs itself there: the only honest
 way to test what a power cut or an OOM kill at that instant leaves behind.
 ANTHIAS_ROLLBACK_PAUSE_AT=name:seconds sleeps there instead (for tests
-that stop a server or start a second operation mid-run).
+that stop a server or start a second operation mid-run);
+ANTHIAS_ROLLBACK_PAUSED_FLAG=path is created when the pause begins, so a
+test on a loaded machine waits for the point, not for a guessed time.
 """
 import os
 import signal
@@ -25,4 +27,8 @@ def checkpoint(name: str) -> None:
         except ValueError:
             point, pause = pause_at, 5.0
         if point == name:
+            flag = os.environ.get('ANTHIAS_ROLLBACK_PAUSED_FLAG')
+            if flag:
+                with open(flag, 'w'):
+                    pass
             time.sleep(pause)

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,23 +132,152 @@ def _postgres_reader(alias: str) -> Iterator[str]:
         yield name
 
 
-def _keys_for(model, texts: list[str], pg: str, standby: str
-              ) -> tuple[list, list]:
+def keys_for(model, texts: list[str], sqlite_alias: str
+             ) -> tuple[list, list]:
     """Journal keys (text) as PostgreSQL and SQLite parameters, through
     the primary key field itself."""
     pk = model._meta.pk
     values = [pk.to_python(t) for t in texts]
     kind = fields.key_kind(model)
     pg_keys = [str(v) if kind == 'uuid' else v for v in values]
-    connection = connections[standby]
+    connection = connections[sqlite_alias]
     sqlite_keys = [pk.get_db_prep_value(v, connection, prepared=False)
                    for v in values]
     return pg_keys, sqlite_keys
 
 
+@dataclass(frozen=True)
+class AppliedBatch:
+    """One journal batch applied onto a SQLite file."""
+    batch: pj.JournalBatch
+    keys: int                      # keys re-read (or rows of truncated
+                                   # tables re-read whole)
+
+
+class Applier:
+    """Applies journal batches from one PostgreSQL alias onto one SQLite
+    alias: the changed keys' rows as the batch's snapshot holds them,
+    through the transfer's converters (the values a full copy writes).
+    The replicator uses it for the standby; an incremental rollback for
+    its new file. Holds the converters per model."""
+
+    def __init__(self, postgres_alias: str, sqlite_alias: str,
+                 chunk: int = CHUNK) -> None:
+        self.pg = postgres_alias
+        self.target = sqlite_alias
+        self.chunk = chunk
+        self._converters: dict[str, _Converter] = {}
+        self.by_table = {m._meta.db_table: m
+                         for m in models_graph.plan_models().models}
+
+    def apply(self, prev: str, tick: str,
+              on_keys: Callable[[Any, list[str]], None] | None = None
+              ) -> AppliedBatch:
+        """Apply what the journal holds between the snapshots *prev* (the
+        file's) and *tick* (the caller's open REPEATABLE READ transaction
+        on the PostgreSQL alias). The caller holds a transaction on the
+        SQLite alias: the batch commits whole or not at all. *on_keys*
+        sees every applied chunk of keys (model, keys as text)."""
+        batch = pj.postgres_batch(self.pg, prev, tick)
+        unknown = [t for t in batch.tables if t not in self.by_table]
+        if unknown:
+            raise ReplicationError(
+                f'the journal names tables this code has no model for '
+                f'({", ".join(unknown[:5])}); update the code or end '
+                'the window')
+        # SQLite: the constraints hold at COMMIT, when the file is again
+        # one PostgreSQL snapshot.
+        connections[self.target].connection.execute(
+            'PRAGMA defer_foreign_keys = ON')
+        keys = 0
+        for table in batch.tables:
+            model = self.by_table[table]
+            if table in batch.truncated:
+                keys += self._refetch_table(model)
+                continue
+            for texts in pj.postgres_batch_keys(self.pg, prev, tick, table,
+                                                self.chunk):
+                keys += self._apply_keys(model, texts)
+                if on_keys is not None:
+                    on_keys(model, texts)
+                faults.checkpoint('replicate:chunk-applied')
+        return AppliedBatch(batch, keys)
+
+    def converter(self, model) -> _Converter:
+        table = model._meta.db_table
+        if table not in self._converters:
+            self._converters[table] = _Converter(
+                _ModelSpec.of(model), self.pg, self.target, [], [0])
+        return self._converters[table]
+
+    def _insert(self, model, rows: list[tuple]) -> int:
+        converter = self.converter(model)
+        converted = converter.convert(rows)
+        if converter.counter[0]:
+            problem = converter.problems[0] if converter.problems else ''
+            converter.problems.clear()
+            converter.counter[0] = 0
+            raise ReplicationError(f'a value of {model._meta.label} cannot '
+                                   f'be written to SQLite: {problem}')
+        if converted:
+            spec = converter.spec
+            # SQLite: OR REPLACE drops a row whose unique value the
+            # snapshot gave to another key; that row's key is in this
+            # batch too (the file was one snapshot), so it comes back.
+            lite.sqlite_insert_rows(self.target, spec.table,
+                                    list(spec.columns), converted,
+                                    replace=True)
+        return len(converted)
+
+    def _apply_keys(self, model, texts: list[str]) -> int:
+        pg_keys, sqlite_keys = keys_for(model, texts, self.target)
+        meta = model._meta
+        lite.sqlite_delete_rows(self.target, meta.db_table, meta.pk.column,
+                                sqlite_keys)
+        engine = engines.for_alias(self.pg)
+        kind = fields.key_kind(model)
+        pg_column = connections[self.pg].ops.quote_name(meta.pk.column)
+        if kind is None:
+            clause, params = f'{pg_column}::text = ANY(%s)', [list(texts)]
+        else:
+            clause, params = engine.key_in_clause(pg_column, kind, pg_keys)
+        spec = self.converter(model).spec
+        sql = f'{spec.select_sql(self.pg)} WHERE {clause}'
+        for rows in engine.fetch_chunks(self.pg, sql, params,
+                                        chunk_rows=self.chunk):
+            self._insert(model, rows)
+        return len(texts)
+
+    def _refetch_table(self, model) -> int:
+        """A TRUNCATE in the batch: the table again, whole, from the
+        tick (in chunks)."""
+        lite.sqlite_delete_rows(self.target, model._meta.db_table)
+        spec = self.converter(model).spec
+        rows_done = 0
+        engine = engines.for_alias(self.pg)
+        for rows in engine.fetch_chunks(self.pg, spec.select_sql(self.pg),
+                                        chunk_rows=self.chunk):
+            rows_done += self._insert(model, rows)
+        return rows_done
+
+    def raise_sequences(self, model_list: list | None = None) -> None:
+        """sqlite_sequence at least PostgreSQL's sequences (of every
+        planned model by default): no id handed out on PostgreSQL is
+        reused after a rollback onto this file."""
+        if model_list is None:
+            model_list = list(self.by_table.values())
+        keyed = [(m._meta.db_table, m._meta.pk.column) for m in model_list
+                 if fields.has_auto_key(m)]
+        if keyed:
+            values = engines.for_alias(self.pg).sequence_values(self.pg,
+                                                                keyed)
+            engines.for_alias(self.target).sqlite_sync_sequences(
+                self.target, values)
+
+
 class Replicator:
     """One standby kept current from one PostgreSQL alias. Holds the
-    converters per model and the standby's alias between rounds."""
+    standby's alias and its Applier between rounds."""
 
     def __init__(self, data_dir: Path, postgres_alias: str,
                  chunk: int = CHUNK) -> None:
@@ -158,9 +287,7 @@ class Replicator:
         self.path = standby_path(data_dir)
         self._standby_cm = None
         self.standby: str | None = None
-        self._converters: dict[str, _Converter] = {}
-        self.by_table = {m._meta.db_table: m
-                         for m in models_graph.plan_models().models}
+        self.applier: Applier | None = None
 
     # -- the standby's alias
     def open(self) -> str:
@@ -168,14 +295,14 @@ class Replicator:
             self._standby_cm = profiles.sqlite_file_alias(self.path,
                                                           wal=True)
             self.standby = self._standby_cm.__enter__()
-            self._converters = {}
+            self.applier = Applier(self.pg, self.standby, self.chunk)
         return self.standby
 
     def close(self) -> None:
         if self._standby_cm is not None:
             self._standby_cm.__exit__(None, None, None)
         self._standby_cm = self.standby = None
-        self._converters = {}
+        self.applier = None
 
     # -- starting a window's standby
     def ensure(self, cutover: dict[str, Any]) -> Position:
@@ -247,13 +374,6 @@ class Replicator:
         return snapshot, ts
 
     # -- one batch
-    def converter(self, model) -> _Converter:
-        table = model._meta.db_table
-        if table not in self._converters:
-            self._converters[table] = _Converter(
-                _ModelSpec.of(model), self.pg, self.standby, [], [0])
-        return self._converters[table]
-
     def apply_round(self) -> RoundResult | None:
         """Apply the next batch (possibly empty) and record the position,
         in one SQLite transaction. None when no window is open any more.
@@ -272,38 +392,18 @@ class Replicator:
             if now is None or now['txid'] != position.window:
                 raise ReplicationError('a new rollback window began '
                                        'meanwhile; starting again')
-            batch = pj.postgres_batch(self.pg, position.snapshot, tick)
-            unknown = [t for t in batch.tables if t not in self.by_table]
-            if unknown:
-                raise ReplicationError(
-                    f'the journal names tables this code has no model for '
-                    f'({", ".join(unknown[:5])}); update the code or end '
-                    'the window')
-            keys = 0
             with transaction.atomic(using=alias):
-                raw = connections[alias].connection
-                # SQLite: the constraints hold at COMMIT, when the standby
-                # is again one PostgreSQL snapshot.
-                raw.execute('PRAGMA defer_foreign_keys = ON')
-                for table in batch.tables:
-                    model = self.by_table[table]
-                    if table in batch.truncated:
-                        keys += self._refetch_table(model)
-                    else:
-                        for texts in pj.postgres_batch_keys(
-                                self.pg, position.snapshot, tick, table,
-                                self.chunk):
-                            keys += self._apply_keys(model, texts)
-                            faults.checkpoint('replicate:chunk-applied')
+                applied = self.applier.apply(position.snapshot, tick)
+                batch = applied.batch
                 if batch.entries:
-                    self._raise_sequences([self.by_table[t]
-                                           for t in batch.tables])
+                    self.applier.raise_sequences(
+                        [self.applier.by_table[t] for t in batch.tables])
                 new = Position(
                     position.window, tick,
                     batch.max_id or position.journal_id, ts, time.time(),
                     position.batches + 1, position.entries + batch.entries,
                     position.started_from)
-                raw.execute(
+                connections[alias].connection.execute(
                     f'UPDATE {POSITION_TABLE} SET snapshot = ?, '
                     'journal_id = ?, position_ts = ?, postgres_seen_ts = '
                     '?, batches = ?, entries = ? WHERE id = 1',
@@ -311,70 +411,8 @@ class Replicator:
                      new.postgres_seen_ts, new.batches, new.entries])
                 faults.checkpoint('replicate:before-commit')
         faults.checkpoint('replicate:committed')
-        return RoundResult(batch.entries, keys, batch.tables,
+        return RoundResult(batch.entries, applied.keys, batch.tables,
                            time.monotonic() - started, new)
-
-    def _insert(self, model, rows: list[tuple]) -> int:
-        converter = self.converter(model)
-        converted = converter.convert(rows)
-        if converter.counter[0]:
-            problem = converter.problems[0] if converter.problems else ''
-            converter.problems.clear()
-            converter.counter[0] = 0
-            raise ReplicationError(f'a value of {model._meta.label} cannot '
-                                   f'be written to the standby: {problem}')
-        if converted:
-            spec = converter.spec
-            # SQLite: OR REPLACE drops a standby row whose unique value the
-            # snapshot gave to another key; that row's key is in this
-            # batch too (the standby was one snapshot), so it comes back.
-            lite.sqlite_insert_rows(self.standby, spec.table,
-                                    list(spec.columns), converted,
-                                    replace=True)
-        return len(converted)
-
-    def _apply_keys(self, model, texts: list[str]) -> int:
-        pg_keys, sqlite_keys = _keys_for(model, texts, self.pg,
-                                         self.standby)
-        meta = model._meta
-        lite.sqlite_delete_rows(self.standby, meta.db_table, meta.pk.column,
-                                sqlite_keys)
-        engine = engines.for_alias(self.pg)
-        kind = fields.key_kind(model)
-        pg_column = connections[self.pg].ops.quote_name(meta.pk.column)
-        if kind is None:
-            clause, params = f'{pg_column}::text = ANY(%s)', [list(texts)]
-        else:
-            clause, params = engine.key_in_clause(pg_column, kind, pg_keys)
-        spec = self.converter(model).spec
-        sql = f'{spec.select_sql(self.pg)} WHERE {clause}'
-        for rows in engine.fetch_chunks(self.pg, sql, params,
-                                        chunk_rows=self.chunk):
-            self._insert(model, rows)
-        return len(texts)
-
-    def _refetch_table(self, model) -> int:
-        """A TRUNCATE in the batch: the table again, whole, from the
-        tick (in chunks)."""
-        lite.sqlite_delete_rows(self.standby, model._meta.db_table)
-        spec = self.converter(model).spec
-        rows_done = 0
-        engine = engines.for_alias(self.pg)
-        for rows in engine.fetch_chunks(self.pg, spec.select_sql(self.pg),
-                                        chunk_rows=self.chunk):
-            rows_done += self._insert(model, rows)
-        return rows_done
-
-    def _raise_sequences(self, model_list: list) -> None:
-        """sqlite_sequence at least PostgreSQL's sequences: no id handed
-        out on PostgreSQL is reused after a rollback onto the standby."""
-        keyed = [(m._meta.db_table, m._meta.pk.column) for m in model_list
-                 if fields.has_auto_key(m)]
-        if keyed:
-            values = engines.for_alias(self.pg).sequence_values(self.pg,
-                                                                keyed)
-            engines.for_alias(self.standby).sqlite_sync_sequences(
-                self.standby, values)
 
 
 def check_can_replicate(data_dir: Path) -> None:

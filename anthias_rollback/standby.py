@@ -38,7 +38,6 @@ POSITION_TABLE = 'anthias_rb_standby'
 CHUNK = 500
 DEFAULT_INTERVAL = 0.5
 MAX_BACKOFF = 10.0
-_SIDE = ('-wal', '-shm', '-journal')
 
 _POSITION_DDL = (
     f'CREATE TABLE IF NOT EXISTS {POSITION_TABLE} ('
@@ -102,9 +101,7 @@ def cutover_path(data_dir: Path) -> Path:
     return standby_dir(data_dir) / CUTOVER_NAME
 
 
-def _remove_db(path: Path) -> None:
-    for candidate in (path, *(Path(f'{path}{s}') for s in _SIDE)):
-        candidate.unlink(missing_ok=True)
+_remove_db = sqlite_file.remove_sqlite_file
 
 
 def _private_dir(path: Path) -> Path:

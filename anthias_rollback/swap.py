@@ -29,9 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from anthias_rollback import faults, fsutil
+from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import SwapError
 
-SIDE_FILES = ('-wal', '-shm', '-journal')
+SIDE_FILES = sqlite_file.SIDE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 import json
+import os
+import pty
+import subprocess
+import sys
 
 import pytest
 from django.db import connections
 
 from anthias_rollback import profiles
-from tests.conftest import run_manage
+from tests.conftest import ROOT, postgres_stopped, run_manage
 from tests.helpers.rollback import (
     fingerprint_postgres,
     fingerprint_sqlite,
@@ -75,7 +79,8 @@ def test_verbose_rollback_prints_a_line_per_copied_model(data_dir, settings,
     device = seed_device(settings, n_assets=12)
     write_on_postgres(device)
     connections['sqlite'].close()
-    done = run_manage(host_env, 'rollback_migration', '--emergency', '-v2')
+    done = run_manage(host_env, 'rollback_migration', '--emergency', '-v2',
+                      '--full')
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     done_lines = [line for line in lines
@@ -111,3 +116,61 @@ def test_report_of_a_refused_run_is_never_resolved_and_notice_names_who(
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.strip().startswith('already on SQLite since ')
     assert 'URGENT' not in again.stdout
+
+
+def prompted(env: dict, answer: str) -> subprocess.CompletedProcess:
+    """rollback_migration on a terminal (a pty as stdin), answering."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / 'manage.py'), 'rollback_migration'],
+            env=env, cwd=ROOT, stdin=follower, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        os.write(leader, answer.encode() + b'\n')
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_the_prompt_states_the_facts_and_no_changes_nothing(
+        data_dir, settings, host_env):
+    device = seed_device(settings)
+    write_on_postgres(device)
+    connections['sqlite'].close()
+    before = fingerprint_sqlite(device.live)
+    done = prompted(host_env, 'n')
+    assert done.returncode == 1, done.stdout + done.stderr
+    facts = done.stdout
+    assert 'About to roll back onto SQLite:' in facts
+    assert f'live file:   {device.live}' in facts
+    assert 'source:      postgres (' in facts
+    # write_on_postgres: 3 asset writes, a user created, one changed.
+    assert 'new file:    incremental: the cutover file as of' in facts
+    assert 'plus 5 journal entries' in facts
+    assert 'from the fence on it refuses every write' in facts
+    assert 'data loss:   none expected' in facts
+    # (A pipe, not the terminal, gets the prompt: no echoed newline.)
+    assert done.stdout.strip().splitlines()[-1].endswith(
+        'cancelled; nothing changed')
+    assert fingerprint_sqlite(device.live) == before
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
+    done = prompted(host_env, 'y')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert 'ROLLED BACK' in done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_the_prompt_names_the_backup_and_its_loss(data_dir, settings,
+                                                  host_env):
+    device = seed_device(settings)
+    connections['sqlite'].close()
+    with postgres_stopped():
+        done = prompted(host_env, 'no')
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'source:      backup (PostgreSQL not usable' in done.stdout
+    assert f'new file:    backup {device.backup}' in done.stdout
+    assert 'data loss:   every write since the backup was taken' in \
+        done.stdout

@@ -19,15 +19,10 @@ from tests.helpers.rollback import (
 )
 
 ALL = ['default', 'sqlite', 'postgres']
-KILL_POINTS = [
-    'rollback:locked',
-    'atomic-write:before-rename',      # first durable write: run state
-    'rollback:preflight-done',
-    'rollback:source-done',
-    'window:fence-raised',
-    'rollback:fence-done',
+# The default build is incremental (the journal's tail on the cutover
+# file); the full copy's own points are reached with --full.
+FULL_COPY_POINTS = [
     'rollback:schema-created',
-    'rollback:snapshot-taken',
     'rollback:copied-migrations.Migration',
     'rollback:copied-contenttypes.ContentType',
     'rollback:copied-auth.Permission',
@@ -35,18 +30,38 @@ KILL_POINTS = [
     'rollback:copied-anthias_app.Asset',
     'rollback:copied-sessions.Session',
     'transfer_before_commit',
-    'rollback:build-done',
-    'rollback:verify-done',
-    'swap:intent-written',
-    'swap:checkpointed',
-    'swap:safety-linked',
-    'swap:side-files-removed',
-    'swap:renamed',
-    'rollback:swap-done',
-    'rollback:profile-done',
-    'rollback:proof-done',
-    'rollback:post-verify-done',
 ]
+KILL_POINTS = [
+    ('rollback:locked', ()),
+    ('atomic-write:before-rename', ()),    # first durable write: run state
+    ('rollback:preflight-done', ()),
+    ('rollback:source-done', ()),
+    ('window:fence-raised', ()),
+    ('rollback:fence-done', ()),
+    ('rollback:base-copied', ()),
+    ('rollback:snapshot-taken', ()),
+    ('replicate:chunk-applied', ()),
+    ('rollback:tail-applied', ()),
+    ('rollback:snapshot-taken', ('--full',)),
+    *((point, ('--full',)) for point in FULL_COPY_POINTS),
+    ('rollback:build-done', ()),
+    ('rollback:verify-done', ()),
+    ('swap:intent-written', ()),
+    ('swap:checkpointed', ()),
+    ('swap:safety-linked', ()),
+    ('swap:side-files-removed', ()),
+    ('swap:renamed', ()),
+    ('rollback:swap-done', ()),
+    ('rollback:profile-done', ()),
+    ('rollback:proof-done', ()),
+    ('rollback:post-verify-done', ()),
+    ('rollback:reported', ()),
+]
+# Killed once the new file is live: the rerun resumes (no second build,
+# no second swap) instead of starting again.
+AFTER_SWAP = {'swap:renamed', 'rollback:swap-done', 'rollback:profile-done',
+              'rollback:proof-done', 'rollback:post-verify-done',
+              'rollback:reported'}
 
 
 @pytest.fixture
@@ -56,10 +71,10 @@ def unfence():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('point', KILL_POINTS)
+@pytest.mark.parametrize(('point', 'args'), KILL_POINTS)
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
-        point, data_dir, settings, host_env, unfence):
+        point, args, data_dir, settings, host_env, unfence):
     device = seed_device(settings)
     write_on_postgres(device)
     old = normalise(fingerprint_sqlite(device.live))
@@ -69,7 +84,8 @@ def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
     connections['default'].close()
 
     env = dict(host_env, ANTHIAS_ROLLBACK_KILL_AT=point)
-    done = run_manage(env, 'rollback_migration', '--emergency')
+    copies_before = set(device.live.parent.glob('*.pre-rollback-*'))
+    done = run_manage(env, 'rollback_migration', '--emergency', *args)
     assert done.returncode == -9, (point, done.stdout, done.stderr)
     assert normalise(fingerprint_sqlite(device.live)) in (old, new), point
 
@@ -91,6 +107,14 @@ def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
     leftovers = [p.name for p in device.live.parent.iterdir()
                  if '.rollback-new-' in p.name or '.dry-run-' in p.name]
     assert leftovers == [], point
+    safety_copies = set(device.live.parent.glob('*.pre-rollback-*')) - \
+        copies_before
+    if point in AFTER_SWAP:
+        assert 'resumed:       the run started at' in done.stdout, point
+        assert 'phases:' in done.stdout and ' build ' in done.stdout
+        assert len(safety_copies) == 1, (point, safety_copies)
+    else:
+        assert 'resumed:' not in done.stdout, point
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)

@@ -26,6 +26,18 @@ _MMAP_SIZE = 1 << 30
 
 # --- what the file is -------------------------------------------------------
 
+SIDE_SUFFIXES = ('-wal', '-shm', '-journal')
+
+
+def remove_sqlite_file(path: Path) -> None:
+    """Remove a SQLite file that is nobody's live file, with its side
+    files (a stale -wal beside a new file of that name would be applied
+    to it)."""
+    for candidate in (Path(path), *(Path(f'{path}{s}')
+                                    for s in SIDE_SUFFIXES)):
+        candidate.unlink(missing_ok=True)
+
+
 def sqlite_file_problem(path: Path) -> str | None:
     """Why *path* cannot be a source SQLite file, or None if it can.
 

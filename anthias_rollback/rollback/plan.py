@@ -37,18 +37,21 @@ from anthias_rollback.rollback.state import (
     RollbackResult,
     _Run,
     read_run_state,
+    restore_facts,
     write_run_state,
 )
 from anthias_rollback.rollback.steps import (
     build_new_file,
     fence_postgres,
+    flip_profile,
+    interrupted_after_swap,
     lift_fence,
     post_verify,
     preflight,
     preserve_postgres,
     prove_loss,
     remove_sqlite_file,
-    swap_and_flip,
+    swap_new_file,
     verify_new_file,
 )
 
@@ -110,6 +113,10 @@ def run_rollback(options: RollbackOptions,
 def _execute(run: _Run) -> RollbackResult:
     opts = run.options
     preflight(run)
+    recorded = None if opts.dry_run or opts.source_explicit else \
+        interrupted_after_swap(run)
+    if recorded is not None:
+        return _resume(run, recorded)
     if not opts.dry_run:
         write_run_state(run.data_dir, 'running',
                         started_at=run.runner.started_at)
@@ -127,20 +134,44 @@ def _execute(run: _Run) -> RollbackResult:
     if opts.dry_run:
         remove_sqlite_file(new_path)
         return finish(run, 'dry run', exit_codes.OK)
-    restart = swap_and_flip(run, new_path)
+    swap_new_file(run, new_path)
+    return _after_swap(run)
+
+
+def _resume(run: _Run, recorded: dict) -> RollbackResult:
+    """A run killed after its swap (the live file is its new file, by
+    inode): finish its remaining phases instead of building again."""
+    restore_facts(run, recorded)
+    with run.phase('resume', check_deadline=False) as record:
+        record['detail'] = (
+            f'the run started at {recorded.get("started_at")} was '
+            f'interrupted after its swap ({recorded["status"]}); its new '
+            'file is live: finishing the profile, restart, proof, '
+            'post-verification and report')
+    run.warn('resumed an interrupted rollback after its swap')
+    return _after_swap(run)
+
+
+def _after_swap(run: _Run) -> RollbackResult:
+    restart = flip_profile(run)
     # The fence stays up: no stale process may write into PostgreSQL now
     # that nobody reads it (switch_database --to postgres lifts it).
     prove_loss(run)
     verified = post_verify(run)
+    loss, _ = measured_loss(run)
+    if not verified or (restart is not None and not restart.ok):
+        result = finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
+    elif run.source in ('postgres', 'standby') and loss != 'proven-none':
+        result = finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
+    else:
+        result = finish(run, 'rolled back', exit_codes.OK)
+    faults.checkpoint('rollback:reported')
+    # Only now: a run killed before this is resumed by the next one.
     write_run_state(run.data_dir, 'done', fence='up' if run.fenced else
                     'none', finished_at=datetime.now(
-                        timezone.utc).isoformat())
-    if not verified or (restart is not None and not restart.ok):
-        return finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
-    loss, _ = measured_loss(run)
-    if run.source in ('postgres', 'standby') and loss != 'proven-none':
-        return finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
-    return finish(run, 'rolled back', exit_codes.OK)
+                        timezone.utc).isoformat(),
+                    report=result.report_path)
+    return result
 
 
 def measured_loss(run: _Run) -> tuple[str, str]:
@@ -203,8 +234,9 @@ def finish(run: _Run, outcome: str, code: int,
         if run.proof else (),
         shortfall={s.model: {'expected': s.expected, 'found': s.found}
                    for s in run.shortfall} or None,
-        cutover_forced=bool(run.journal and run.journal.forced),
-        standby_bound=run.standby_bound)
+        cutover_forced=run.cutover_forced,
+        resumed_from=(run.resumed or {}).get('started_at'),
+        standby_bound=run.standby_bound, copy=run.copy)
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
     path = run.reports_dir / f'rollback_{stamp}.json'
     result = replace(result, report_path=str(path))

@@ -46,12 +46,25 @@ def standby_loss_line(bound: dict) -> str:
             'last seen)')
 
 
+def copy_line(copy: dict) -> str:
+    """Which path built the file from PostgreSQL, and why."""
+    if copy.get('method') == 'incremental':
+        return f'incremental: {copy["detail"]}'
+    return f'full: {copy.get("reason", "")}'
+
+
 def render_summary(result: RollbackResult) -> str:
     lines = [f'Rollback {result.outcome.upper()} in {result.seconds:.2f}s',
              f'  live database: {result.live_path}',
              f'  source:        {result.source} ({result.source_reason})']
+    if result.resumed_from:
+        lines.append(f'  resumed:       the run started at '
+                     f'{result.resumed_from} was killed after its swap; '
+                     'this run finished it')
     if result.backup_used:
         lines.append(f'  backup used:   {result.backup_used}')
+    if result.copy:
+        lines.append(f'  copy:          {copy_line(result.copy)}')
     if result.safety_copy:
         lines.append(f'  safety copy:   {result.safety_copy}')
     if result.postgres_dump:

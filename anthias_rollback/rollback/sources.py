@@ -44,21 +44,14 @@ from anthias_rollback.exceptions import (
     RollbackError,
 )
 from anthias_rollback.report import describe_alias, first_line
-from anthias_rollback.rollback import render
-from anthias_rollback.rollback.state import _Run
+from anthias_rollback.rollback import incremental, render
+from anthias_rollback.rollback.state import _Run, count_rows
 
 
 def code_migrations() -> set[str]:
     """Every migration the installed code knows, as `app.name`."""
     loader = MigrationLoader(None, ignore_no_migrations=True)
     return {f'{app}.{name}' for app, name in loader.graph.nodes}
-
-
-def count_rows(alias: str) -> dict[str, int]:
-    """Row count per label of every model the transfer moves (including
-    `django_migrations`) on *alias*."""
-    return {m._meta.label: m._base_manager.using(alias).count()
-            for m in transfer.transfer_models()}
 
 
 def postgres_usable(run: _Run) -> tuple[bool, str]:
@@ -162,6 +155,20 @@ def pick_backup(run: _Run) -> Path:
 
 
 def build_from_postgres(run: _Run, new_path: Path) -> None:
+    """The journal's tail on a base when it can (rollback.incremental),
+    else, saying why, every row."""
+    try:
+        run.copy = incremental.build_incremental(run, new_path)
+        run.rows = dict(run.expected_rows)
+        return
+    except incremental.NotIncremental as why:
+        sqlite_file.remove_sqlite_file(new_path)
+        run.snapshot = None
+        run.copy = {'method': 'full', 'reason': str(why)}
+    build_full_copy(run, new_path)
+
+
+def build_full_copy(run: _Run, new_path: Path) -> None:
     opts = run.options
 
     def on_progress(event: events.ProgressEvent) -> None:

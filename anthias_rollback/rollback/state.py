@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from anthias_rollback import conf, fsutil, profiles, window
+from anthias_rollback import conf, fsutil, profiles, transfer, window
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.phases import Deadline, PhaseResult, PhaseRunner
 
@@ -37,6 +37,9 @@ class RollbackOptions:
     timeout_seconds: float = 300.0
     restart: bool = True
     batch_size: int = 10_000
+    # From PostgreSQL: copy every row even when the journal's tail on a
+    # base (standby or cutover file) would do.
+    full: bool = False
     # None: the configured dirs. A drill points them at its sandbox.
     data_dir: Path | None = None
     backup_dir: Path | None = None
@@ -76,6 +79,11 @@ class RollbackResult:
     # Restored from the standby (PostgreSQL down): what it held, i.e.
     # every write committed before position_at (standby.Position).
     standby_bound: dict[str, Any] | None = None
+    # How the new file was built from PostgreSQL: {'method': 'incremental'
+    # | 'full', 'detail' or 'reason', ...} (rollback.incremental).
+    copy: dict[str, Any] | None = None
+    # This run finished a run killed after its swap, which started then.
+    resumed_from: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +123,16 @@ class _Run:
     proof: window.LossProof | None = None
     shortfall: list[window.Shortfall] = field(default_factory=list)
     standby_bound: dict[str, Any] | None = None
+    copy: dict[str, Any] | None = None
+    # Set when this run finishes one that was killed after its swap:
+    # that run's recorded state (rollback.steps.interrupted_after_swap).
+    resumed: dict[str, Any] | None = None
+
+    @property
+    def cutover_forced(self) -> bool:
+        if self.resumed is not None:
+            return bool(self.resumed['facts'].get('cutover_forced'))
+        return bool(self.journal and self.journal.forced)
 
     @property
     def deadline(self) -> Deadline:
@@ -134,6 +152,53 @@ class _Run:
 
     def warn(self, message: str) -> None:
         self.runner.warn(message)
+
+
+def count_rows(alias: str) -> dict[str, int]:
+    """Row count per label of every model the transfer moves (including
+    `django_migrations`) on *alias*."""
+    return {m._meta.label: m._base_manager.using(alias).count()
+            for m in transfer.transfer_models()}
+
+
+# What a run killed after its swap leaves for the rerun that finishes it
+# (JSON: paths as text, the shortfall as dicts, the phases so far).
+_FACTS = ('source', 'source_reason', 'at_risk_rows', 'at_risk_note',
+          'resurrected_rows', 'rows', 'expected_rows', 'since_cutover',
+          'fenced', 'snapshot', 'standby_bound', 'copy')
+_PATH_FACTS = ('live_path', 'safety_copy', 'backup_used', 'dump_path',
+               'at_risk_file')
+
+
+def run_facts(run: _Run) -> dict[str, Any]:
+    facts = {name: getattr(run, name) for name in _FACTS}
+    facts.update({name: str(getattr(run, name))
+                  if getattr(run, name) is not None else None
+                  for name in _PATH_FACTS})
+    facts['shortfall'] = [asdict(s) for s in run.shortfall]
+    facts['cutover_forced'] = run.cutover_forced
+    facts['phases'] = [asdict(p) for p in run.runner.phases]
+    facts['warnings'] = list(run.runner.warnings)
+    return facts
+
+
+def restore_facts(run: _Run, recorded: dict[str, Any]) -> None:
+    """Put a killed run's recorded facts (run_facts) into *run*."""
+    facts = recorded['facts']
+    for name in _FACTS:
+        setattr(run, name, facts.get(name))
+    for name in _PATH_FACTS:
+        setattr(run, name, Path(facts[name]) if facts.get(name) else None)
+    run.rows = run.rows or {}
+    run.expected_rows = run.expected_rows or {}
+    run.fenced = bool(run.fenced)
+    run.shortfall = [window.Shortfall(**s) for s in facts.get('shortfall')
+                     or []]
+    run.runner.phases[:0] = [PhaseResult(**p) for p in facts.get('phases')
+                             or []]
+    run.runner.warnings[:0] = list(facts.get('warnings') or [])
+    run.swapped = True
+    run.resumed = recorded
 
 
 def state_path(data_dir: Path) -> Path:

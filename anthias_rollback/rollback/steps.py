@@ -32,6 +32,7 @@ from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.health import client_host
 from anthias_rollback.report import first_line
+from anthias_rollback.rollback import state
 from anthias_rollback.rollback.sources import (
     build_from_backup,
     build_from_postgres,
@@ -77,10 +78,7 @@ def remove_stale_scratch_files(live_path: Path) -> list[Path]:
     return found
 
 
-def remove_sqlite_file(path: Path) -> None:
-    for candidate in (path, *(swap.side_file(path, s)
-                              for s in swap.SIDE_FILES)):
-        candidate.unlink(missing_ok=True)
+remove_sqlite_file = sqlite_file.remove_sqlite_file
 
 
 def preflight(run: _Run) -> None:
@@ -120,7 +118,8 @@ def preflight(run: _Run) -> None:
                 'a rollback, processes started with it would stay on '
                 'PostgreSQL; unset it (or set ANTHIAS_DB_PROFILE=sqlite) '
                 'where the app is started, then run again')
-        interrupted = read_run_state(run.data_dir).get('status') == 'running'
+        interrupted = read_run_state(run.data_dir).get('status') in (
+            'running', 'swapping', 'swapped')
         if (active.name == profiles.SQLITE and not opts.source_explicit
                 and not interrupted):
             raise ConfigError(
@@ -268,8 +267,9 @@ def build_new_file(run: _Run) -> Path:
             remove_sqlite_file(new_path)
             raise
         total = sum(run.rows.values())
+        how = f' ({run.copy["method"]} copy)' if run.copy else ''
         record['detail'] = (f'{total} rows in {len(run.rows)} models '
-                            f'from {run.source} into {new_path.name}')
+                            f'from {run.source}{how} into {new_path.name}')
     return new_path
 
 
@@ -304,23 +304,38 @@ def verify_new_file(run: _Run, new_path: Path) -> None:
         record['detail'] = ', '.join(done)
 
 
-def swap_and_flip(run: _Run, new_path: Path) -> switch.RestartResult | None:
-    """Swap the file in and make sqlite the active profile."""
-    opts = run.options
+def swap_new_file(run: _Run, new_path: Path) -> None:
+    """Swap the new file in. Before it, the run state records what a
+    rerun needs to finish the job (resume) once the new file is live:
+    the facts so far and the new file's inode, which the rename keeps."""
     with run.phase('swap') as record:
         close_connections_to(run.live_path)
+        st = new_path.stat()
+        write_run_state(run.data_dir, 'swapping',
+                        started_at=run.runner.started_at,
+                        new_file=[st.st_dev, st.st_ino],
+                        facts=state.run_facts(run))
         result = swap.swap_in(new_path, run.live_path)
         run.swapped = True
         run.safety_copy = result.safety_copy
+        write_run_state(run.data_dir, 'swapped',
+                        started_at=run.runner.started_at,
+                        new_file=[st.st_dev, st.st_ino],
+                        facts=state.run_facts(run))
         record['detail'] = (f'safety copy of the old database: '
                             f'{result.safety_copy}' if result.safety_copy
                             else 'there was no old database')
+
+
+def flip_profile(run: _Run) -> switch.RestartResult | None:
+    """Make sqlite the active profile, then the restart command."""
     with run.phase('profile', check_deadline=False) as record:
         profiles.write_active_profile(
             run.data_dir, profiles.SQLITE,
             {'previous': profiles.POSTGRES, 'reason': 'rollback'})
         run.flipped_at = time.monotonic()
-        restart = switch.restart_after_flip() if opts.restart else None
+        restart = (switch.restart_after_flip() if run.options.restart
+                   else None)
         record['detail'] = 'active profile: sqlite'
         if restart is not None:
             record['detail'] += (f'; restart command exit '
@@ -329,6 +344,22 @@ def swap_and_flip(run: _Run, new_path: Path) -> switch.RestartResult | None:
                 record['status'] = 'failed'
                 run.warn(f'restart command failed: {restart.output}')
     return restart
+
+
+def interrupted_after_swap(run: _Run) -> dict | None:
+    """The recorded state of a run killed after its swap, when the live
+    file is provably that run's new file (same inode), else None."""
+    recorded = read_run_state(run.data_dir)
+    if recorded.get('status') not in ('swapping', 'swapped') or \
+            not isinstance(recorded.get('facts'), dict):
+        return None
+    try:
+        st = run.live_path.stat()
+    except OSError:
+        return None
+    if recorded.get('new_file') != [st.st_dev, st.st_ino]:
+        return None
+    return recorded
 
 
 def verify_urls() -> list[str]:

@@ -28,6 +28,7 @@ from anthias_rollback.management.base import (
     text_arg,
 )
 from anthias_rollback.report import redact
+from anthias_rollback.rollback import preview
 
 # The data_loss of a run that never started (refused before it): nothing
 # was touched, and no loss was measured either.
@@ -71,6 +72,10 @@ class Command(RollbackCommand):
         parser.add_argument('--no-fence', action='store_true',
                             help='do not make PostgreSQL read-only during '
                                  'the copy (writes made meanwhile are lost)')
+        parser.add_argument('--full', action='store_true',
+                            help='from PostgreSQL, copy every row instead '
+                                 'of applying the journal\'s tail to the '
+                                 'standby (or the cutover file)')
         parser.add_argument('--no-restart', action='store_true',
                             help='do not run the restart command')
         parser.add_argument('--dry-run', action='store_true',
@@ -123,7 +128,8 @@ class Command(RollbackCommand):
                 fence=not options['no_fence'],
                 timeout_seconds=options['timeout_minutes'] * 60,
                 restart=not options['no_restart'],
-                batch_size=options['batch_size'])
+                batch_size=options['batch_size'],
+                full=options['full'])
             done = rollback.already_rolled_back(opts)
             if done is not None:
                 return self.already_done(done)
@@ -166,8 +172,14 @@ class Command(RollbackCommand):
         if not sys.stdin.isatty():
             self.fail('refusing to roll back unattended without --yes (or '
                       '--emergency)')
-        answer = input(f'Roll back {opts.live_path or "the live SQLite "}'
-                       f'database onto SQLite now? [y/N] ')
+        # The facts first, measured now (reads only): source, how many
+        # rows or journal entries, what happens to PostgreSQL, the loss.
+        facts = preview.preview(opts)
+        self.stdout.write('About to roll back onto SQLite:')
+        for line in facts.lines():
+            self.stdout.write(line)
+        self.stdout.flush()
+        answer = input('Roll back now? [y/N] ')
         if answer.strip().lower() not in ('y', 'yes'):
             self.fail('cancelled; nothing changed')
 

@@ -1,0 +1,208 @@
+"""The incremental rollback (the journal's tail applied to the standby or
+the cutover file) in real processes: it equals the full copy row for row
+after every kind of write, takes the standby when there is one, and
+falls back to the full copy, saying why, whenever it cannot be sure."""
+import json
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+from django.apps import apps
+from django.contrib.auth.models import Group, Permission, User
+from django.db import connections, models
+
+from anthias_app.models import Asset
+from anthias_rollback import replication, standby
+from tests.conftest import run_manage
+from tests.helpers.compare import kitchen_objects
+from tests.helpers.factories import AssetFactory
+from tests.helpers.rollback import seed_device
+from tests.kitchensink.models import Item, Membership, Person, Tag
+
+ALL = ['default', 'sqlite', 'postgres']
+
+
+def seed_with_kitchen(settings, n_assets: int = 20):
+    for batch in kitchen_objects(0):
+        type(batch[0])._base_manager.using('sqlite').bulk_create(batch)
+    return seed_device(settings, n_assets=n_assets)
+
+
+def every_kind_of_write(device) -> None:
+    """Inserts, updates, deletes, a delete then a reinsert of the same
+    key, and many-to-many changes (auto and explicit through tables)."""
+    pg = 'postgres'
+    ids = device.asset_ids
+    Asset.objects.using(pg).filter(pk=ids[0]).update(
+        name='edited ✏️', metadata={'b': 1, 'a': [1, 2]})
+    Asset.objects.using(pg).filter(pk=ids[1]).delete()
+    again = Asset.objects.using(pg).get(pk=ids[2])
+    again.delete()
+    again.pk = ids[2]          # delete() cleared it
+    again.name = 'deleted and back 🔁'
+    again.save(using=pg, force_insert=True)
+    AssetFactory.build(asset_id='new-on-pg').save(using=pg)
+    Asset.objects.using(pg).filter(pk__in=ids[5:12]).update(is_enabled=False)
+    item = Item.objects.using(pg).get(pk=1)
+    item.tags.remove(*list(item.tags.all()))
+    tag = Tag.objects.using(pg).create(id=uuid.UUID(int=42), label='new 🏷')
+    Item.objects.using(pg).get(pk=3).tags.add(tag)
+    Item.objects.using(pg).get(pk=4).related.add(
+        Item.objects.using(pg).get(pk=5))
+    Membership.objects.using(pg).filter(pk=1).delete()
+    Membership.objects.using(pg).create(
+        person=Person.objects.using(pg).get(pk=1),
+        item=Item.objects.using(pg).get(pk=1), role='re-added')
+    user = User.objects.using(pg).get(username=device.usernames[0])
+    group = Group.objects.using(pg).create(name='editors')
+    user.groups.add(group)
+    user.user_permissions.add(Permission.objects.using(pg).first())
+    User.objects.using(pg).filter(username=device.usernames[1]).delete()
+
+
+def json_columns() -> dict[str, set[str]]:
+    return {m._meta.db_table: {f.column for f in m._meta.concrete_fields
+                               if isinstance(f, models.JSONField)}
+            for m in apps.get_models(include_auto_created=True)}
+
+
+def table_dump(path: Path) -> dict[str, list]:
+    """Every row of every table (and sqlite_sequence), read with sqlite3,
+    in a stable order. JSON columns are parsed: a full copy writes
+    PostgreSQL's jsonb text (keys reordered, no escapes), the untouched
+    rows of a base keep the text the app wrote; the values are equal."""
+    parse = json_columns()
+    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'anthias_rb_%' ORDER BY name")]
+        dump = {}
+        for table in tables:
+            cursor = conn.execute(f'SELECT * FROM "{table}"')
+            names = [d[0] for d in cursor.description]
+            rows = [tuple(json.loads(v) if n in parse.get(table, ())
+                          and v is not None else v
+                          for n, v in zip(names, row))
+                    for row in cursor.fetchall()]
+            dump[table] = sorted(rows, key=repr)
+        return dump
+    finally:
+        conn.close()
+
+
+def rollback(env: dict, *args: str):
+    connections['sqlite'].close()
+    done = run_manage(env, 'rollback_migration', '--emergency', *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert 'data loss: none (proven' in done.stdout.splitlines()[-1]
+    return done
+
+
+def safety_copy(device) -> Path:
+    copies = sorted(device.live.parent.glob(
+        f'{device.live.name}.pre-rollback-*'))
+    copies = [p for p in copies if not p.name.endswith(('-wal', '-shm'))]
+    return copies[-1]
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_incremental_equals_the_full_copy_row_for_row(data_dir, settings,
+                                                      host_env):
+    device = seed_with_kitchen(settings)
+    every_kind_of_write(device)
+    first = rollback(host_env)
+    assert 'copy:          incremental: cutover file as of' in first.stdout
+    assert '(incremental copy)' in first.stdout
+    incremental = table_dump(device.live)
+    # The same PostgreSQL (fenced, unchanged), copied whole this time.
+    second = rollback(host_env, '--source', 'postgres', '--full')
+    assert 'copy:          full: asked for (--full)' in second.stdout
+    full = table_dump(device.live)
+    assert table_dump(safety_copy(device)) == incremental
+    assert incremental.keys() == full.keys()
+    for table in full:
+        assert incremental[table] == full[table], table
+    # The writes are really there (not two equally wrong copies).
+    names = dict(x[:2] for x in full['assets'])
+    assert names[device.asset_ids[2]] == 'deleted and back 🔁'
+    assert device.asset_ids[1] not in names
+    assert 'new-on-pg' in names
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_the_standby_is_the_base_when_replicate_changes_ran(
+        data_dir, settings, host_env):
+    device = seed_device(settings, n_assets=10)
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
+        name='replicated')
+    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    position = standby.read_position(standby.standby_path(data_dir))
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[1]).update(
+        name='after the standby')
+    done = rollback(host_env)
+    assert (f'copy:          incremental: standby as of '
+            f'{position.position_at} + 1 journal entries') in done.stdout
+    conn = sqlite3.connect(device.live)
+    names = dict(conn.execute('SELECT asset_id, name FROM assets'))
+    conn.close()
+    assert names[device.asset_ids[0]] == 'replicated'
+    assert names[device.asset_ids[1]] == 'after the standby'
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_missing_cutover_file_means_the_full_copy_and_says_so(
+        data_dir, settings, host_env):
+    device = seed_device(settings, n_assets=5)
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
+        name='on pg')
+    standby.cutover_path(data_dir).unlink()
+    done = rollback(host_env)
+    assert 'copy:          full: no standby; the cutover file' in \
+        done.stdout
+    assert 'is missing' in done.stdout
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_base_that_reads_back_wrong_falls_back_to_the_full_copy(
+        data_dir, settings, host_env):
+    """A standby that mangles what is written into it (a trigger planted
+    in the file): the changed keys do not read back equal, so the full
+    copy is taken, with a warning; the result is PostgreSQL's."""
+    device = seed_device(settings, n_assets=5)
+    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    conn = sqlite3.connect(standby.standby_path(data_dir))
+    conn.execute("CREATE TRIGGER mangle AFTER INSERT ON assets BEGIN "
+                 "UPDATE assets SET name = 'mangled' WHERE asset_id = "
+                 "NEW.asset_id; END")
+    conn.commit()
+    conn.close()
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
+        name='right')
+    done = rollback(host_env)
+    assert 'copy:          full: 1 changed key(s) did not read back ' \
+        'equal' in done.stdout
+    assert 'anthias_app.Asset pk=' in done.stdout + done.stderr
+    conn = sqlite3.connect(device.live)
+    names = dict(conn.execute('SELECT asset_id, name FROM assets'))
+    triggers = conn.execute("SELECT count(*) FROM sqlite_master WHERE "
+                            "type = 'trigger'").fetchone()[0]
+    conn.close()
+    assert names[device.asset_ids[0]] == 'right'
+    assert triggers == 0
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_migration_applied_on_postgres_means_the_full_copy(
+        data_dir, settings, host_env):
+    device = seed_device(settings, n_assets=5)
+    with connections['postgres'].cursor() as cursor:
+        cursor.execute("INSERT INTO django_migrations (app, name, applied) "
+                       "VALUES ('sessions', '9999_applied_on_pg', now())")
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
+        name='on pg')
+    done = run_manage(host_env, 'rollback_migration', '--emergency')
+    assert 'copy:          full: migrations were applied on PostgreSQL ' \
+        'since the base was taken (sessions.9999_applied_on_pg)' in \
+        done.stdout, done.stdout + done.stderr
