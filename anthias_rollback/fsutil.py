@@ -42,8 +42,11 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write *data* to *path* atomically with permissions *mode*.
+def atomic_write_bytes(path: Path, data: bytes | Callable[[int], bytes],
+                       mode: int = 0o600) -> None:
+    """Write *data* to *path* atomically with permissions *mode*. *data*
+    may be a function of the file's inode (the rename keeps it), for a
+    file that names its own identity.
 
     Raises OSError (e.g. directory not writable, disk full); in that case
     the previous content of *path*, if any, is untouched.
@@ -54,6 +57,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as fh:
+            if callable(data):
+                data = data(os.fstat(fh.fileno()).st_ino)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -68,23 +73,35 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + '\n'
-    atomic_write_bytes(path, text.encode(), mode)
+def atomic_write_json(path: Path, data: Any, mode: int = 0o600,
+                      inode_key: str | None = None) -> None:
+    """atomic_write_bytes of *data* as JSON; with *inode_key*, the file's
+    own inode is recorded under that key (read_json's with_inode)."""
+    def text(inode: int) -> bytes:
+        document = dict(data, **{inode_key: inode}) if inode_key else data
+        return (json.dumps(document, indent=2, sort_keys=True, default=str)
+                + '\n').encode()
+
+    atomic_write_bytes(path, text, mode)
 
 
 def read_json(path: Path, what: str, error: type[Exception],
               fix: str = '', kind: type = dict,
-              invalid: Callable[[Any], Any] | None = None) -> Any | None:
+              invalid: Callable[[Any], Any] | None = None,
+              with_inode: bool = False) -> Any | None:
     """The JSON document in the state file *path*: None if the file does
     not exist; *error* naming *what* and the path if it cannot be read,
     is not UTF-8 JSON, or is not a *kind* (a list where a dict belongs).
     *fix* says how to repair it. With *invalid*, a bad document is not an
     error: *invalid*(parsed value, or None if unparsable) is returned.
+    *with_inode*: (document, the inode it was read from), both from one
+    open file (a rename between a stat and a read cannot mix two files).
     The one reader of our state files."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, 'rb') as fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            raw = fh.read()
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -99,4 +116,4 @@ def read_json(path: Path, what: str, error: type[Exception],
             return invalid(data if parsed else None)
         raise error(f'{what} {path} is not valid'
                     + (f'; {fix}' if fix else ''))
-    return data
+    return (data, inode) if with_inode else data

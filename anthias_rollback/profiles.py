@@ -7,9 +7,14 @@ adopts it with:
     from anthias_rollback.profiles import build_databases
     DATABASES = build_databases(data_dir=DATA_DIR)
 
+and gives django-dbbackup what its PostgreSQL connector needs with
+`DBBACKUP_CONNECTORS = dbbackup_connectors(DATABASES)`.
+
 The active profile comes from the env var ANTHIAS_DB_PROFILE if set, else
 from the state file in the data dir (written only through
-`write_active_profile`, atomically), else `sqlite`.
+`write_active_profile`, atomically), else `sqlite`. The state file records
+its own inode: a copy of it (an Anthias backup restored on this or another
+device, a data dir copied file by file) has another one and is refused.
 
 This module is the one place where the alias names are spelled out.
 """
@@ -35,6 +40,12 @@ DEFAULT = 'default'
 PROFILES = (SQLITE, POSTGRES)
 
 STATE_FILE_NAME = 'anthias_db_profile.json'
+# The state file's own inode, recorded in it when written. Anthias's
+# /api/v2/backup tars the whole data dir (src/anthias_server/lib/
+# backup_helper.py) and its restore extracts it over another device's:
+# the copy would flip that device to this one's profile. Restored, copied
+# or saved by an editor, the file records an inode that is not its own.
+INODE_KEY = 'inode'
 # Key Django ignores in a DATABASES entry: a config problem found while
 # building settings, reported when the alias is used (not at import, so a
 # bad PostgreSQL URL never stops a device that runs on SQLite).
@@ -152,21 +163,52 @@ def state_file_path(data_dir: Path) -> Path:
     return Path(data_dir) / STATE_FILE_NAME
 
 
-def read_state_file(path: Path) -> dict[str, Any] | None:
-    """The state file's content, None if absent; StateFileError if bad."""
+def read_state_file(path: Path, accept_copy: bool = False
+                    ) -> dict[str, Any] | None:
+    """The state file's content, None if absent; StateFileError if bad.
+
+    Also StateFileError, in one line saying what to do, when the file is
+    a copy: its recorded inode is not its own (see INODE_KEY). With
+    *accept_copy* a copy's content is returned (for a forced rewrite).
+    A file without the key (written before it existed) is obeyed.
+    """
     fix = 'fix it with `manage.py switch_database --to sqlite --force`'
-    state = fsutil.read_json(path, 'profile state file', StateFileError,
-                             fix)
-    if state is not None and state.get('profile') not in PROFILES:
+    found = fsutil.read_json(path, 'profile state file', StateFileError,
+                             fix, with_inode=True)
+    if found is None:
+        return None
+    state, inode = found
+    if state.get('profile') not in PROFILES:
         raise StateFileError(f'profile state file {path} is not valid; '
                              f'{fix}')
+    recorded = state.get(INODE_KEY)
+    if recorded is not None and recorded != inode and not accept_copy:
+        raise StateFileError(_copy_problem(path, state, inode))
     return state
 
 
+def _copy_problem(path: Path, state: dict[str, Any], inode: int) -> str:
+    profile = state['profile']
+    changed = state.get('changed_at', 'unknown')
+    fix = f'delete it to run on {SQLITE}'
+    if profile != SQLITE:
+        fix += (f'; if this device really is on {profile}, delete it and '
+                f'run `manage.py switch_database --to {profile} --force` '
+                '(a new rollback window)')
+    return (f'profile state file {path} is a copy (written as inode '
+            f'{state[INODE_KEY]}, this file is {inode}): restored from an '
+            'Anthias backup or copied from another data dir, so its '
+            f'profile {profile!r} (set {changed}) is not obeyed; {fix}')
+
+
 def resolve_active_profile(data_dir: Path,
-                           env: Mapping[str, str] | None = None
-                           ) -> ActiveProfile:
-    """Which profile is active, and where that came from."""
+                           env: Mapping[str, str] | None = None,
+                           accept_copy: bool = False) -> ActiveProfile:
+    """Which profile is active, and where that came from.
+
+    Raises ConfigError (ANTHIAS_DB_PROFILE) or StateFileError (the state
+    file unreadable, invalid, or a copy unless *accept_copy*).
+    """
     env = _env(env)
     value = env.get('ANTHIAS_DB_PROFILE', '').strip()
     if value:
@@ -176,7 +218,7 @@ def resolve_active_profile(data_dir: Path,
                 f'use one of: {", ".join(PROFILES)}')
         return ActiveProfile(value, 'env', 'ANTHIAS_DB_PROFILE')
     path = state_file_path(data_dir)
-    state = read_state_file(path)
+    state = read_state_file(path, accept_copy=accept_copy)
     if state is not None:
         return ActiveProfile(state['profile'], 'state file', str(path))
     return ActiveProfile(SQLITE, 'default', 'no ANTHIAS_DB_PROFILE, '
@@ -230,6 +272,46 @@ def build_databases(data_dir: str | Path | None = None,
     return databases
 
 
+def dbbackup_connectors(databases: Mapping[str, Mapping[str, Any]],
+                        env: Mapping[str, str] | None = None,
+                        pg_dump: str | None = None
+                        ) -> dict[str, dict[str, Any]]:
+    """DBBACKUP_CONNECTORS for django-dbbackup (Anthias's start sequence
+    runs `dbbackup` and `dbrestore` on `default`), one entry per
+    PostgreSQL alias of *databases*: `postgres`, and `default` on the
+    postgres profile. The pg_dump is *pg_dump* (the ANTHIAS_PG_DUMP
+    setting, if set in settings.py), else ANTHIAS_PG_DUMP from the
+    environment, else `pg_dump` on PATH.
+
+    - DUMP_CMD / RESTORE_CMD: that pg_dump and the pg_restore beside it,
+      the client of the server's major version (dbbackup's own default
+      is whatever `pg_dump` PATH finds).
+    - HOST percent-encoded when it is a socket dir: dbbackup 5.3 writes
+      HOST unencoded into a postgresql:// URI, where /run/postgresql
+      would become part of the database name.
+    - ENV PGCONNECT_TIMEOUT from OPTIONS (dbbackup passes no OPTIONS): a
+      server that does not answer fails the backup in seconds.
+    """
+    dump = (pg_dump or _env(env).get('ANTHIAS_PG_DUMP', '').strip()
+            or 'pg_dump')
+    folder = os.path.dirname(dump)
+    restore = os.path.join(folder, 'pg_restore') if folder else 'pg_restore'
+    connectors: dict[str, dict[str, Any]] = {}
+    for alias, entry in databases.items():
+        if entry.get('ENGINE') != 'django.db.backends.postgresql':
+            continue
+        connector: dict[str, Any] = {'DUMP_CMD': dump,
+                                     'RESTORE_CMD': restore}
+        host = str(entry.get('HOST') or '')
+        if host.startswith('/'):
+            connector['HOST'] = urllib.parse.quote(host, safe='')
+        timeout = (entry.get('OPTIONS') or {}).get('connect_timeout')
+        if timeout:
+            connector['ENV'] = {'PGCONNECT_TIMEOUT': str(timeout)}
+        connectors[alias] = connector
+    return connectors
+
+
 def alias_settings(alias: str) -> dict[str, Any]:
     """The settings of *alias*; ConfigError (saying how to adopt
     build_databases) when DATABASES lacks it, instead of Django's
@@ -266,7 +348,8 @@ def profile_problem() -> str | None:
 
 def write_active_profile(data_dir: Path, profile: str,
                          extra: Mapping[str, Any] | None = None) -> Path:
-    """Atomically record *profile* as active in the data dir's state file.
+    """Atomically record *profile* as active in the data dir's state file,
+    with the file's own inode (INODE_KEY).
 
     A crash leaves the old or the new file, never a torn one. Raises
     ConfigError for an unknown profile, StateFileError when the data dir
@@ -283,7 +366,8 @@ def write_active_profile(data_dir: Path, profile: str,
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         # 0600 like every file the tool creates: the host processes run
         # as the same user as the tool, so they still read it.
-        fsutil.atomic_write_json(path, state, mode=0o600)
+        fsutil.atomic_write_json(path, state, mode=0o600,
+                                 inode_key=INODE_KEY)
     except OSError as err:
         raise StateFileError(f'cannot write profile state file {path}: '
                              f'{err.strerror}') from None

@@ -23,6 +23,7 @@ from anthias_rollback import (
 from anthias_rollback.exceptions import (
     RollbackError,
     SchemaMismatchError,
+    StateFileError,
     SwitchRefusedError,
 )
 from anthias_rollback.journal import record_cutover
@@ -129,14 +130,25 @@ def switch_profile(target: str, force: bool = False,
     # only after it).
     conf.validate_settings()
     data_dir = conf.data_dir()
-    previous = profiles.resolve_active_profile(data_dir)
+    warnings = []
+    try:
+        # --force rewrites a copied state file (restored from another
+        # device's backup) as well as an unreadable one: that is the fix
+        # their error messages name.
+        previous = profiles.resolve_active_profile(data_dir,
+                                                   accept_copy=force)
+    except StateFileError as err:
+        if not force:
+            raise
+        warnings.append(f'{first_line(err)}: rewritten (--force)')
+        previous = profiles.ActiveProfile('unknown', 'state file',
+                                          'unreadable')
     alias = profiles.alias_for_profile(target)
     cutover = target == profiles.POSTGRES and previous.name != target
     if not force:
         check_target(alias)
         if cutover:
             check_same_rows(profiles.SQLITE, alias)
-    warnings = []
     if previous.source == 'env':
         warnings.append(
             f'ANTHIAS_DB_PROFILE={previous.name} is set in the environment '

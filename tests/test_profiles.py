@@ -240,3 +240,112 @@ def test_sqlite_file_alias_is_temporary(tmp_path):
     assert alias not in connections.settings
     assert not hasattr(connections._connections, alias)
     assert path.exists()
+
+
+def test_state_file_records_its_own_inode(tmp_path):
+    path = profiles.write_active_profile(tmp_path, 'postgres')
+    state = json.loads(path.read_text())
+    assert state[profiles.INODE_KEY] == path.stat().st_ino
+    assert profiles.resolve_active_profile(tmp_path, {}).name == 'postgres'
+    # A second write is a new file (rename): it names its own inode too.
+    profiles.write_active_profile(tmp_path, 'sqlite')
+    state = json.loads(path.read_text())
+    assert state[profiles.INODE_KEY] == path.stat().st_ino
+    assert profiles.resolve_active_profile(tmp_path, {}).name == 'sqlite'
+
+
+def test_copied_state_file_is_refused_in_one_line(tmp_path):
+    """A copy (another device's data dir restored here) said postgres and
+    was obeyed. Now `default` stays sqlite and the problem says why and
+    what to do; accept_copy still reads it (for a forced rewrite)."""
+    first, second = tmp_path / 'a', tmp_path / 'b'
+    second.mkdir()
+    source = profiles.write_active_profile(first, 'postgres')
+    copy = profiles.state_file_path(second)
+    shutil.copy2(source, copy)
+    dbs = profiles.build_databases(data_dir=second, env={})
+    assert dbs['default']['ENGINE'].endswith('sqlite3')
+    problem = dbs['default'][profiles.PROFILE_PROBLEM_KEY]
+    assert '\n' not in problem
+    assert f'profile state file {copy} is a copy' in problem
+    assert "its profile 'postgres'" in problem
+    assert 'delete it to run on sqlite' in problem
+    assert '`manage.py switch_database --to postgres --force`' in problem
+    assert problem.endswith('(running on sqlite until fixed)')
+    with pytest.raises(StateFileError, match='is a copy'):
+        profiles.resolve_active_profile(second, {})
+    assert profiles.resolve_active_profile(
+        second, {}, accept_copy=True).name == 'postgres'
+    # The original is still obeyed where it was written.
+    assert profiles.resolve_active_profile(first, {}).name == 'postgres'
+    # Deleting the copy is the fix for a device that runs on SQLite.
+    copy.unlink()
+    assert profiles.PROFILE_PROBLEM_KEY not in profiles.build_databases(
+        data_dir=second, env={})['default']
+
+
+def test_state_file_overwritten_in_place_is_refused(tmp_path):
+    """Anthias's restore (tarfile) truncates an existing file in place:
+    same inode as this device's own file, content from elsewhere."""
+    path = profiles.write_active_profile(tmp_path, 'sqlite')
+    foreign = dict(json.loads(path.read_text()), profile='postgres')
+    foreign[profiles.INODE_KEY] += 1
+    with open(path, 'r+b') as fh:
+        fh.truncate()
+        fh.write(json.dumps(foreign).encode())
+    with pytest.raises(StateFileError) as excinfo:
+        profiles.resolve_active_profile(tmp_path, {})
+    assert f'this file is {path.stat().st_ino}' in str(excinfo.value)
+    # Saying sqlite, the fix is only to delete it.
+    foreign['profile'] = 'sqlite'
+    path.write_text(json.dumps(foreign))
+    dbs = profiles.build_databases(data_dir=tmp_path, env={})
+    assert 'switch_database' not in dbs['default'][
+        profiles.PROFILE_PROBLEM_KEY]
+
+
+def test_state_file_without_inode_is_still_obeyed(tmp_path):
+    """Devices switched before the inode was recorded keep their profile
+    (losing it would put them on a stale SQLite file)."""
+    profiles.state_file_path(tmp_path).write_text(
+        '{"profile": "postgres", "changed_at": "2025-01-01T00:00:00"}\n')
+    assert profiles.resolve_active_profile(tmp_path, {}).name == 'postgres'
+    dbs = profiles.build_databases(data_dir=tmp_path, env={})
+    assert dbs['default']['ENGINE'].endswith('postgresql')
+    assert profiles.PROFILE_PROBLEM_KEY not in dbs['default']
+
+
+def test_env_profile_wins_over_a_copied_state_file(tmp_path):
+    first, second = tmp_path / 'a', tmp_path / 'b'
+    second.mkdir()
+    shutil.copy(profiles.write_active_profile(first, 'postgres'),
+                profiles.state_file_path(second))
+    active = profiles.resolve_active_profile(
+        second, {'ANTHIAS_DB_PROFILE': 'postgres'})
+    assert (active.name, active.source) == ('postgres', 'env')
+
+
+def test_dbbackup_connectors_follow_the_profile_and_pg_dump(tmp_path):
+    env = {'ANTHIAS_POSTGRES_URL':
+           'postgresql://u:p@/anthias?host=/run/pg sock&connect_timeout=3',
+           'ANTHIAS_PG_DUMP': '/usr/lib/postgresql/18/bin/pg_dump'}
+    dbs = profiles.build_databases(data_dir=tmp_path, env=env)
+    connectors = profiles.dbbackup_connectors(dbs, env)
+    assert set(connectors) == {'postgres'}   # sqlite profile
+    assert connectors['postgres'] == {
+        'DUMP_CMD': '/usr/lib/postgresql/18/bin/pg_dump',
+        'RESTORE_CMD': '/usr/lib/postgresql/18/bin/pg_restore',
+        'HOST': '%2Frun%2Fpg%20sock',
+        'ENV': {'PGCONNECT_TIMEOUT': '3'}}
+    profiles.write_active_profile(tmp_path, 'postgres')
+    dbs = profiles.build_databases(data_dir=tmp_path, env=env)
+    connectors = profiles.dbbackup_connectors(dbs, env)
+    assert connectors['default'] == connectors['postgres']
+    # TCP: HOST left to DATABASES; no ANTHIAS_PG_DUMP: PATH's tools.
+    tcp = {'ANTHIAS_POSTGRES_URL': 'postgres://u:p@db.local:5432/anthias'}
+    dbs = profiles.build_databases(data_dir=tmp_path, env=tcp)
+    assert profiles.dbbackup_connectors(dbs, tcp)['default'] == {
+        'DUMP_CMD': 'pg_dump', 'RESTORE_CMD': 'pg_restore',
+        'ENV': {'PGCONNECT_TIMEOUT': '5'}}
+    assert profiles.dbbackup_connectors(dbs, tcp, pg_dump='/opt/pg_dump')[
+        'default']['RESTORE_CMD'] == '/opt/pg_restore'

@@ -16,6 +16,7 @@ from anthias_rollback import journal, profiles, switch
 from anthias_rollback.exceptions import (
     ConfigError,
     DatabaseUnavailableError,
+    StateFileError,
 )
 from tests.conftest import ROOT
 
@@ -66,7 +67,9 @@ def test_state_file_mode_private_to_its_writer(same_data, data_dir):
     assert mode & 0o022 == 0, oct(mode)
     assert mode & 0o111 == 0, oct(mode)
     assert set(state(data_dir)) == {'profile', 'previous', 'forced',
-                                    'changed_at'}
+                                    'changed_at', 'inode'}
+    # The file names its own inode (a copy restored elsewhere does not).
+    assert state(data_dir)['inode'] == path.stat().st_ino
 
 
 @pytest.mark.django_db(databases=BOTH)
@@ -233,3 +236,28 @@ def test_restart_command_missing_program():
     assert result.ok is False
     assert result.returncode is None
     assert 'No such file or directory' in result.output
+
+
+@pytest.mark.django_db(databases=BOTH)
+@pytest.mark.parametrize('damage', ['garbage', 'copy'])
+def test_force_rewrites_a_bad_or_copied_state_file(damage, data_dir):
+    """The fix the state file's error names really works: a garbage
+    file, or a copy from another device (its recorded inode is not its
+    own), is rewritten by switch_database --to sqlite --force."""
+    path = profiles.state_file_path(data_dir)
+    if damage == 'garbage':
+        path.write_bytes(b'\x00\xffnot json')
+    else:
+        profiles.write_active_profile(data_dir, 'postgres')
+        copied = path.read_bytes()
+        path.unlink()
+        path.write_bytes(copied)          # same content, another inode
+    with pytest.raises(StateFileError):
+        profiles.resolve_active_profile(data_dir, {})
+    with pytest.raises(StateFileError):
+        switch.switch_profile('sqlite', restart=False)
+    done = switch.switch_profile('sqlite', force=True, restart=False)
+    assert any('rewritten (--force)' in w for w in done.warnings) == (
+        damage == 'garbage')
+    active = profiles.resolve_active_profile(data_dir, {})
+    assert (active.name, active.source) == ('sqlite', 'state file')
