@@ -15,6 +15,7 @@ COMMANDS = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 def test_all_commands_found():
     assert COMMANDS == ['backup_database', 'end_rollback_window',
+                        'export_unapplied_writes',
                         'migrate_to_postgres',
                         'monitor_migration', 'replicate_changes',
                         'rollback_drill',

@@ -197,12 +197,22 @@ def test_a_base_that_reads_back_wrong_falls_back_to_the_full_copy(
 def test_a_migration_applied_on_postgres_means_the_full_copy(
         data_dir, settings, host_env):
     device = seed_device(settings, n_assets=5)
+    fake = "app = 'sessions' AND name = '9999_applied_on_pg'"
     with connections['postgres'].cursor() as cursor:
         cursor.execute("INSERT INTO django_migrations (app, name, applied) "
                        "VALUES ('sessions', '9999_applied_on_pg', now())")
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='on pg')
-    done = run_manage(host_env, 'rollback_migration', '--emergency')
+    try:
+        done = run_manage(host_env, 'rollback_migration', '--emergency')
+    finally:
+        # flush() leaves django_migrations alone: the next tests' backups
+        # would carry the fake migration.
+        with connections['postgres'].cursor() as cursor:
+            cursor.execute(f'DELETE FROM django_migrations WHERE {fake}')
+        connections['sqlite'].close()
+        with connections['sqlite'].cursor() as cursor:
+            cursor.execute(f'DELETE FROM django_migrations WHERE {fake}')
     assert 'copy:          full: migrations were applied on PostgreSQL ' \
         'since the base was taken (sessions.9999_applied_on_pg)' in \
         done.stdout, done.stdout + done.stderr
