@@ -2,6 +2,7 @@
 the cutover file) in real processes: it equals the full copy row for row
 after every kind of write, takes the standby when there is one, and
 falls back to the full copy, saying why, whenever it cannot be sure."""
+import datetime as dt
 import json
 import sqlite3
 import uuid
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 from django.apps import apps
 from django.contrib.auth.models import Group, Permission, User
+from django.contrib.sessions.models import Session
 from django.db import connections, models
+from django.utils import timezone
 
 from anthias_app.models import Asset
 from anthias_rollback import replication, standby
@@ -59,6 +62,14 @@ def every_kind_of_write(device) -> None:
     user.groups.add(group)
     user.user_permissions.add(Permission.objects.using(pg).first())
     User.objects.using(pg).filter(username=device.usernames[1]).delete()
+    # A TRUNCATE in the tail: that table is re-read whole.
+    expires = timezone.now() + dt.timedelta(days=1)
+    Session.objects.using(pg).create(session_key='gone', session_data='x',
+                                     expire_date=expires)
+    with connections[pg].cursor() as cursor:
+        cursor.execute('TRUNCATE django_session')
+    Session.objects.using(pg).create(session_key='after-truncate',
+                                     session_data='y', expire_date=expires)
 
 
 def json_columns() -> dict[str, set[str]]:
@@ -115,6 +126,8 @@ def test_incremental_equals_the_full_copy_row_for_row(data_dir, settings,
     first = rollback(host_env)
     assert 'copy:          incremental: cutover file as of' in first.stdout
     assert '(incremental copy)' in first.stdout
+    assert 'tables re-read whole after a TRUNCATE: django_session' in \
+        first.stdout
     incremental = table_dump(device.live)
     # The same PostgreSQL (fenced, unchanged), copied whole this time.
     second = rollback(host_env, '--source', 'postgres', '--full')
@@ -129,6 +142,7 @@ def test_incremental_equals_the_full_copy_row_for_row(data_dir, settings,
     assert names[device.asset_ids[2]] == 'deleted and back 🔁'
     assert device.asset_ids[1] not in names
     assert 'new-on-pg' in names
+    assert [row[0] for row in full['django_session']] == ['after-truncate']
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
