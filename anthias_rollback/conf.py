@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     'ANTHIAS_ROLLBACK_MONITOR_MAX_ERROR_RATE': 5,
     'ANTHIAS_ROLLBACK_MONITOR_MAX_DEGRADATION_PCT': 300,
     'ANTHIAS_ROLLBACK_MONITOR_MIN_SLOWDOWN_MS': 50,
+    'ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG': 30,  # seconds, 0 = off
     # Models whose rows `migrate` itself creates: a target holding only
     # these counts as empty, and they are reloaded with the source's ids.
     'ANTHIAS_ROLLBACK_MIGRATE_CREATED': (

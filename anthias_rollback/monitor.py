@@ -5,17 +5,22 @@ Plain parts, each testable alone:
 - probers: `ClientProber` (in-process, Django's test client) and
   `HttpProber` (a running server at a base URL); both return `Probe`s;
 - `Evaluator`: the sliding window, the baseline and the trigger rules;
+- `StandbyWatch`: the standby rule (warning-level alerts, never a
+  trigger);
 - `run_monitor()`: the loop, bounded by time and probe count;
 - `record_baseline()` / `load_baseline()`: a baseline measured on SQLite.
 
 A round probes the health URL and every ANTHIAS_ROLLBACK_VERIFY_URLS path
 once. A round is *bad* when it breaches a threshold; the trigger fires only
-after `consecutive` bad rounds in a row. Nothing here prints or rolls back:
-the command owns both.
+after `consecutive` bad rounds in a row. An *alert* (the standby lagging
+or missing while a rollback window is open) is reported but never counts
+towards a trigger: a lagging standby is a reason to look, not to roll
+back. Nothing here prints or rolls back: the command owns both.
 """
 import http.client
 import json
 import math
+import sqlite3
 import statistics
 import time
 import urllib.error
@@ -28,7 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from django.db import DatabaseError, connections
+
 from anthias_rollback import conf, fsutil, profiles
+from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import (
     BaselineError,
     ConfigError,
@@ -46,6 +54,15 @@ RESPONSE_TIME = 'response_time'
 ERROR_RATE = 'error_rate'
 DEGRADATION = 'degradation'
 DATABASE_UNREACHABLE = 'database_unreachable'
+# Alert kinds: reported, never a trigger.
+STANDBY_LAG = 'standby_lag'
+STANDBY_MISSING = 'standby_missing'
+# StandbyResult.state
+STANDBY_OK = 'ok'
+STANDBY_LAGGING = 'lagging'
+STANDBY_ABSENT = 'missing'
+STANDBY_NOT_EXPECTED = 'not expected'
+STANDBY_UNKNOWN = 'unknown'
 
 STOP_TRIGGER = 'trigger'
 STOP_MAX_DURATION = 'max-duration'
@@ -58,6 +75,7 @@ THRESHOLD_SETTINGS = {
     'max_degradation_pct': 'ANTHIAS_ROLLBACK_MONITOR_MAX_DEGRADATION_PCT',
     'min_slowdown_ms': 'ANTHIAS_ROLLBACK_MONITOR_MIN_SLOWDOWN_MS',
 }
+STANDBY_LAG_SETTING = 'ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG'
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,8 @@ class MonitorConfig:
     """What to probe, how often, and when to call it a trigger.
 
     Raises MonitorInputError for a non-positive interval, window,
-    count, timeout or bound, or a base URL that is not http(s).
+    count, timeout or bound, a negative standby lag, a standby rule
+    without its data dir and alias, or a base URL that is not http(s).
     """
     urls: tuple[str, ...]
     thresholds: Thresholds
@@ -105,9 +124,17 @@ class MonitorConfig:
     max_duration: float | None = None
     max_probes: int | None = None
     baseline: Baseline | None = None
+    max_standby_lag: float = 0.0     # seconds; 0: no standby rule
+    data_dir: Path | None = None     # the standby's (the rule's only)
+    postgres_alias: str | None = None
 
     def __post_init__(self) -> None:
         check_positive('--interval', self.interval)
+        check_non_negative('--max-standby-lag', self.max_standby_lag)
+        if self.max_standby_lag and (self.data_dir is None
+                                     or self.postgres_alias is None):
+            raise MonitorInputError('the standby rule needs the data dir '
+                                    'and the PostgreSQL alias')
         check_positive('--timeout', self.timeout)
         for name in ('window', 'baseline_probes', 'consecutive'):
             check_positive_int(f'--{name.replace("_", "-")}',
@@ -153,6 +180,24 @@ class Breach:
 
 
 @dataclass(frozen=True)
+class Alert:
+    """A warning-level finding: reported once when it begins (and once
+    when it ends, *cleared*), never a rollback trigger."""
+    kind: str                    # STANDBY_LAG, STANDBY_MISSING
+    message: str
+    cleared: bool = False
+
+
+@dataclass(frozen=True)
+class StandbyResult:
+    """The standby rule's reading in one round."""
+    state: str                   # STANDBY_OK, STANDBY_LAGGING, ...
+    lag_seconds: float | None    # now - the standby's position time
+    pending: int | None          # journal entries not applied yet
+    detail: str                  # what was seen, or why not checked
+
+
+@dataclass(frozen=True)
 class RoundResult:
     number: int
     elapsed: float               # seconds since the monitor started
@@ -162,6 +207,8 @@ class RoundResult:
     streak: int                  # bad rounds in a row, this one included
     consecutive: int
     triggered: bool
+    standby: StandbyResult | None = None   # None: the rule is off
+    alerts: tuple[Alert, ...] = ()         # raised or cleared this round
 
     @property
     def bad(self) -> bool:
@@ -193,14 +240,18 @@ class MonitorResult:
     last: RoundResult | None
     baseline: Baseline | None    # per-URL baselines used (file or probes)
     baseline_source: str         # 'file', 'probes' or 'none yet'
+    alerts: tuple[Alert, ...] = ()   # raised during the run (not cleared)
 
     def as_dict(self) -> dict[str, Any]:
+        standby = self.last.standby if self.last else None
         return {
             'stopped': self.stopped, 'rounds': self.rounds,
             'seconds': round(self.seconds, 3), 'triggered': self.triggered,
             'reasons': [asdict(b) for b in self.reasons],
             'baseline': self.baseline.as_dict() if self.baseline else None,
             'baseline_source': self.baseline_source,
+            'alerts': [asdict(a) for a in self.alerts],
+            'standby': asdict(standby) if standby else None,
         }
 
 
@@ -208,6 +259,13 @@ def check_positive(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
         raise MonitorInputError(f'{name} must be a positive number, '
+                                f'not {value!r}')
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise MonitorInputError(f'{name} must be 0 or a positive number, '
                                 f'not {value!r}')
 
 
@@ -224,15 +282,31 @@ def default_thresholds(**overrides: float | None) -> Thresholds:
     values: dict[str, float] = {}
     for name, setting in THRESHOLD_SETTINGS.items():
         value = overrides.get(name)
-        if value is None:
-            raw = conf.get_setting(setting)
-            try:
-                value = float(raw)
-            except (TypeError, ValueError):
-                raise ConfigError(f'{setting}={raw!r} is not a number') \
-                    from None
-        values[name] = value
+        values[name] = _number_setting(setting) if value is None else value
     return Thresholds(**values)
+
+
+def _number_setting(setting: str) -> float:
+    """The setting as a float; ConfigError naming it if it is not one."""
+    raw = conf.get_setting(setting)
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{setting}={raw!r} is not a number') from None
+
+
+def default_max_standby_lag(override: float | None = None) -> float:
+    """*override*, else ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG: seconds
+    the standby may lag before an alert, 0 = no standby rule. ConfigError
+    naming the setting if it is not a number of seconds, 0 or more."""
+    if override is not None:
+        return override
+    value = _number_setting(STANDBY_LAG_SETTING)
+    raw = conf.get_setting(STANDBY_LAG_SETTING)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f'{STANDBY_LAG_SETTING}={raw!r} must be 0 (off) '
+                          f'or a positive number of seconds')
+    return value
 
 
 def health_path() -> str:
@@ -453,8 +527,12 @@ class Evaluator:
         return found
 
     def evaluate(self, number: int, elapsed: float,
-                 probes: tuple[Probe, ...]) -> RoundResult:
-        """Add one round to the window and judge it."""
+                 probes: tuple[Probe, ...],
+                 standby: StandbyResult | None = None,
+                 alerts: tuple[Alert, ...] = ()) -> RoundResult:
+        """Add one round to the window and judge it. The standby's
+        reading and alerts are carried along: they never make a round
+        bad."""
         self.window.append(probes)
         rate = self.error_rate()
         found = self.breaches(probes, rate)
@@ -467,7 +545,91 @@ class Evaluator:
         self.streak = self.streak + 1 if found else 0
         return RoundResult(number, elapsed, probes, rate, tuple(found),
                            self.streak, self.config.consecutive,
-                           self.streak >= self.config.consecutive)
+                           self.streak >= self.config.consecutive,
+                           standby, alerts)
+
+
+class StandbyWatch:
+    """The standby rule, with its state between rounds. While the
+    profile is postgres and a rollback window is open, replicate_changes
+    is expected to keep the standby at most `max_standby_lag` seconds
+    behind. An alert is raised when the standby starts lagging or is
+    missing, and once more when it has caught up: never one per round.
+    Reads the state file, the standby file and *postgres_alias* (two
+    catalog/journal queries, no transaction)."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.data_dir = Path(config.data_dir)
+        self.alias = config.postgres_alias
+        self.max_lag = config.max_standby_lag
+        self.active: str | None = None   # the alert raised, not cleared
+
+    def read(self) -> StandbyResult:
+        from anthias_rollback import standby
+
+        try:
+            active = profiles.resolve_active_profile(self.data_dir)
+        except RollbackError as err:
+            return StandbyResult(STANDBY_UNKNOWN, None, None,
+                                 f'profile unknown: {first_line(err)}')
+        if active.name != profiles.POSTGRES:
+            return StandbyResult(STANDBY_NOT_EXPECTED, None, None,
+                                 f'profile {active.name}')
+        try:
+            window_open = pj.postgres_journal_installed(self.alias)
+        except DatabaseError as err:
+            # PostgreSQL down: the standby is as current as it can be,
+            # and the database_unreachable rule speaks for the outage.
+            connections[self.alias].close()
+            return StandbyResult(STANDBY_UNKNOWN, None, None,
+                                 f'PostgreSQL not answering: '
+                                 f'{first_line(err)}')
+        if not window_open:
+            return StandbyResult(STANDBY_NOT_EXPECTED, None, None,
+                                 'no rollback window')
+        try:
+            state = standby.standby_state(self.data_dir, self.alias)
+        except (OSError, sqlite3.Error) as err:
+            state = standby.StandbyState(
+                standby.standby_path(self.data_dir), True, None, None, None,
+                None, f'unreadable: {first_line(err)}')
+        if state.position is None:
+            return StandbyResult(STANDBY_ABSENT, None, None,
+                                 f'{state.path}: {state.problem}')
+        lag = state.lag_seconds
+        kind = STANDBY_LAGGING if lag > self.max_lag else STANDBY_OK
+        return StandbyResult(kind, lag, state.pending,
+                             f'at {state.position_at}')
+
+    def check(self) -> tuple[StandbyResult, tuple[Alert, ...]]:
+        """This round's reading and the alerts it raises or clears."""
+        reading = self.read()
+        kind = {STANDBY_LAGGING: STANDBY_LAG,
+                STANDBY_ABSENT: STANDBY_MISSING}.get(reading.state)
+        alerts: list[Alert] = []
+        if kind is not None and kind != self.active:
+            alerts.append(Alert(kind, self.message(reading)))
+            self.active = kind
+        elif reading.state == STANDBY_OK and self.active is not None:
+            alerts.append(Alert(self.active, (
+                f'standby caught up: {reading.lag_seconds:.1f} s behind '
+                f'(<= {self.max_lag:g} s)'), cleared=True))
+            self.active = None
+        elif reading.state == STANDBY_NOT_EXPECTED:
+            self.active = None
+        return reading, tuple(alerts)
+
+    def message(self, reading: StandbyResult) -> str:
+        if reading.state == STANDBY_ABSENT:
+            return (f'no usable standby while a rollback window is open '
+                    f'({reading.detail}): with PostgreSQL down a rollback '
+                    f'would restore a backup; is replicate_changes '
+                    f'running?')
+        pending = ('' if reading.pending is None else
+                   f', {reading.pending} journal entries not applied')
+        return (f'standby {reading.lag_seconds:.1f} s behind > '
+                f'{self.max_lag:g} s ({reading.detail}{pending}); is '
+                f'replicate_changes running?')
 
 
 def probe_round(prober: Prober, urls: tuple[str, ...]) -> tuple[Probe, ...]:
@@ -480,11 +642,14 @@ def run_monitor(config: MonitorConfig,
                 clock: Callable[[], float] = time.monotonic,
                 prober: Prober | None = None) -> MonitorResult:
     """Probe every `interval` seconds until a trigger, `max_duration`,
-    `max_probes` or Ctrl-C. Reads only (through the probed views); calls
-    *on_probe* after each round. Never raises for a failing probe: that
-    is data. A KeyboardInterrupt ends the run cleanly."""
+    `max_probes` or Ctrl-C. Reads only (through the probed views, and
+    with `max_standby_lag` the standby rule's reads); calls *on_probe*
+    after each round. Never raises for a failing probe: that is data.
+    An alert never stops the run. A KeyboardInterrupt ends it cleanly."""
     prober = prober or make_prober(config)
     evaluator = Evaluator(config)
+    watch = StandbyWatch(config) if config.max_standby_lag else None
+    raised: list[Alert] = []
     start = clock()
     number = 0
     last: RoundResult | None = None
@@ -501,7 +666,10 @@ def run_monitor(config: MonitorConfig,
                 break
             number += 1
             probes = probe_round(prober, config.urls)
-            last = evaluator.evaluate(number, clock() - start, probes)
+            reading, alerts = watch.check() if watch else (None, ())
+            raised.extend(a for a in alerts if not a.cleared)
+            last = evaluator.evaluate(number, clock() - start, probes,
+                                      reading, alerts)
             if on_probe is not None:
                 on_probe(last)
             if last.triggered:
@@ -521,7 +689,7 @@ def run_monitor(config: MonitorConfig,
     triggered = stopped == STOP_TRIGGER
     return MonitorResult(stopped, number, clock() - start, triggered,
                          last.breaches if triggered and last else (),
-                         last, baseline, source)
+                         last, baseline, source, tuple(raised))
 
 
 def baseline_path() -> Path:

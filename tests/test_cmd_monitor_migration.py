@@ -1,17 +1,29 @@
 """monitor_migration: output, exit codes, refusals, --json, --auto-rollback.
 
 Intervals are a few milliseconds of real sleep: call_command cannot take
-a fake clock (the core tests in test_monitor.py use one)."""
+a fake clock (the core tests in test_monitor.py use one). The standby
+alert runs on a real standby kept by the real replicator, aged by editing
+its position, in a real monitor process."""
 import json
+import sqlite3
 import time
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from anthias_rollback import conf, locking, monitor, profiles
+from anthias_rollback import (
+    conf,
+    locking,
+    monitor,
+    profiles,
+    replication,
+    rollback,
+    standby,
+)
 from tests import monitor_views
 from tests.conftest import run_manage
+from tests.helpers.rollback import seed_device
 from tests.monitor_views import FAIL, OK, closed_port_url, serve_test_app
 
 DB = {'databases': ['default', 'sqlite'], 'transaction': True}
@@ -117,6 +129,9 @@ def test_max_duration_bounds_a_real_run(data_dir, flaky):
     (('--max-duration', '0'), '--max-duration: must be greater than 0'),
     (('--timeout', '0'), '--timeout: must be greater than 0'),
     (('--base-url', 'localhost:8080'), 'must start with http://'),
+    (('--max-standby-lag', '-1'), '--max-standby-lag: must be 0 or more'),
+    (('--max-standby-lag', 'nan'), '--max-standby-lag: must be a finite'),
+    (('--max-standby-lag', '1e9'), '--max-standby-lag: must be at most'),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(data_dir, args, match):
     # Argparse types refuse these before run(): a usage error, code 2.
@@ -130,6 +145,13 @@ def test_threshold_setting_not_a_number(data_dir, settings):
     settings.ANTHIAS_ROLLBACK_MONITOR_MAX_DEGRADATION_PCT = 'x3'
     message, _ = refused(*FAST)
     assert message == ('ANTHIAS_ROLLBACK_MONITOR_MAX_DEGRADATION_PCT=\'x3\' '
+                       'is not a number')
+
+
+def test_standby_lag_setting_not_a_number(data_dir, settings):
+    settings.ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG = 'soon'
+    message, _ = refused(*FAST)
+    assert message == ("ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG='soon' "
                        'is not a number')
 
 
@@ -246,3 +268,98 @@ def test_auto_rollback_leaves_device_on_sqlite_with_zero_loss(data_dir,
     # The same report a person's rollback writes.
     from anthias_rollback import rollback
     assert rollback.latest_report(conf.reports_dir()) is not None
+
+
+# --- the standby alert ------------------------------------------------------
+
+def age_standby(data_dir, seconds: float) -> None:
+    conn = sqlite3.connect(standby.standby_path(data_dir))
+    try:
+        with conn:
+            conn.execute(f'UPDATE {standby.POSITION_TABLE} SET '
+                         'position_ts = ?', [time.time() - seconds])
+    finally:
+        conn.close()
+
+
+def lagging_device(settings, data_dir, seconds: float) -> None:
+    """On postgres in an open window, with a real standby *seconds*
+    behind (replicate_changes ran once, then "stopped")."""
+    seed_device(settings, n_assets=5)
+    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    age_standby(data_dir, seconds)
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_subprocess_lagging_standby_alerts_exit_3_and_never_rolls_back(
+        data_dir, settings, host_env):
+    lagging_device(settings, data_dir, 90)
+    # --auto-rollback and a trigger after one bad round: an alert that
+    # counted as a breach would roll this device back at once.
+    proc = run_manage(host_env, 'monitor_migration', '--interval', '0.05',
+                      '--max-probes', '3', '--consecutive', '1',
+                      '--auto-rollback')
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    alerts = [line for line in proc.stderr.splitlines()
+              if line.startswith('ALERT (standby_lag): standby 9')]
+    assert len(alerts) == 1, proc.stderr
+    assert '> 30 s' in alerts[0] and 'replicate_changes' in alerts[0]
+    rounds = [line for line in proc.stdout.splitlines()
+              if line.startswith('#')]
+    assert len(rounds) == 3 and all(' ok ' in line and 'standby 9' in line
+                                    for line in rounds), proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith(
+        'ALERT, no rollback trigger: standby 9')
+    assert 'rolling back' not in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
+    assert rollback.latest_report(conf.reports_dir()) is None
+
+    # The stream: one alert event, the same round after round in the
+    # probes' data, the result listing it, then the error object (exit 3).
+    proc = run_manage(host_env, 'monitor_migration', '--interval', '0.05',
+                      '--max-probes', '3', '--json-lines',
+                      '--max-standby-lag', '60')
+    assert proc.returncode == 3, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e['event'] for e in events] == [
+        'probe', 'alert', 'probe', 'probe', 'result', 'error']
+    assert events[1]['kind'] == 'standby_lag' and events[1]['round'] == 1
+    assert '> 60 s' in events[1]['message']
+    assert all(e['standby']['state'] == 'lagging'
+               for e in events if e['event'] == 'probe')
+    assert [a['kind'] for a in events[4]['alerts']] == ['standby_lag']
+    assert events[-1]['exit_code'] == 3
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_standby_within_the_threshold_says_nothing(data_dir, settings,
+                                                   flaky):
+    lagging_device(settings, data_dir, 10)
+    out, err = watch(*FAST, '--max-probes', '3')
+    assert err == ''
+    assert 'standby alert past 30s behind' in out.splitlines()[0]
+    rounds = out.splitlines()[1:4]
+    assert all(' | standby 1' in line and 's behind' in line
+               for line in rounds), out
+    assert out.splitlines()[-1].startswith('no trigger: 3 rounds')
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_missing_standby_is_one_line_and_0_turns_the_check_off(
+        data_dir, settings, flaky):
+    seed_device(settings, n_assets=5)   # window open, no replicator ran
+    message, out = refused(*FAST, '--max-probes', '4', code=3)
+    assert message.startswith('ALERT, no rollback trigger: no usable '
+                              'standby while a rollback window is open')
+    assert out.count(' | standby missing') == 4
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError):
+        call_command('monitor_migration', *FAST, '--max-probes', '4',
+                     stdout=out, stderr=err)
+    assert err.getvalue().count('ALERT (standby_missing)') == 1
+    assert len(err.getvalue().splitlines()) == 1
+    out, err = watch(*FAST, '--max-probes', '2', '--max-standby-lag', '0')
+    assert 'standby not checked' in out.splitlines()[0]
+    assert 'standby' not in ''.join(out.splitlines()[1:])
+    assert err == ''

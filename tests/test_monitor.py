@@ -1,15 +1,18 @@
 """monitor.py: the probers, the window, the baseline and the trigger rules,
 driven through the real Django stack (a real slow/failing view, the real
 /health view on the real test databases). Sleep and clock are fake, so
-no test waits for an interval."""
+no test waits for an interval. The standby rule runs on a real standby
+file kept by the real replicator, aged by editing its position."""
 import os
+import sqlite3
 import stat
+import time
 
 import pytest
 from django.db import connections
 from django.db.backends.postgresql.base import DatabaseWrapper
 
-from anthias_rollback import monitor, profiles
+from anthias_rollback import monitor, profiles, replication, standby, window
 from anthias_rollback.exceptions import (
     BaselineError,
     ConfigError,
@@ -22,6 +25,9 @@ from anthias_rollback.monitor import (
     Thresholds,
 )
 from tests import monitor_views
+from tests.conftest import postgres_stopped
+from tests.helpers.factories import AssetFactory
+from tests.helpers.rollback import seed_device
 from tests.monitor_views import FAIL, OK, closed_port_url, serve_test_app
 
 DB = {'databases': ['default', 'sqlite'], 'transaction': True}
@@ -246,6 +252,9 @@ def test_ctrl_c_stops_cleanly():
     ({'timeout': 0}, '--timeout'),
     ({'base_url': 'ftp://x'}, 'http://'),
     ({'urls': ()}, 'nothing to probe'),
+    ({'max_standby_lag': -1}, '--max-standby-lag'),
+    ({'max_standby_lag': float('inf')}, '--max-standby-lag'),
+    ({'max_standby_lag': 30}, 'needs the data dir'),
 ])
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(MonitorInputError, match=match):
@@ -372,3 +381,164 @@ def test_base_url_of_another_app_is_refused(data_dir):
           pytest.raises(MonitorInputError, match='answers 404')):
         monitor.check_target(config(urls=('/not-health', FLAKY),
                                     base_url=base_url))
+
+
+# --- the standby rule: alerts, never a trigger ----------------------------
+
+PG = {'databases': ['default', 'sqlite', 'postgres'], 'transaction': True}
+
+
+def standby_config(data_dir, max_lag=30.0, **kwargs):
+    # consecutive=1: were an alert a breach, its first round would
+    # trigger.
+    kwargs.setdefault('consecutive', 1)
+    kwargs.setdefault('max_probes', 4)
+    return config(urls=(HEALTH,), max_standby_lag=max_lag,
+                  data_dir=data_dir, postgres_alias='postgres', **kwargs)
+
+
+def replicate_once(data_dir):
+    return replication.run_replicator('postgres', data_dir=data_dir,
+                                      once=True)
+
+
+def age_standby(data_dir, seconds: float) -> None:
+    """Move the real standby's position *seconds* into the past (as if
+    replicate_changes had stopped then)."""
+    conn = sqlite3.connect(standby.standby_path(data_dir))
+    try:
+        with conn:
+            conn.execute(f'UPDATE {standby.POSITION_TABLE} SET '
+                         'position_ts = ?', [time.time() - seconds])
+    finally:
+        conn.close()
+
+
+def alert_kinds(rounds) -> list[list[tuple[str, bool]]]:
+    return [[(a.kind, a.cleared) for a in r.alerts] for r in rounds]
+
+
+@pytest.mark.django_db(**PG)
+def test_lagging_standby_is_one_alert_and_never_a_trigger(data_dir,
+                                                          settings):
+    seed_device(settings, n_assets=5)
+    replicate_once(data_dir)
+    AssetFactory.build(asset_id='not-yet-replicated').save(using='postgres')
+    age_standby(data_dir, 120)
+    result, rounds = watch(standby_config(data_dir),
+                           prober=ScriptedProber(1))
+    assert not result.triggered and result.stopped == monitor.STOP_MAX_PROBES
+    assert all(not r.bad and r.streak == 0 for r in rounds)
+    # Raised once, not once per round.
+    assert alert_kinds(rounds) == [[(monitor.STANDBY_LAG, False)], [], [],
+                                   []]
+    alert = rounds[0].alerts[0]
+    assert 'standby 120.' in alert.message and '> 30 s' in alert.message
+    assert '1 journal entries not applied' in alert.message
+    assert result.alerts == (alert,)
+    reading = rounds[-1].standby
+    assert reading.state == monitor.STANDBY_LAGGING
+    assert 120 <= reading.lag_seconds < 180 and reading.pending == 1
+    assert result.as_dict()['alerts'] == [
+        {'kind': 'standby_lag', 'message': alert.message, 'cleared': False}]
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
+
+
+@pytest.mark.django_db(**PG)
+def test_standby_catching_up_clears_the_alert_and_a_new_lag_raises_again(
+        data_dir, settings):
+    seed_device(settings, n_assets=5)
+    replicate_once(data_dir)
+    age_standby(data_dir, 60)
+    seen = []
+
+    def on_probe(rnd):
+        seen.append(rnd)
+        if rnd.number == 2:
+            replicate_once(data_dir)      # the replicator is back
+        elif rnd.number == 4:
+            age_standby(data_dir, 45)     # ...and stopped again
+
+    fake = FakeTime()
+    result = monitor.run_monitor(standby_config(data_dir, max_probes=6),
+                                 on_probe=on_probe, sleep=fake.sleep,
+                                 clock=fake.clock, prober=ScriptedProber(1))
+    assert alert_kinds(seen) == [
+        [(monitor.STANDBY_LAG, False)], [], [(monitor.STANDBY_LAG, True)],
+        [], [(monitor.STANDBY_LAG, False)], []]
+    assert seen[2].alerts[0].message.startswith('standby caught up: ')
+    assert [a.cleared for a in result.alerts] == [False, False]
+    assert not result.triggered
+
+
+@pytest.mark.django_db(**PG)
+def test_standby_below_the_threshold_says_nothing(data_dir, settings):
+    seed_device(settings, n_assets=5)
+    replicate_once(data_dir)
+    age_standby(data_dir, 20)
+    result, rounds = watch(standby_config(data_dir),
+                           prober=ScriptedProber(1))
+    assert alert_kinds(rounds) == [[]] * 4 and result.alerts == ()
+    assert {r.standby.state for r in rounds} == {monitor.STANDBY_OK}
+    assert all(20 <= r.standby.lag_seconds < 30 for r in rounds)
+    assert rounds[0].standby.pending == 0
+
+
+@pytest.mark.django_db(**PG)
+def test_missing_standby_in_an_open_window_is_reported_once(data_dir,
+                                                            settings):
+    seed_device(settings, n_assets=5)   # window open, no replicator
+    result, rounds = watch(standby_config(data_dir),
+                           prober=ScriptedProber(1))
+    assert alert_kinds(rounds) == [[(monitor.STANDBY_MISSING, False)], [],
+                                   [], []]
+    assert 'replicate_changes not run' in result.alerts[0].message
+    assert str(standby.standby_path(data_dir)) in result.alerts[0].message
+    assert rounds[-1].standby.state == monitor.STANDBY_ABSENT
+    assert not result.triggered
+
+
+@pytest.mark.django_db(**PG)
+def test_no_standby_expected_without_a_window_or_off_postgres(data_dir,
+                                                              settings):
+    result, rounds = watch(standby_config(data_dir),
+                           prober=ScriptedProber(1))
+    assert rounds[0].standby == monitor.StandbyResult(
+        monitor.STANDBY_NOT_EXPECTED, None, None, 'profile sqlite')
+    assert result.alerts == ()
+    seed_device(settings, n_assets=5)
+    window.end_window('postgres')
+    result, rounds = watch(standby_config(data_dir),
+                           prober=ScriptedProber(1))
+    assert rounds[0].standby.detail == 'no rollback window'
+    assert result.alerts == ()
+    # 0 turns the rule off: no reading at all.
+    result, rounds = watch(standby_config(data_dir, max_lag=0),
+                           prober=ScriptedProber(1))
+    assert rounds[0].standby is None and result.alerts == ()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(**PG)
+def test_postgres_down_is_not_a_standby_alert(data_dir, settings):
+    seed_device(settings, n_assets=5)
+    replicate_once(data_dir)
+    age_standby(data_dir, 120)
+    with postgres_stopped():
+        result, rounds = watch(standby_config(data_dir, max_probes=2),
+                               prober=ScriptedProber(1))
+    assert [r.standby.state for r in rounds] == [monitor.STANDBY_UNKNOWN] * 2
+    assert 'PostgreSQL not answering' in rounds[0].standby.detail
+    assert result.alerts == ()
+
+
+def test_standby_lag_threshold_comes_from_settings(settings):
+    assert monitor.default_max_standby_lag() == 30
+    assert monitor.default_max_standby_lag(5.5) == 5.5
+    settings.ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG = '0'
+    assert monitor.default_max_standby_lag() == 0
+    for bad in ('soon', '-1', 'nan'):
+        settings.ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG = bad
+        with pytest.raises(ConfigError,
+                           match='ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG'):
+            monitor.default_max_standby_lag()

@@ -3,7 +3,9 @@ with PostgreSQL down, once it answers, exactly the writes the standby
 lacked are listed, and loaddata of the export brings the kept rows
 back."""
 import json
+import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 from django.db import connections
@@ -54,9 +56,8 @@ def test_the_writes_after_the_position_are_listed_and_exported(
     document = json.loads(run_manage(host_env, 'export_unapplied_writes',
                                      '--json', '--no-export').stdout)
     assert document['exit_code'] == 3 and document['exported'] is None
-    fixture = [line for line in done.stdout.split('; ')
-               if 'exported to' in line][0].split('exported to ')[1] \
-        .split(' (loaddata')[0]
+    fixture = re.search(r'exported to (\S+) \(loaddata', last).group(1)
+    assert oct(Path(fixture).stat().st_mode & 0o777) == '0o600'
     loaded = run_manage(host_env, 'loaddata', fixture, '--database',
                         'sqlite')
     assert loaded.returncode == 0, loaded.stderr

@@ -8,13 +8,18 @@ Every --interval seconds, probes /health and ANTHIAS_ROLLBACK_VERIFY_URLS,
 in-process (Django's test client) or over HTTP with --base-url. A trigger
 (response time, window error rate, slowdown against the baseline, database
 unreachable) counts only after --consecutive bad rounds in a row. Record a
-baseline on SQLite first with --record-baseline. --json-lines streams
-one JSON object per round; --json prints one final JSON document.
+baseline on SQLite first with --record-baseline. While the profile is
+postgres and a rollback window is open, the standby replicate_changes
+keeps is checked too: more than --max-standby-lag seconds behind, or
+missing, is an ALERT (stderr, once when it begins and once when it ends),
+never a trigger, even with --auto-rollback. --json-lines streams one JSON
+object per round; --json prints one final JSON document.
 
-Exit codes: 0 ran to --max-duration/--max-probes or Ctrl-C with no trigger,
-baseline recorded, or triggered and rolled back; 1 could not run (bad
-input, base URL not answering, nothing changed) or the rollback failed;
-2 usage error; 3 a trigger fired (no --auto-rollback): roll back; 4 rolled
+Exit codes: 0 ran to --max-duration/--max-probes or Ctrl-C with no trigger
+and no alert, baseline recorded, or triggered and rolled back; 1 could not
+run (bad input, base URL not answering, nothing changed) or the rollback
+failed; 2 usage error; 3 a trigger fired (no --auto-rollback): roll back,
+or a standby alert was raised and no trigger followed: look; 4 rolled
 back, but its follow-up (restart, post-checks) failed.
 """
 import dataclasses
@@ -29,6 +34,7 @@ from anthias_rollback import conf, exit_codes, monitor, profiles
 from anthias_rollback.management.base import (
     RollbackCommand,
     http_url,
+    non_negative_float,
     number,
     percent_above_zero,
     positive_float,
@@ -57,9 +63,11 @@ class Command(RollbackCommand):
     help = ('Probe /health and ANTHIAS_ROLLBACK_VERIFY_URLS every '
             '--interval seconds after a cutover; on a persisting trigger, '
             'alert (exit 3) or, with --auto-rollback, run rollback_migration '
-            '--emergency. Exit codes: 0 no trigger (or rolled back), '
-            '1 could not run / rollback failed, 2 usage, 3 trigger fired, '
-            '4 rolled back but its follow-up failed.')
+            '--emergency; a lagging or missing standby is an alert, never '
+            'a rollback. Exit codes: 0 no trigger and no alert (or rolled '
+            'back), 1 could not run / rollback failed, 2 usage, 3 trigger '
+            'fired or standby alert, 4 rolled back but its follow-up '
+            'failed.')
 
     def add_arguments(self, parser):
         parser.add_argument('--interval', type=positive_float, default=5.0,
@@ -87,6 +95,13 @@ class Command(RollbackCommand):
                             help='percent slower than the baseline '
                                  '(default ANTHIAS_ROLLBACK_MONITOR_MAX_'
                                  'DEGRADATION_PCT, 300)')
+        parser.add_argument('--max-standby-lag', type=non_negative_float,
+                            help='seconds the standby may be behind '
+                                 'PostgreSQL while a rollback window is '
+                                 'open before an alert (never a rollback);'
+                                 ' 0 turns the standby check off (default '
+                                 'ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG'
+                                 ', 30)')
         parser.add_argument('--base-url', type=http_url,
                             help='probe a running server over HTTP, e.g. '
                                  'http://127.0.0.1:8080 (default: '
@@ -124,6 +139,8 @@ class Command(RollbackCommand):
             max_response_ms=options['max_response_ms'],
             max_error_rate=options['max_error_rate'],
             max_degradation_pct=options['max_degradation_pct'])
+        max_lag = monitor.default_max_standby_lag(
+            options['max_standby_lag'])
         config = monitor.MonitorConfig(
             urls=monitor.monitored_urls(), thresholds=thresholds,
             interval=options['interval'], window=options['window'],
@@ -131,7 +148,8 @@ class Command(RollbackCommand):
             consecutive=options['consecutive'],
             base_url=options['base_url'], timeout=options['timeout'],
             max_duration=options['max_duration'],
-            max_probes=options['max_probes'])
+            max_probes=options['max_probes'], max_standby_lag=max_lag,
+            data_dir=conf.data_dir(), postgres_alias=profiles.POSTGRES)
         if options['record_baseline']:
             return self.record(config)
         info = monitor.check_target(config)
@@ -147,7 +165,9 @@ class Command(RollbackCommand):
                 f'{info.profile or "unknown"}): {", ".join(config.urls)} '
                 f'every {config.interval:g}s; trigger after '
                 f'{config.consecutive} bad rounds'
-                + ('; baseline from file' if baseline else ''))
+                + ('; baseline from file' if baseline else '')
+                + (f'; standby alert past {max_lag:g}s behind' if max_lag
+                   else '; standby not checked'))
         result = monitor.run_monitor(config, on_probe=self.show_round)
         self.finish(result, options['auto_rollback'])
 
@@ -184,11 +204,20 @@ class Command(RollbackCommand):
         if self.json_lines:
             self.write_line({'event': 'result', **result.as_dict()})
         if not result.triggered:
+            summary = (f'{result.rounds} rounds in {result.seconds:.1f}s '
+                       f'(stopped: {result.stopped}; baseline from '
+                       f'{result.baseline_source})')
+            if result.alerts:
+                # A problem seen, as a trigger is: exit 3, but nothing
+                # was rolled back (a lagging standby is a reason to look).
+                alert = ('ALERT, no rollback trigger: '
+                         + '; '.join(a.message for a in result.alerts)
+                         + f'; {summary}')
+                if not self.as_json:
+                    self.write_verdict(alert, ok=False)
+                self.fail(alert, exit_codes.NO)
             if not self.as_json:
-                self.write_verdict(
-                    f'no trigger: {result.rounds} rounds in '
-                    f'{result.seconds:.1f}s (stopped: {result.stopped}; '
-                    f'baseline from {result.baseline_source})')
+                self.write_verdict(f'no trigger: {summary}')
             return
         reasons = '; '.join(b.message for b in result.reasons)
         alert = (f'ROLLBACK TRIGGER after {result.last.consecutive} bad '
@@ -234,6 +263,16 @@ class Command(RollbackCommand):
     def show_round(self, rnd: monitor.RoundResult) -> None:
         if self.json_lines:
             self.write_line({'event': 'probe', **rnd.as_dict()})
+            for alert in rnd.alerts:
+                self.write_line({'event': 'alert', 'round': rnd.number,
+                                 **dataclasses.asdict(alert)})
+        for alert in rnd.alerts:
+            # Every verbosity: an alert is what the monitor is for.
+            if alert.cleared:
+                self.stderr.write(f'alert cleared: {alert.message}')
+            else:
+                self.stderr.write(self.style.WARNING(
+                    f'ALERT ({alert.kind}): {alert.message}'))
         if self.as_json:
             return
         if self.verbosity < 1:
@@ -244,6 +283,11 @@ class Command(RollbackCommand):
         line = (f'#{rnd.number} +{rnd.elapsed:.1f}s '
                 f'{"BAD" if rnd.bad else "ok "} {probes} | window errors '
                 f'{rnd.error_rate:.1f} %')
+        if rnd.standby is not None and rnd.standby.lag_seconds is not None:
+            line += f' | standby {rnd.standby.lag_seconds:.1f}s behind'
+        elif rnd.standby is not None \
+                and rnd.standby.state != monitor.STANDBY_NOT_EXPECTED:
+            line += f' | standby {rnd.standby.state}'
         if rnd.bad:
             line += (f' | bad {rnd.streak}/{rnd.consecutive}: '
                      + '; '.join(b.message for b in rnd.breaches))
