@@ -249,9 +249,10 @@ def test_force_rewrites_a_bad_or_copied_state_file(damage, data_dir):
         path.write_bytes(b'\x00\xffnot json')
     else:
         profiles.write_active_profile(data_dir, 'postgres')
-        copied = path.read_bytes()
-        path.unlink()
-        path.write_bytes(copied)          # same content, another inode
+        # Same content, another inode (written beside it, then renamed:
+        # an unlinked inode's number could be handed out again).
+        path.with_name('copy').write_bytes(path.read_bytes())
+        path.with_name('copy').replace(path)
     with pytest.raises(StateFileError):
         profiles.resolve_active_profile(data_dir, {})
     with pytest.raises(StateFileError):
