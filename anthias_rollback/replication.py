@@ -329,8 +329,10 @@ class Replicator:
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
             os.close(fd)
+            # A forced cutover skipped the check that SQLite held
+            # PostgreSQL's rows: its file is not PostgreSQL's snapshot.
             if (info.get('sha256') and info.get('window') == cutover['txid']
-                    and cut.exists()
+                    and not cutover.get('forced') and cut.exists()
                     and sqlite_file.file_sha256(cut)[0] == info['sha256']):
                 sqlite_file.sqlite_snapshot(cut, tmp, 20.0)
                 snapshot, started = cutover['snapshot'], 'cutover file'

@@ -16,7 +16,7 @@ from django.db import connections, models
 from django.utils import timezone
 
 from anthias_app.models import Asset
-from anthias_rollback import replication, standby
+from anthias_rollback import replication, standby, switch, window
 from tests.conftest import run_manage
 from tests.helpers.compare import kitchen_objects
 from tests.helpers.factories import AssetFactory
@@ -230,3 +230,29 @@ def test_a_migration_applied_on_postgres_means_the_full_copy(
     assert 'copy:          full: migrations were applied on PostgreSQL ' \
         'since the base was taken (sessions.9999_applied_on_pg)' in \
         done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_forced_switch_never_makes_the_cutover_file_a_base(
+        data_dir, settings, host_env):
+    """--force skipped the check that SQLite held PostgreSQL's rows: a
+    value that differed at the switch (same counts) must not come back
+    from the cutover file, neither through the rollback nor through a
+    standby bootstrapped from it."""
+    device = seed_device(settings, n_assets=5)
+    switch.switch_profile('sqlite', restart=False)
+    window.end_window('postgres')
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
+        name='only on postgres')
+    switch.switch_profile('postgres', force=True, restart=False)
+    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    position = standby.read_position(standby.standby_path(data_dir))
+    assert position.started_from == 'full copy'
+    standby.standby_path(data_dir).unlink()
+    done = rollback(host_env)
+    assert 'copy:          full: no standby; the switch was forced' in \
+        done.stdout
+    conn = sqlite3.connect(device.live)
+    names = dict(conn.execute('SELECT asset_id, name FROM assets'))
+    conn.close()
+    assert names[device.asset_ids[0]] == 'only on postgres'

@@ -63,10 +63,16 @@ def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
         except ReplicationError as err:
             position = None
             why_not.append(str(err))
-        if position is not None and position.window == cutover['txid']:
+        forced_start = (cutover.get('forced') and position is not None
+                        and position.started_from == 'cutover file')
+        if position is not None and position.window == cutover['txid'] \
+                and not forced_start:
             return Base('standby', path, position.snapshot,
                         position.position_at)
-        if position is not None:
+        if forced_start:
+            why_not.append(f'the standby {path} started from the cutover '
+                           'file of a forced switch')
+        elif position is not None:
             why_not.append(f'the standby {path} belongs to another '
                            'rollback window')
         sqlite_file.remove_sqlite_file(new_path)
@@ -74,7 +80,11 @@ def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
         why_not.append('no standby')
     info = cutover['info'].get('standby_cutover') or {}
     cut = standby.cutover_path(data_dir)
-    if not info.get('sha256') or info.get('window') != cutover['txid']:
+    if cutover.get('forced'):
+        # --force skipped the check that SQLite held PostgreSQL's rows.
+        why_not.append('the switch was forced: the cutover file may not '
+                       'hold PostgreSQL\'s rows')
+    elif not info.get('sha256') or info.get('window') != cutover['txid']:
         why_not.append(info.get('problem') or
                        'the switch took no cutover file for this window')
     elif not cut.exists():
