@@ -329,25 +329,33 @@ def postgres_changes_after(alias: str, snapshot: str, limit: int = 10_000
                 for t, o, p, x in cursor.fetchall()]
 
 
-def postgres_rows_written_after(alias: str, table: str, pk_column: str,
-                                snapshot: str, limit: int = 1000
-                                ) -> list[str]:
-    """Keys of rows in *table* whose current version was written by a
-    transaction not visible in *snapshot* (by xmin: this sees writes the
-    journal missed, e.g. a session with triggers disabled)."""
+def postgres_table_after(alias: str, table: str, pk_column: str,
+                         snapshot: str, limit: int = 1000
+                         ) -> tuple[int, list[str]]:
+    """One pass over *table*: its row count now, and the keys (at most
+    *limit*) of rows whose current version was written by a transaction
+    not visible in *snapshot* (by xmin: this sees writes the journal
+    missed, e.g. a session with triggers disabled)."""
     quote = connections[alias].ops.quote_name
     # xmin is 32 bits; widen it with the snapshot's epoch (a rollback
-    # window is far shorter than 2^31 transactions).
-    sql = (f'SELECT {quote(pk_column)}::text FROM {quote(table)} '
-           'WHERE xmin::text::bigint > 2 AND NOT pg_visible_in_snapshot(('
+    # window is far shorter than 2^31 transactions). The expensive
+    # widening runs only for rows no older than the snapshot's xmin:
+    # age() is cheap, and in one statement every age() counts from the
+    # same latest xid, so the cut is exact (older rows were committed
+    # before the snapshot began).
+    sql = (f'SELECT count(*), (array_agg({quote(pk_column)}::text) FILTER ('
+           'WHERE age(xmin) <= (SELECT age((pg_snapshot_xmin(%s::'
+           'pg_snapshot)::text::bigint & 4294967295)::text::xid)) '
+           'AND xmin::text::bigint > 2 AND NOT pg_visible_in_snapshot(('
            '(((pg_snapshot_xmax(%s::pg_snapshot)::text::bigint >> 32) '
            '- CASE WHEN xmin::text::bigint > (pg_snapshot_xmax('
            '%s::pg_snapshot)::text::bigint & 4294967295) THEN 1 ELSE 0 '
            'END) << 32) | xmin::text::bigint)::text::xid8, '
-           '%s::pg_snapshot) LIMIT %s')
+           f'%s::pg_snapshot)))[1:%s] FROM {quote(table)}')
     with connections[alias].cursor() as cursor:
-        cursor.execute(sql, [snapshot, snapshot, snapshot, limit])
-        return [row[0] for row in cursor.fetchall()]
+        cursor.execute(sql, [snapshot, snapshot, snapshot, snapshot, limit])
+        count, keys = cursor.fetchone()
+    return count, list(keys or [])
 
 
 def postgres_journal_net(alias: str) -> dict[str, dict[str, Any]]:

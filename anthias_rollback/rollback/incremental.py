@@ -15,12 +15,14 @@ tail so long that the full copy is faster, a changed key that does not
 read back equal. Writes only the new file.
 """
 import contextlib
+import sqlite3
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 
 from anthias_rollback import faults, fields, profiles, schema, standby
 from anthias_rollback.compare import streams
@@ -132,6 +134,31 @@ def differing_keys(changed: dict[Any, list[str]], alias: str,
     return found
 
 
+def base_quick_check(pool: futures.Executor, path: Path
+                     ) -> futures.Future:
+    """PRAGMA quick_check of the file at *path* as it is now (the copied
+    base), in *pool*: its read transaction has begun when this returns,
+    so writes made afterwards (the tail, in WAL) are not what it checks.
+    The future's result is quick_check's first line ('ok')."""
+    begun = threading.Event()
+
+    def check() -> str:
+        conn = sqlite3.connect(path, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute('BEGIN')
+            conn.execute('SELECT count(*) FROM sqlite_master').fetchone()
+            begun.set()
+            return conn.execute('PRAGMA quick_check').fetchone()[0]
+        finally:
+            begun.set()
+            conn.close()
+
+    future = pool.submit(check)
+    begun.wait()
+    return future
+
+
 def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
     """Fill *new_path* from a base plus the journal's tail (module
     docstring). Sets run.snapshot and run.expected_rows; returns what the
@@ -159,6 +186,10 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
             base = copying.result()
         faults.checkpoint('rollback:base-copied')
         alias = stack.enter_context(profiles.sqlite_file_alias(new_path))
+        # WAL: the quick_check below reads the copied base while the tail
+        # is written, neither waiting for the other.
+        with connections[alias].cursor() as cursor:
+            cursor.execute('PRAGMA journal_mode=WAL')
         check_same_migrations(alias, pg)
         tail = pj.postgres_batch(pg, base.snapshot, run.snapshot)
         at_cutover = sum((cutover['info'].get('rows') or {}).values())
@@ -173,12 +204,16 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
             run.deadline.check('the incremental build')
 
         applier = Applier(pg, alias)
-        with transaction.atomic(using=alias):
-            applied = applier.apply(base.snapshot, run.snapshot, on_keys)
-            # Every sequence, not only the changed tables': the base may
-            # predate ids PostgreSQL handed out and rolled back.
-            applier.raise_sequences()
-        faults.checkpoint('rollback:tail-applied')
+        with futures.ThreadPoolExecutor(1) as pool:
+            checking = base_quick_check(pool, new_path)
+            with transaction.atomic(using=alias):
+                applied = applier.apply(base.snapshot, run.snapshot,
+                                        on_keys)
+                # Every sequence, not only the changed tables': the base
+                # may predate ids PostgreSQL handed out and rolled back.
+                applier.raise_sequences()
+            faults.checkpoint('rollback:tail-applied')
+            run.base_quick_check = checking.result()
         for model, texts in changed.items():
             run.runner.emit('model-done', model._meta.label,
                             rows=len(set(texts)))

@@ -51,8 +51,6 @@ from anthias_rollback.rollback.steps import (
     preserve_postgres,
     prove_loss,
     remove_sqlite_file,
-    settle_proof,
-    start_proof,
     swap_new_file,
     verify_new_file,
 )
@@ -96,7 +94,6 @@ def run_rollback(options: RollbackOptions,
         try:
             return _execute(run)
         except (RollbackError, DatabaseError, OSError) as err:
-            settle_proof(run)
             lift_fence(run)
             if run.swapped:
                 # The new database is live; what failed came after. Say
@@ -109,7 +106,6 @@ def run_rollback(options: RollbackOptions,
             err.report_path = result.report_path
             raise
         except BaseException:
-            settle_proof(run)
             lift_fence(run)
             raise
 
@@ -129,7 +125,6 @@ def _execute(run: _Run) -> RollbackResult:
     fence_postgres(run)
     preserve_postgres(run)
     new_path = build_new_file(run)
-    start_proof(run)
     try:
         verify_new_file(run, new_path)
         run.deadline.check('the swap')

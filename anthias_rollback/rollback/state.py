@@ -127,9 +127,9 @@ class _Run:
     # Set when this run finishes one that was killed after its swap:
     # that run's recorded state (rollback.steps.interrupted_after_swap).
     resumed: dict[str, Any] | None = None
-    # The proof's table scans, begun before the swap (steps.start_proof).
-    early_proof: Any = None
-    proof_started: float = 0.0
+    # quick_check of an incremental build's copied base, run while its
+    # tail was applied (rollback.incremental); the verify phase uses it.
+    base_quick_check: str | None = None
 
     @property
     def cutover_forced(self) -> bool:

@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent import futures
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,8 +57,6 @@ def close_connections_to(path: Path) -> None:
 
 
 SCRATCH_KINDS = ('rollback-new', 'dry-run')
-# One worker: one proof at a time per process (start_proof).
-_PROOF_POOL = futures.ThreadPoolExecutor(1, thread_name_prefix='proof')
 
 
 def new_file_path(live_path: Path, dry_run: bool) -> Path:
@@ -194,63 +191,20 @@ def lift_fence(run: _Run) -> None:
                  'once it answers')
 
 
-def start_proof(run: _Run) -> None:
-    """Begin the loss proof's table scans (row versions, counts) on
-    PostgreSQL in a thread, while this one verifies and swaps the new
-    file: the fence is up and the snapshot taken, so what they find
-    cannot change by waiting (the journal is looked at again after the
-    swap). The thread has its own connection."""
-    if run.source != 'postgres' or run.snapshot is None or \
-            run.options.dry_run:
-        return
-    config = dict(connections[run.options.postgres_alias].settings_dict)
-    snapshot, rows = run.snapshot, dict(run.rows)
-
-    def prove() -> window.LossProof:
-        # Temporary aliases live on one thread's connection handler: the
-        # thread opens its own, with the same settings, closed on exit.
-        with profiles.temporary_alias(config, prefix='anthias_proof') as own:
-            return window.prove_copy(own, snapshot, rows)
-
-    run.proof_started = time.monotonic()
-    run.early_proof = _PROOF_POOL.submit(prove)
-
-
-def settle_proof(run: _Run) -> None:
-    """A run that stops before the swap waits for the proof's thread
-    (no thread or PostgreSQL session outlives the run)."""
-    if run.early_proof is not None:
-        futures.wait([run.early_proof])
-        run.early_proof = None
-
-
 def prove_loss(run: _Run) -> None:
     """After the swap: which writes SQLite lacks, measured (the fence
-    stays up, so the answer cannot change later). Uses the scans
-    start_proof began, with the journal read again now; without them
-    (a resumed run, a failed thread) the whole proof runs here."""
+    stays up, so the answer cannot change later). After the swap, not
+    earlier: a write that bypassed the triggers while the file was
+    built or verified is still named."""
     if run.source != 'postgres' or run.snapshot is None:
         return
-    alias = run.options.postgres_alias
     with run.phase('proof', check_deadline=False) as record:
-        early, run.early_proof = run.early_proof, None
-        how = ''
-        proof = None
-        if early is not None:
-            try:
-                proof = window.recheck_journal(alias, early.result())
-                how = (f'; table scans during the verification '
-                       f'({time.monotonic() - run.proof_started:.2f}s), '
-                       'journal again after the swap')
-            except (DatabaseError, RollbackError) as err:
-                run.warn(f'the proof\'s first pass failed '
-                         f'({first_line(err)}); proving again')
-        run.proof = proof or window.prove_copy(alias, run.snapshot,
-                                               run.rows)
+        run.proof = window.prove_copy(run.options.postgres_alias,
+                                      run.snapshot, run.rows)
         if run.proof.proven_none:
             record['detail'] = ('no write committed after the copy\'s '
                                 'snapshot (' + ', '.join(run.proof.checked)
-                                + ' checked)' + how)
+                                + ' checked)')
         else:
             record['status'] = 'failed'
             record['detail'] = (f'{len(run.proof.lost)} write(s) and '
@@ -324,11 +278,17 @@ def build_new_file(run: _Run) -> Path:
 def verify_new_file(run: _Run, new_path: Path) -> None:
     opts = run.options
     with run.phase('verify') as record:
-        quick = sqlite_file.sqlite_quick_check(new_path)
+        if run.base_quick_check is not None:
+            # Incremental: its copied base was checked during the build,
+            # while SQLite wrote the journal's tail into it.
+            quick, done = run.base_quick_check, [
+                'quick_check (of the copied base, during the build)']
+        else:
+            quick = sqlite_file.sqlite_quick_check(new_path)
+            done = ['quick_check']
         if quick != 'ok':
             raise RollbackError(f'new file {new_path} fails quick_check: '
                                 f'{quick}')
-        done = ['quick_check']
         if opts.verify and not opts.emergency:
             problems = sqlite_file.sqlite_full_check(new_path)
             if problems:
