@@ -166,16 +166,28 @@ def test_the_standby_is_the_base_when_replicate_changes_ran(
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
-def test_a_missing_cutover_file_means_the_full_copy_and_says_so(
-        data_dir, settings, host_env):
+@pytest.mark.parametrize(('damage', 'reason'), [
+    ('missing', 'is missing'),
+    ('changed', 'changed since the switch'),
+])
+def test_a_missing_or_changed_cutover_file_means_the_full_copy(
+        damage, reason, data_dir, settings, host_env):
     device = seed_device(settings, n_assets=5)
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='on pg')
-    standby.cutover_path(data_dir).unlink()
+    cut = standby.cutover_path(data_dir)
+    if damage == 'missing':
+        cut.unlink()
+    else:
+        with open(cut, 'ab') as fh:     # still opens; not what was taken
+            fh.write(b'\0' * 16)
     done = rollback(host_env)
     assert 'copy:          full: no standby; the cutover file' in \
         done.stdout
-    assert 'is missing' in done.stdout
+    assert reason in done.stdout
+    leftovers = [p.name for p in device.live.parent.iterdir()
+                 if '.rollback-new-' in p.name]
+    assert leftovers == []
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)

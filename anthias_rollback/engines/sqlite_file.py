@@ -92,6 +92,26 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def copy_file_sha256(path: Path, target: Path) -> str:
+    """Copy the closed file *path* (not live, no -wal beside it: a byte
+    copy is then a complete database) into the new file *target*, 0600,
+    hashing what was read; returns the sha256 hex digest. One pass: the
+    copy and the check of a cutover file cost one read."""
+    digest = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(path, 'rb', buffering=0) as fh, \
+            open(fd, 'wb', buffering=0) as out:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            digest.update(view[:n])
+            out.write(view[:n])
+    return digest.hexdigest()
+
+
 # --- reading ----------------------------------------------------------------
 
 def _uri_path(path: Path) -> str:

@@ -91,10 +91,14 @@ def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
                        'the switch took no cutover file for this window')
     elif not cut.exists():
         why_not.append(f'the cutover file {cut} is missing')
-    elif sqlite_file.file_sha256(cut)[0] != info['sha256']:
+    elif any(Path(f'{cut}{side}').exists()
+             for side in sqlite_file.SIDE_SUFFIXES):
+        why_not.append(f'the cutover file {cut} has side files (opened '
+                       'since the switch)')
+    elif sqlite_file.copy_file_sha256(cut, new_path) != info['sha256']:
+        sqlite_file.remove_sqlite_file(new_path)
         why_not.append(f'the cutover file {cut} changed since the switch')
     else:
-        sqlite_file.sqlite_snapshot(cut, new_path, timeout)
         return Base('cutover file', cut, cutover['snapshot'],
                     cutover['at'].isoformat())
     raise NotIncremental('; '.join(why_not))
