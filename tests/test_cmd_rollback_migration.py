@@ -174,3 +174,25 @@ def test_the_prompt_names_the_backup_and_its_loss(data_dir, settings,
     assert f'new file:    backup {device.backup}' in done.stdout
     assert 'data loss:   every write since the backup was taken' in \
         done.stdout
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_rerun_after_a_failed_follow_up_answers_with_that_result(
+        data_dir, settings, host_env):
+    """Post-verification failed (a URL that 404s): exit 4, the swap
+    stays. A hook's retry gets the same answer and exit 4, not 'nothing
+    to roll back' (exit 1) and not a second rollback."""
+    device = seed_device(settings)
+    write_on_postgres(device)
+    connections['sqlite'].close()
+    env = dict(host_env, ANTHIAS_ROLLBACK_VERIFY_URLS='/no-such-page/')
+    done = run_manage(env, 'rollback_migration', '--emergency')
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert '/no-such-page/ -> HTTP 404' in done.stdout + done.stderr
+    after = fingerprint_sqlite(device.live)
+    again = run_manage(env, 'rollback_migration', '--emergency')
+    assert again.returncode == 4, again.stdout + again.stderr
+    last = again.stdout.strip().splitlines()[-1]
+    assert last.startswith('already on SQLite since'), last
+    assert 'URGENT' not in again.stdout
+    assert fingerprint_sqlite(device.live) == after

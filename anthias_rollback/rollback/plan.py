@@ -274,6 +274,10 @@ def already_rolled_back(options: RollbackOptions) -> RollbackResult | None:
         result = load_result(path)
     except (OSError, ValueError, TypeError):
         return None
-    if not result.outcome.startswith('rolled back'):
+    # A follow-up that failed (restart, post-verification) still swapped:
+    # the rerun answers with that run's result and exit 4, not "nothing
+    # to roll back".
+    if not (result.outcome.startswith('rolled back')
+            or result.outcome == 'follow-up failed'):
         return None
     return result
