@@ -248,3 +248,31 @@ def test_refused_off_the_postgres_profile(data_dir, settings):
     with pytest.raises(replication.ReplicationRefusedError,
                        match='active profile is sqlite'):
         once(data_dir)
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_validate_migration_reads_the_standby(data_dir, settings,
+                                              host_env):
+    """The standby is a plain SQLite database an operator can compare:
+    validate_migration --sqlite-db on it passes against PostgreSQL (and
+    fails, naming the row, once PostgreSQL moved on)."""
+    from tests.conftest import run_manage
+
+    device = seed_device(settings, n_assets=6)
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
+        name='replicated')
+    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    path = str(standby.standby_path(data_dir))
+    done = run_manage(host_env, 'validate_migration', '--sqlite-db', path,
+                      '--no-performance-test')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith('PASS')
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[1]).update(
+        name='not yet replicated')
+    done = run_manage(host_env, 'validate_migration', '--sqlite-db', path,
+                      '--no-performance-test')
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert device.asset_ids[1] in done.stdout + done.stderr
+    conn = sqlite3.connect(path)
+    assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
+    conn.close()
