@@ -11,7 +11,9 @@ reverse copy (`transfer.transfer_data(profiles.POSTGRES, alias)` into a
 copy of the same schema file) in a child process, once with the tree
 given by --before (a git worktree of the commit before the change; left
 out if missing) and once with this tree. The three run in turn, in a
-rotating order, --repeat times; medians are reported.
+rotating order, --repeat times; medians are reported. Both trees are
+byte-compiled first, as an installed package is; each run's line ends
+with the load average, since the machine is shared.
 
 PostgreSQL: ANTHIAS_BENCH_POSTGRES_URL if set, else an embedded server.
 psql: --psql, else /usr/bin/psql, else the embedded server's own.
@@ -135,6 +137,18 @@ def load_average() -> str:
     return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
 
+def compile_tree(tree: Path) -> None:
+    """Byte-compile *tree*'s packages first, as an installed package is:
+    with PYTHONDONTWRITEBYTECODE set (this sandbox sets it) every child
+    would otherwise compile them again, and a tree without __pycache__
+    (the --before worktree) more than one with it."""
+    packages = [str(tree / name) for name in
+                ('anthias_rollback', 'anthias_app', 'settings_profiles')
+                if (tree / name).is_dir()]
+    subprocess.run([sys.executable, '-m', 'compileall', '-q', *packages],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--assets', type=int, default=100_000)
@@ -153,6 +167,9 @@ def main() -> None:
         trees['before'] = args.before
     trees['after'] = ROOT
     runs: dict[str, list] = {name: [] for name in trees}
+    for tree in trees.values():
+        if tree is not None:
+            compile_tree(tree)
     try:
         with tempfile.TemporaryDirectory(prefix='anthias-bench-') as tmp:
             tmp = Path(tmp)
@@ -179,7 +196,8 @@ def main() -> None:
                                           template, n)
                     runs[name].append(result)
                     print(f'  run {i + 1} {name}: {result[0]:.2f}s '
-                          f'({result[1]})', flush=True)
+                          f'({result[1]}; load {load_average()})',
+                          flush=True)
     finally:
         if server is not None:
             server.cleanup()

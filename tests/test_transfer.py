@@ -228,6 +228,93 @@ def test_reverse_keeps_postgres_ids_ahead_in_sqlite_sequence(tmp_path):
         assert again.id > gone.id
 
 
+def _schema(alias):
+    """sqlite_master as migrate wrote it (rootpage aside: the pages an
+    object was built on are not part of its definition)."""
+    connections[alias].ensure_connection()
+    return connections[alias].connection.execute(
+        'SELECT type, name, tbl_name, sql FROM sqlite_master '
+        'ORDER BY type, name').fetchall()
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_reverse_copy_leaves_the_schema_migrate_made(tmp_path):
+    # The copy drops the secondary indexes and builds them again after
+    # the load: the file must end with exactly migrate's schema.
+    make_kitchen_sink('sqlite')
+    make_assets(30)
+    transfer.transfer_data('sqlite', 'postgres')
+    with fresh_sqlite(tmp_path / 'migrated.db') as migrated:
+        expected = _schema(migrated)
+    rebuilt = [row for row in expected if row[0] == 'index' and row[3]]
+    assert len(rebuilt) > 5   # there are indexes to drop and rebuild
+    with fresh_sqlite(tmp_path / 'back.db') as back:
+        transfer.transfer_data('postgres', back)
+        assert _schema(back) == expected
+        raw = connections[back].connection
+        assert raw.execute('PRAGMA integrity_check').fetchall() == [('ok',)]
+        # Each index holds every row of its table again.
+        for _, name, table, _ in rebuilt:
+            indexed = raw.execute(
+                f'SELECT count(*) FROM "{table}" INDEXED BY "{name}"'
+            ).fetchone()[0]
+            assert indexed == raw.execute(
+                f'SELECT count(*) FROM "{table}"').fetchone()[0], name
+        assert_same_rows('sqlite', back)
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_reverse_copy_inserts_in_key_order(tmp_path):
+    # PostgreSQL sorts by the primary key in SQLite's byte order, so
+    # SQLite appends to the key's index; a text key's implicit rowids
+    # then follow the key, whatever PostgreSQL's scan order.
+    make_assets(20)
+    for asset_id in ('Zebra', 'apple', 'Äpfel', '数字', 'a b', 'a\tb', 'B'):
+        Asset.objects.using('sqlite').create(asset_id=asset_id,
+                                             name=asset_id)
+    transfer.transfer_data('sqlite', 'postgres')
+    # Updated rows move in PostgreSQL's heap: its scan order changes.
+    Asset.objects.using('postgres').filter(asset_id='apple').update(
+        name='moved')
+    with fresh_sqlite(tmp_path / 'back.db') as back:
+        transfer.transfer_data('postgres', back)
+        ids = [r[0] for r in raw_rows(back, 'assets')]
+        connections[back].ensure_connection()
+        by_rowid = [r[0] for r in connections[back].connection.execute(
+            'SELECT asset_id FROM assets ORDER BY rowid')]
+        assert by_rowid == sorted(ids, key=lambda s: s.encode())
+        assert_same_rows('postgres', back, [Asset])
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_copy_leaves_process_state_as_it_was(tmp_path):
+    # The copy pauses cyclic GC and registers a None adapter in the
+    # sqlite3 module for its duration only.
+    import gc
+
+    null_key = (type(None), sqlite3.PrepareProtocol)
+    make_kitchen_sink('sqlite')
+    transfer.transfer_data('sqlite', 'postgres')
+    assert gc.isenabled()
+    with pytest.raises(TransferError, match='already holds data'):
+        transfer.transfer_data('sqlite', 'postgres')
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with fresh_sqlite(tmp_path / 'back.db') as back:
+            transfer.transfer_data('postgres', back)
+            assert null_key not in sqlite3.adapters
+            # NULLs went in as NULL (Item.maybe and Item.big have some).
+            connections[back].ensure_connection()
+            assert connections[back].connection.execute(
+                'SELECT count(*) FROM kitchensink_item WHERE maybe IS NULL '
+                'OR big IS NULL').fetchone()[0] > 0
+            assert_same_rows('sqlite', back)
+        assert not gc.isenabled()   # left as the caller had it
+    finally:
+        gc.enable()
+
+
 @pytest.mark.django_db(databases=BOTH, transaction=True)
 def test_repair_counts_inserted_updated_deleted():
     make_kitchen_sink('sqlite')

