@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 
 from anthias_rollback import faults, fields, profiles, schema, standby
 from anthias_rollback.compare import streams
@@ -138,28 +138,29 @@ def differing_keys(changed: dict[Any, list[str]], alias: str,
     return found
 
 
-def copy_then_check(run: _Run, cutover: dict[str, Any], new_path: Path,
-                    ready: threading.Event, copied: list) -> str:
-    """In a worker: copy the base (copy_base, appended to *copied*), put
-    it in WAL mode and begin a read transaction on it, set *ready*, then
-    run PRAGMA quick_check in that transaction and return its first line
-    ('ok'). WAL: the check reads the copied base as it was while the
-    caller writes the tail into it, neither waiting for the other.
-    *ready* is set whatever happens (the future holds the error)."""
-    try:
-        copied.append(copy_base(run, cutover, new_path))
-        conn = sqlite3.connect(new_path, isolation_level=None,
+def base_quick_check(pool: futures.Executor, path: Path
+                     ) -> futures.Future:
+    """PRAGMA quick_check of the file at *path* as it is now (the copied
+    base), in *pool*: its read transaction has begun when this returns,
+    so writes made afterwards (the tail, in WAL) are not what it checks.
+    The future's result is quick_check's first line ('ok')."""
+    begun = threading.Event()
+
+    def check() -> str:
+        conn = sqlite3.connect(path, isolation_level=None,
                                check_same_thread=False)
         try:
-            conn.execute('PRAGMA journal_mode=WAL')
             conn.execute('BEGIN')
             conn.execute('SELECT count(*) FROM sqlite_master').fetchone()
-            ready.set()
+            begun.set()
             return conn.execute('PRAGMA quick_check').fetchone()[0]
         finally:
+            begun.set()
             conn.close()
-    finally:
-        ready.set()
+
+    future = pool.submit(check)
+    begun.wait()
+    return future
 
 
 def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
@@ -180,21 +181,19 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
         run.snapshot = stack.enter_context(
             pj.postgres_snapshot_transaction(pg))
         faults.checkpoint('rollback:snapshot-taken')
-        # The base is copied and quick_checked in a worker (sqlite3 runs
-        # outside the GIL) while PostgreSQL counts every model in the
-        # snapshot (the verify phase's expectation) and the tail is
-        # applied.
-        pool = stack.enter_context(futures.ThreadPoolExecutor(1))
-        ready, copied = threading.Event(), []
-        checking = pool.submit(copy_then_check, run, cutover, new_path,
-                               ready, copied)
-        expected = count_rows(pg)
-        ready.wait()
-        if not copied:
-            checking.result()     # copy_base's NotIncremental (or error)
-        base = copied[0]
+        # The base is copied (local I/O, sqlite3 outside the GIL) while
+        # PostgreSQL counts every model in the snapshot (the verify
+        # phase's expectation).
+        with futures.ThreadPoolExecutor(1) as pool:
+            copying = pool.submit(copy_base, run, cutover, new_path)
+            expected = count_rows(pg)
+            base = copying.result()
         faults.checkpoint('rollback:base-copied')
         alias = stack.enter_context(profiles.sqlite_file_alias(new_path))
+        # WAL: the quick_check below reads the copied base while the tail
+        # is written, neither waiting for the other.
+        with connections[alias].cursor() as cursor:
+            cursor.execute('PRAGMA journal_mode=WAL')
         check_same_migrations(alias, pg)
         tail = pj.postgres_batch(pg, base.snapshot, run.snapshot)
         at_cutover = sum((cutover['info'].get('rows') or {}).values())
@@ -209,13 +208,16 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
             run.deadline.check('the incremental build')
 
         applier = Applier(pg, alias)
-        with transaction.atomic(using=alias):
-            applied = applier.apply(base.snapshot, run.snapshot, on_keys)
-            # Every sequence, not only the changed tables': the base may
-            # predate ids PostgreSQL handed out and rolled back.
-            applier.raise_sequences()
-        faults.checkpoint('rollback:tail-applied')
-        run.base_quick_check = checking.result()
+        with futures.ThreadPoolExecutor(1) as pool:
+            checking = base_quick_check(pool, new_path)
+            with transaction.atomic(using=alias):
+                applied = applier.apply(base.snapshot, run.snapshot,
+                                        on_keys)
+                # Every sequence, not only the changed tables': the base
+                # may predate ids PostgreSQL handed out and rolled back.
+                applier.raise_sequences()
+            faults.checkpoint('rollback:tail-applied')
+            run.base_quick_check = checking.result()
         for model, texts in changed.items():
             run.runner.emit('model-done', model._meta.label,
                             rows=len(set(texts)))
