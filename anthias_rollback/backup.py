@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -380,15 +380,15 @@ def _created_at(path: Path, manifest: dict[str, Any] | None) -> datetime:
         try:
             value = datetime.fromisoformat(manifest['created_at'])
             if value.tzinfo is None:
-                value = value.replace(tzinfo=timezone.utc)
+                value = value.replace(tzinfo=UTC)
             return value
         except ValueError:
             pass
     match = _NAME_RE.match(path.name)
     if match:
         return datetime.strptime(match.group(1), '%Y%m%d_%H%M%S').replace(
-            tzinfo=timezone.utc)
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            tzinfo=UTC)
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
 def _sort_key(info: BackupInfo) -> tuple:
@@ -455,7 +455,7 @@ def apply_retention(backup_dir: Path, days: float,
     backup_dir = Path(backup_dir)
     if days < 0:
         raise BackupError(f'retention must be 0 days or more, not {days}')
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     keep = latest_verified_backup(backup_dir)
     backups = list_backups(backup_dir)
     if keep is None and backups:
@@ -467,10 +467,10 @@ def apply_retention(backup_dir: Path, days: float,
         if info.created_at < cutoff and info.path != keep_path:
             targets += [info.path, info.manifest_path]
     # A temp file younger than an hour may belong to a backup running now.
-    tmp_cutoff = min(cutoff, (now or datetime.now(timezone.utc))
+    tmp_cutoff = min(cutoff, (now or datetime.now(UTC))
                      - _TEMP_MIN_AGE)
     for tmp in backup_dir.glob(_TEMP_GLOB):
-        mtime = datetime.fromtimestamp(tmp.stat().st_mtime, timezone.utc)
+        mtime = datetime.fromtimestamp(tmp.stat().st_mtime, UTC)
         if mtime < tmp_cutoff:
             targets.append(tmp)
     for path in targets:

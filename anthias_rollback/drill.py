@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -505,6 +505,6 @@ def _finish(run: _Run) -> DrillResult:
         kept=bool(run.options.keep and run.sandbox),
         warnings=tuple(run.runner.warnings),
         started_at=run.runner.started_at,
-        finished_at=datetime.now(timezone.utc).isoformat(),
+        finished_at=datetime.now(UTC).isoformat(),
         seconds=round(run.runner.elapsed(), 3))
     return record_drill(run.data_dir, result)

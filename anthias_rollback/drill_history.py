@@ -7,7 +7,7 @@ does not import the drill and everything it runs.
 import json
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +79,7 @@ def append_history(data_dir: Path, result: 'DrillResult') -> Path:
 def record_drill(data_dir: Path, result: 'DrillResult') -> 'DrillResult':
     """Write *result* as <data dir>/drills/drill_<stamp>.json (0600) and
     append it to the history; returns it with its report_path."""
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
+    stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S_%f')
     path = drills_dir(data_dir) / f'drill_{stamp}.json'
     result = replace(result, report_path=str(path))
     write_json_report(path, result.as_dict())

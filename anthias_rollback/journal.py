@@ -5,7 +5,7 @@ Written by `switch_database --to postgres` as `cutover.json` in the data
 dir (0600); read by the rollback report and `rollback_readiness`.
 """
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def record_cutover(source_alias: str, target_alias: str,
     *target_alias*. A side that cannot be read is recorded as an error
     rather than stopping the cutover (it was checked just before)."""
     journal: dict[str, Any] = {
-        'cutover_at': datetime.now(timezone.utc).isoformat(),
+        'cutover_at': datetime.now(UTC).isoformat(),
         'source_alias': source_alias, 'target_alias': target_alias,
     }
     for side, alias in (('source', source_alias), ('target', target_alias)):
@@ -115,6 +115,6 @@ def record_window_end(data_dir: Path, state: Any) -> None:
     if recorded is None:
         return
     recorded['window_ended'] = {
-        'at': datetime.now(timezone.utc).isoformat(),
+        'at': datetime.now(UTC).isoformat(),
         'journal_entries': state.entries, 'cutover_at': state.cutover_at}
     fsutil.atomic_write_json(journal_path(data_dir), recorded, mode=0o600)

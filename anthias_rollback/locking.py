@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from anthias_rollback.exceptions import ConfigError, LockHeldError
@@ -71,7 +71,7 @@ def _hold(fd: int, path: Path, operation: str, what: str) -> Iterator[Path]:
         ) from None
     info = {'operation': operation, 'pid': os.getpid(),
             'host': socket.gethostname(),
-            'started_at': datetime.now(timezone.utc).isoformat()}
+            'started_at': datetime.now(UTC).isoformat()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     try:

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -59,7 +59,7 @@ def get_logger(name: str = '') -> logging.Logger:
 class UTCFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord,
                    datefmt: str | None = None) -> str:
-        stamp = datetime.fromtimestamp(record.created, timezone.utc)
+        stamp = datetime.fromtimestamp(record.created, UTC)
         return stamp.isoformat(timespec='seconds')
 
 

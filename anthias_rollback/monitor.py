@@ -29,7 +29,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -731,7 +731,7 @@ def record_baseline(config: MonitorConfig,
     baseline = Baseline(
         config.target, info.profile, config.baseline_probes,
         {url: round(statistics.median(ms), 3) for url, ms in samples.items()},
-        datetime.now(timezone.utc).isoformat())
+        datetime.now(UTC).isoformat())
     path = Path(path or baseline_path())
     try:
         write_json_report(path, baseline.as_dict())

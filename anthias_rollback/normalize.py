@@ -28,7 +28,7 @@ from anthias_rollback.fields import value_field
 
 Canonical = Callable[[Any], Any]
 
-_UTC = dt.timezone.utc
+_UTC = dt.UTC
 _MICROSECOND = dt.timedelta(microseconds=1)
 
 

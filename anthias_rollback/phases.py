@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from anthias_rollback import events, faults, logs
@@ -84,7 +84,7 @@ class PhaseRunner:
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(
-        default_factory=lambda: datetime.now(timezone.utc).isoformat())
+        default_factory=lambda: datetime.now(UTC).isoformat())
     _log_files: list[ExitStack] = field(default_factory=list, init=False,
                                         repr=False)
 

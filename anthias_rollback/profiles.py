@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +361,7 @@ def write_active_profile(data_dir: Path, profile: str,
     path = state_file_path(data_dir)
     state = dict(extra or {})
     state.update(profile=profile,
-                 changed_at=datetime.now(timezone.utc).isoformat())
+                 changed_at=datetime.now(UTC).isoformat())
     try:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         # 0600 like every file the tool creates: the host processes run

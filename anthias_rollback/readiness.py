@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 
@@ -361,7 +361,7 @@ def check_readiness(*, data_dir: Path, sqlite_path: Path, backup_dir: Path,
         data_dir=data_dir, sqlite_path=sqlite_path, backup_dir=backup_dir,
         postgres_alias=postgres_alias, pg_dump=pg_dump,
         max_age_hours=max_age_hours, free_bytes=free_bytes,
-        now=now or datetime.now(timezone.utc))
+        now=now or datetime.now(UTC))
     results = tuple(check(ctx) for check in (checks or CHECKS))
     ready = all(c.ok for c in results if not c.informational)
     latest = ctx.latest_verified

@@ -12,7 +12,6 @@ import datetime as dt
 import decimal
 import random
 import uuid
-from datetime import timezone
 from typing import Any
 
 from django.conf import settings
@@ -110,7 +109,7 @@ class _Generator:
         return decimal.Decimal(number).scaleb(-scale)
 
     def _datetime(self) -> dt.datetime:
-        base = dt.datetime(2024, 1, 1, tzinfo=timezone.utc if self.aware
+        base = dt.datetime(2024, 1, 1, tzinfo=dt.UTC if self.aware
                            else None)
         return base + dt.timedelta(seconds=self.rng.randrange(60_000_000),
                                    microseconds=self.rng.randrange(10 ** 6))

@@ -25,7 +25,7 @@ import sqlite3
 import stat
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from anthias_rollback import faults, fsutil
@@ -75,7 +75,7 @@ def side_file(path: Path, suffix: str) -> Path:
 
 def safety_copy_path(live_path: Path, when: datetime | None = None) -> Path:
     """`<live>.pre-rollback-YYYYMMDD_HHMMSS` (suffixed, never reused)."""
-    stamp = (when or datetime.now(timezone.utc)).strftime('%Y%m%d_%H%M%S')
+    stamp = (when or datetime.now(UTC)).strftime('%Y%m%d_%H%M%S')
     candidate = Path(f'{live_path}.pre-rollback-{stamp}')
     n = 1
     while candidate.exists():
@@ -123,7 +123,7 @@ def _usable_intent(raw: bytes) -> dict | None:
 
 
 def _move_aside(path: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
+    stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S_%f')
     aside = Path(f'{path}.invalid-{stamp}')
     os.replace(path, aside)
     os.chmod(aside, 0o600)
@@ -216,7 +216,7 @@ def swap_in(new_path: Path, live_path: Path) -> SwapResult:
     fsutil.atomic_write_json(intent_path(live_path), {
         'new': str(new_path), 'live': str(live_path),
         'safety_copy': str(safety) if safety else None,
-        'started_at': datetime.now(timezone.utc).isoformat()})
+        'started_at': datetime.now(UTC).isoformat()})
     faults.checkpoint('swap:intent-written')
     if safety is not None:
         # The new file takes the live file's mode, so the host processes

@@ -4,7 +4,7 @@ import os
 import shutil
 import sqlite3
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -282,7 +282,7 @@ def test_unreadable_manifest_or_path_cannot_be_checked(tmp_path, source):
 def _age(result, days):
     """Pretend *result* was made *days* ago (manifest still matches)."""
     manifest = dict(result.manifest)
-    created = datetime.now(timezone.utc) - timedelta(days=days)
+    created = datetime.now(UTC) - timedelta(days=days)
     manifest['created_at'] = created.isoformat()
     result.manifest_path.write_text(json.dumps(manifest))
 

@@ -2,7 +2,7 @@
 import json
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from io import StringIO
 
 import pytest
@@ -180,6 +180,6 @@ def test_killed_mid_backup_leaves_no_final_name(host_env, tmp_path, point):
     assert live.read_bytes() == before
     # The crashed run's temp files go with a retention pass an hour on.
     assert backup.apply_retention(backups, days=0) == []
-    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    later = datetime.now(UTC) + timedelta(hours=2)
     assert backup.apply_retention(backups, days=0, now=later)
     assert os.listdir(backups) == []

@@ -9,7 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -230,7 +230,7 @@ def test_env_example_names_real_settings():
 # -- (d) the prune script ---------------------------------------------------
 
 def test_prune_keeps_the_newest_and_young_files(tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     old = [(now - timedelta(days=d)).strftime('%Y%m%d_%H%M%S')
            for d in (200, 100)]
     young = (now - timedelta(days=5)).strftime('%Y%m%d_%H%M%S')

@@ -1,6 +1,6 @@
 """readiness.py: each check, and the ready/not-ready transitions."""
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -57,7 +57,7 @@ def test_transitions_missing_ready_old_corrupt(device):
     assert report.latest_backup == made.path
     assert by_name(report)['postgres_reachable'].ok
     # Too old: the same backup seen 25 hours later.
-    later = datetime.now(timezone.utc) + timedelta(hours=25)
+    later = datetime.now(UTC) + timedelta(hours=25)
     report = run(device, now=later)
     assert failed(report) == ['backup_age']
     assert 'older than 24h' in by_name(report)['backup_age'].reason
@@ -168,7 +168,7 @@ def _history_line(data, outcome, failed_step=None):
 
     drills = data / 'drills'
     drills.mkdir(exist_ok=True)
-    line = {'finished_at': datetime.now(timezone.utc).isoformat(),
+    line = {'finished_at': datetime.now(UTC).isoformat(),
             'outcome': outcome, 'seconds': 3.2, 'rollback_seconds': 1.25,
             'downtime_seconds': 1.1, 'failed_step': failed_step,
             'error': 'boom' if failed_step else None, 'rows': 1000,

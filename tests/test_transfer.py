@@ -33,7 +33,7 @@ from tests.helpers.transfer import (
 )
 from tests.kitchensink.models import Category, Item
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 BOTH = ['sqlite', 'postgres']
 ASSET_COLUMNS = [f.column for f in Asset._meta.concrete_fields]

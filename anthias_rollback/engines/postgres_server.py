@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class PostgresServer:
 
 def postgres_scratch_name() -> str:
     """A fresh scratch database name: prefix, UTC stamp, pid, counter."""
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d%H%M%S')
+    stamp = datetime.now(UTC).strftime('%Y%m%d%H%M%S')
     name = f'{SCRATCH_PREFIX}{stamp}_{os.getpid()}_{next(_scratch_counter)}'
     return name[:MAX_IDENTIFIER]
 

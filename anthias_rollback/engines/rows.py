@@ -86,7 +86,7 @@ def _sqlite_to_postgres_helpers() -> dict[str, Callable]:
 
 
 def _postgres_to_sqlite_helpers(tz: Any) -> dict[str, Callable]:
-    utc = dt.timezone.utc
+    utc = dt.UTC
 
     # SQLite's adapt_datetimefield_value: make_naive in the connection's
     # zone (UTC here), then str().

@@ -9,7 +9,7 @@ reads. The one header check lives here too (`sqlite_file_problem`).
 import hashlib
 import os
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -216,7 +216,7 @@ def sqlite_snapshot(source_path: Path, target: Path,
             source.execute('BEGIN')
             # Forces the read lock now, so created_at is the snapshot time.
             source.execute('SELECT count(*) FROM sqlite_master').fetchone()
-            created_at = datetime.now(timezone.utc)
+            created_at = datetime.now(UTC)
             source.backup(dest, pages=-1)
             source.execute('COMMIT')
             # The copy keeps the source's WAL flag; a backup is one

@@ -7,7 +7,7 @@ RollbackResult and writes its JSON and text reports (0600).
 """
 import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from django.db import DatabaseError
@@ -169,7 +169,7 @@ def _after_swap(run: _Run) -> RollbackResult:
     # Only now: a run killed before this is resumed by the next one.
     write_run_state(run.data_dir, 'done', fence='up' if run.fenced else
                     'none', finished_at=datetime.now(
-                        timezone.utc).isoformat(),
+                        UTC).isoformat(),
                     report=result.report_path)
     return result
 
@@ -225,7 +225,7 @@ def finish(run: _Run, outcome: str, code: int,
         since_cutover=run.since_cutover, phases=tuple(run.runner.phases),
         warnings=tuple(run.runner.warnings), error=error,
         started_at=run.runner.started_at,
-        finished_at=datetime.now(timezone.utc).isoformat(),
+        finished_at=datetime.now(UTC).isoformat(),
         seconds=round(now - run.runner.started, 3),
         downtime_seconds=(round(run.flipped_at - run.runner.started, 3)
                           if run.flipped_at else None),
@@ -237,7 +237,7 @@ def finish(run: _Run, outcome: str, code: int,
         cutover_forced=run.cutover_forced,
         resumed_from=(run.resumed or {}).get('started_at'),
         standby_bound=run.standby_bound, copy=run.copy)
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
+    stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S_%f')
     path = run.reports_dir / f'rollback_{stamp}.json'
     result = replace(result, report_path=str(path))
     write_json_report(path, result.as_dict())

@@ -8,7 +8,7 @@ run itself decides again: the answer can change between the prompt and
 the fence (a server that dies meanwhile).
 """
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from django.db import DatabaseError
@@ -110,7 +110,7 @@ def preview(options: RollbackOptions) -> RollbackPreview:
         loss = f'at most the writes after {at} (bounded, not zero)'
     else:
         path = Path(run.backup_used)
-        taken = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        taken = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         conn = sqlite_file.sqlite_open_readonly(path, 5.0)
         try:
             rows = sum(sqlite_file.sqlite_table_counts(conn).values())

@@ -10,7 +10,7 @@ counts rows per model and summarises what changed since the cutover.
 import contextlib
 import datetime as dt
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ def build_from_standby(run: _Run, new_path: Path) -> None:
         'position_at': position.position_at,
         'position_ts': position.position_ts,
         'postgres_seen_at': datetime.fromtimestamp(
-            position.postgres_seen_ts, timezone.utc).isoformat(),
+            position.postgres_seen_ts, dt.UTC).isoformat(),
         'behind_seconds': round(position.behind_seconds, 3),
         'journal_id': position.journal_id, 'snapshot': position.snapshot,
         'window': position.window}
@@ -292,7 +292,7 @@ def export_rows(alias: str, keys: dict[str, list[Any]],
     limits; the file appears under its final name only when complete.
     """
     fsutil.ensure_private_dir(directory)
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
+    stamp = datetime.now(dt.UTC).strftime('%Y%m%d_%H%M%S')
     path = directory / f'at_risk_rows_{stamp}.json'
     objects: list[Any] = []
     order = [m._meta.label for m in models_graph.plan_models().models]

@@ -8,7 +8,7 @@ builds on these; this one imports none of them.
 """
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -220,5 +220,5 @@ def read_run_state(data_dir: Path) -> dict[str, Any]:
 
 def write_run_state(data_dir: Path, status: str, **extra: Any) -> None:
     state = {'status': status,
-             'at': datetime.now(timezone.utc).isoformat(), **extra}
+             'at': datetime.now(UTC).isoformat(), **extra}
     fsutil.atomic_write_json(state_path(data_dir), state, mode=0o600)

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from django.core import checks as django_checks
@@ -61,7 +61,7 @@ SCRATCH_KINDS = ('rollback-new', 'dry-run')
 
 def new_file_path(live_path: Path, dry_run: bool) -> Path:
     kind = SCRATCH_KINDS[1] if dry_run else SCRATCH_KINDS[0]
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S_%f')
+    stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S_%f')
     return live_path.with_name(f'{live_path.name}.{kind}-{stamp}')
 
 
@@ -240,7 +240,7 @@ def preserve_postgres(run: _Run) -> None:
             record['detail'] = message
             run.warn(message + '; PostgreSQL was not preserved')
             return
-        stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
+        stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S')
         dest = run.backup_dir / f'postgresql_pre_rollback_{stamp}.dump'
         try:
             result = preserve.postgres_dump(

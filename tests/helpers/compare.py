@@ -22,7 +22,7 @@ from tests.kitchensink.models import (
     Tag,
 )
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 PLUS2 = dt.timezone(dt.timedelta(hours=2))
 # Text primary keys whose order differs between bytewise and locale
 # collations (case, accents, punctuation, emoji).

@@ -24,7 +24,7 @@ class AssetFactory(factory.django.DjangoModelFactory):
     md5 = factory.Faker('md5')
     mimetype = factory.Iterator(['video', 'image', 'webpage', None])
     start_date = factory.Faker('date_time_between', start_date='-2y',
-                               end_date='now', tzinfo=dt.timezone.utc)
+                               end_date='now', tzinfo=dt.UTC)
     end_date = factory.LazyAttribute(
         lambda o: o.start_date + dt.timedelta(days=30, microseconds=123457)
         if o.start_date else None)
@@ -37,7 +37,7 @@ class AssetFactory(factory.django.DjangoModelFactory):
     is_reachable = factory.Iterator([True, True, False])
     last_reachability_check = factory.Faker(
         'date_time_between', start_date='-30d', end_date='now',
-        tzinfo=dt.timezone.utc)
+        tzinfo=dt.UTC)
     play_days = factory.Iterator(['[1, 2, 3, 4, 5, 6, 7]', '[1, 3, 5]'])
     play_time_from = factory.Iterator([None, dt.time(8, 0),
                                        dt.time(6, 30, 15, 250000)])

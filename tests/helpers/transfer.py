@@ -21,7 +21,7 @@ from tests.kitchensink.models import (
     Tag,
 )
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def make_kitchen_sink(alias: str = 'sqlite') -> None:

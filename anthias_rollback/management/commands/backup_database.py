@@ -17,7 +17,7 @@ removing old backups failed.
 """
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from anthias_rollback import backup, conf, events, exit_codes, profiles
@@ -135,7 +135,7 @@ class Command(RollbackCommand):
 
     def list(self, backup_dir: Path, as_json: bool, verbosity: int) -> None:
         infos = backup.list_backups(backup_dir, verify=True)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.set_json({'backup_dir': str(backup_dir), 'backups': [{
             'path': str(i.path), 'created_at': i.created_at.isoformat(),
             'age_hours': round((now - i.created_at).total_seconds()

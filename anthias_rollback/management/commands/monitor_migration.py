@@ -24,7 +24,7 @@ back, but its follow-up (restart, post-checks) failed.
 """
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.management import call_command, get_commands
@@ -301,6 +301,6 @@ class Command(RollbackCommand):
 
     def write_line(self, data: dict[str, Any]) -> None:
         """One JSON object per line (log shippers), secrets redacted."""
-        data = {'time': datetime.now(timezone.utc).isoformat(), **data}
+        data = {'time': datetime.now(UTC).isoformat(), **data}
         self.stdout.write(json.dumps(redact(data), sort_keys=True,
                                      default=str))

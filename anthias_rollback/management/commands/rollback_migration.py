@@ -14,7 +14,7 @@ back, but post-verification or the restart command failed (look at it).
 import contextlib
 import getpass
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from django.core.management.base import CommandError
 
@@ -141,7 +141,7 @@ class Command(RollbackCommand):
                     + (' --emergency' if opts.emergency else '') + ')')
                 self.stdout.write(self.style.WARNING(rollback.urgent_notice(
                     'PostgreSQL is to be left for SQLite', datetime.now(
-                        timezone.utc).isoformat(timespec='seconds'),
+                        UTC).isoformat(timespec='seconds'),
                     trigger)))
             try:
                 result = rollback.run_rollback(
