@@ -12,9 +12,10 @@ updates, 50 deletes, 50 inserts, through the journal's triggers), and
 - full (`--full`), the fallback.
 
 The three are rotated within one sitting; medians of wall time
-(including Python and Django start-up), of the rollback's own time
-(its report's `seconds`) and of its phases. Targets (issue 14): incremental <= 3 s end to end at 1,000,000
-rows with 1,000 changed, >= 10x faster than the full copy.
+(including Python and Django start-up), of the rollback's own time (its
+report's `seconds`) and of its phases. Targets (issue 14): incremental
+<= 3 s end to end at 1,000,000 rows with 1,000 changed, >= 10x faster
+than the full copy.
 
 Usage: python -m bench.bench_incremental [--assets N] [--repeat R]
 """

@@ -2,7 +2,8 @@
 list or prune backups.
 
     python manage.py backup_database --retention-days 14
-    python manage.py backup_database --verify backups/anthias_backup_20250101_030000.db
+    python manage.py backup_database \
+        --verify backups/anthias_backup_20250101_030000.db
 
 The backup uses SQLite's online backup API (one snapshot, safe while the
 server, celery and viewer write), is checked, fsync'd and then named

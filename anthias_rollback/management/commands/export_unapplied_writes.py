@@ -3,7 +3,8 @@ exactly the writes the standby did not hold, once PostgreSQL answers
 again, and export their rows for loaddata.
 
     python manage.py export_unapplied_writes
-    python manage.py export_unapplied_writes --report-file reports/rollback_X.json --json
+    python manage.py export_unapplied_writes \
+        --report-file reports/rollback_X.json --json
 
 The standby's position (one PostgreSQL snapshot) is in the rollback's
 report; the writes it lacks are the journal entries and row versions of

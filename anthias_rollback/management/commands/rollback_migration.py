@@ -2,7 +2,8 @@
 verified backup with the at-risk rows exported. Crash-safe and reported.
 
     python manage.py rollback_migration --emergency
-    python manage.py rollback_migration --source backup --preserve-postgres --yes
+    python manage.py rollback_migration --source backup \
+        --preserve-postgres --yes
 
 --json prints one JSON document (the result plus `data_loss`: status,
 detail, lost_writes) for every outcome; --report PATH writes it (0600).
