@@ -17,6 +17,8 @@ from django.utils import timezone
 
 from anthias_app.models import Asset
 from anthias_rollback import replication, standby, switch, window
+from anthias_rollback.rollback import preview
+from anthias_rollback.rollback import state as rollback_state
 from tests.conftest import run_manage
 from tests.helpers.compare import kitchen_objects
 from tests.helpers.factories import AssetFactory
@@ -261,6 +263,9 @@ def test_a_forced_switch_never_makes_the_cutover_file_a_base(
     position = standby.read_position(standby.standby_path(data_dir))
     assert position.started_from == 'full copy'
     standby.standby_path(data_dir).unlink()
+    # The prompt's facts follow the build's rules (they once drifted).
+    facts = preview.preview(rollback_state.RollbackOptions())
+    assert facts.build.startswith('full copy of '), facts.build
     done = rollback(host_env)
     assert 'copy:          full: no standby; the switch was forced' in \
         done.stdout

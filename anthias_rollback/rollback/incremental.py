@@ -50,6 +50,39 @@ class Base:
     at: str             # ISO time of that snapshot
 
 
+def standby_problem(position: standby.Position,
+                    cutover: dict[str, Any]) -> str | None:
+    """Why a standby at *position* cannot be this window's base, or
+    None. Shared with the prompt's preview, so both decide alike."""
+    if position.window != cutover['txid']:
+        return 'belongs to another rollback window'
+    if cutover.get('forced') and position.started_from == 'cutover file':
+        return 'started from the cutover file of a forced switch'
+    return None
+
+
+def cutover_file_problem(data_dir: Path,
+                         cutover: dict[str, Any]) -> str | None:
+    """Why the cutover file cannot be this window's base, or None (its
+    sha256 is checked when it is copied). Shared with the preview."""
+    info = cutover['info'].get('standby_cutover') or {}
+    cut = standby.cutover_path(data_dir)
+    if cutover.get('forced'):
+        # --force skipped the check that SQLite held PostgreSQL's rows.
+        return ('the switch was forced: the cutover file may not hold '
+                'PostgreSQL\'s rows')
+    if not info.get('sha256') or info.get('window') != cutover['txid']:
+        return (info.get('problem')
+                or 'the switch took no cutover file for this window')
+    if not cut.exists():
+        return f'the cutover file {cut} is missing'
+    if any(Path(f'{cut}{side}').exists()
+           for side in sqlite_file.SIDE_SUFFIXES):
+        return (f'the cutover file {cut} has side files (opened since the '
+                'switch)')
+    return None
+
+
 def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
     """Copy the newest base of this window into *new_path*: the standby
     when it has a position of this window, else the unchanged cutover
@@ -60,47 +93,32 @@ def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
     path = standby.standby_path(data_dir)
     if path.exists():
         try:
+            # The position is read from the copy: it describes its rows.
             position = standby.copy_standby(data_dir, new_path,
                                             timeout=timeout)
+            problem = standby_problem(position, cutover)
         except ReplicationError as err:
-            position = None
-            why_not.append(str(err))
-        forced_start = (cutover.get('forced') and position is not None
-                        and position.started_from == 'cutover file')
-        if position is not None and position.window == cutover['txid'] \
-                and not forced_start:
-            return Base('standby', path, position.snapshot,
-                        position.position_at)
-        if forced_start:
-            why_not.append(f'the standby {path} started from the cutover '
-                           'file of a forced switch')
-        elif position is not None:
-            why_not.append(f'the standby {path} belongs to another '
-                           'rollback window')
+            problem = str(err)
+        else:
+            if problem is None:
+                return Base('standby', path, position.snapshot,
+                            position.position_at)
+            problem = f'the standby {path} {problem}'
+        why_not.append(problem)
         sqlite_file.remove_sqlite_file(new_path)
     else:
         why_not.append('no standby')
-    info = cutover['info'].get('standby_cutover') or {}
     cut = standby.cutover_path(data_dir)
-    if cutover.get('forced'):
-        # --force skipped the check that SQLite held PostgreSQL's rows.
-        why_not.append('the switch was forced: the cutover file may not '
-                       'hold PostgreSQL\'s rows')
-    elif not info.get('sha256') or info.get('window') != cutover['txid']:
-        why_not.append(info.get('problem') or
-                       'the switch took no cutover file for this window')
-    elif not cut.exists():
-        why_not.append(f'the cutover file {cut} is missing')
-    elif any(Path(f'{cut}{side}').exists()
-             for side in sqlite_file.SIDE_SUFFIXES):
-        why_not.append(f'the cutover file {cut} has side files (opened '
-                       'since the switch)')
-    elif sqlite_file.copy_file_sha256(cut, new_path) != info['sha256']:
+    problem = cutover_file_problem(data_dir, cutover)
+    if problem is None:
+        digest = sqlite_file.copy_file_sha256(cut, new_path)
+        info = cutover['info']['standby_cutover']
+        if digest == info['sha256']:
+            return Base('cutover file', cut, cutover['snapshot'],
+                        cutover['at'].isoformat())
         sqlite_file.remove_sqlite_file(new_path)
-        why_not.append(f'the cutover file {cut} changed since the switch')
-    else:
-        return Base('cutover file', cut, cutover['snapshot'],
-                    cutover['at'].isoformat())
+        problem = f'the cutover file {cut} changed since the switch'
+    why_not.append(problem)
     raise NotIncremental('; '.join(why_not))
 
 

@@ -7,6 +7,7 @@ Reads only (PostgreSQL, the backup dir, the standby); never prints. The
 run itself decides again: the answer can change between the prompt and
 the fence (a server that dies meanwhile).
 """
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from django.db import DatabaseError
 from anthias_rollback import conf, phases, profiles, standby
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite_file
+from anthias_rollback.rollback import incremental
 from anthias_rollback.rollback.sources import choose_source
 from anthias_rollback.rollback.state import RollbackOptions, _Run, count_rows
 
@@ -38,21 +40,22 @@ class RollbackPreview:
 
 
 def _base(run: _Run, pg: str) -> tuple[str, str] | None:
-    """(what, snapshot) of the base an incremental build would use."""
+    """(what, snapshot) of the base an incremental build would use, by
+    the build's own rules (incremental.standby_problem and
+    cutover_file_problem)."""
     cutover = pj.postgres_cutover(pg)
     if cutover is None:
         return None
     path = standby.standby_path(run.data_dir)
     try:
         position = standby.read_position(path) if path.exists() else None
-    except Exception:  # noqa: BLE001 - unreadable: the run falls back too
+    except sqlite3.Error:      # unreadable: the run falls back too
         position = None
-    if position is not None and position.window == cutover['txid']:
+    if position is not None and \
+            incremental.standby_problem(position, cutover) is None:
         return f'the standby as of {position.position_at}', \
             position.snapshot
-    info = cutover['info'].get('standby_cutover') or {}
-    if info.get('window') == cutover['txid'] and \
-            standby.cutover_path(run.data_dir).exists():
+    if incremental.cutover_file_problem(run.data_dir, cutover) is None:
         return (f'the cutover file as of {cutover["at"].isoformat()}',
                 cutover['snapshot'])
     return None
