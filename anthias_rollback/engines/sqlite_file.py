@@ -9,6 +9,7 @@ reads. The one header check lives here too (`sqlite_file_problem`).
 import hashlib
 import os
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -81,15 +82,19 @@ def file_sha256(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     with open(path, 'rb', buffering=0) as fh:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
+        for chunk in _chunks(fh):
+            digest.update(chunk)
+            size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _chunks(fh) -> Iterator[memoryview]:
+    """The file's bytes in one reused buffer of _HASH_CHUNK (each view is
+    valid until the next is read)."""
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        yield view[:n]
 
 
 def copy_file_sha256(path: Path, target: Path) -> str:
@@ -101,14 +106,9 @@ def copy_file_sha256(path: Path, target: Path) -> str:
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(path, 'rb', buffering=0) as fh, \
             open(fd, 'wb', buffering=0) as out:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            out.write(view[:n])
+        for chunk in _chunks(fh):
+            digest.update(chunk)
+            out.write(chunk)
     return digest.hexdigest()
 
 
