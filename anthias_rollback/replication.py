@@ -171,14 +171,16 @@ class Applier:
                          for m in models_graph.plan_models().models}
 
     def apply(self, prev: str, tick: str,
-              on_keys: Callable[[Any, list[str]], None] | None = None
-              ) -> AppliedBatch:
+              on_keys: Callable[[Any, list[str]], None] | None = None,
+              batch: pj.JournalBatch | None = None) -> AppliedBatch:
         """Apply what the journal holds between the snapshots *prev* (the
         file's) and *tick* (the caller's open REPEATABLE READ transaction
         on the PostgreSQL alias). The caller holds a transaction on the
         SQLite alias: the batch commits whole or not at all. *on_keys*
-        sees every applied chunk of keys (model, keys as text)."""
-        batch = pj.postgres_batch(self.pg, prev, tick)
+        sees every applied chunk of keys (model, keys as text). *batch*:
+        postgres_batch(prev, tick) when the caller already read it."""
+        if batch is None:
+            batch = pj.postgres_batch(self.pg, prev, tick)
         unknown = [t for t in batch.tables if t not in self.by_table]
         if unknown:
             raise ReplicationError(

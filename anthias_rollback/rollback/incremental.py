@@ -230,7 +230,7 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
             checking = base_quick_check(pool, new_path)
             with transaction.atomic(using=alias):
                 applied = applier.apply(base.snapshot, run.snapshot,
-                                        on_keys)
+                                        on_keys, batch=tail)
                 # Every sequence, not only the changed tables': the base
                 # may predate ids PostgreSQL handed out and rolled back.
                 applier.raise_sequences()
