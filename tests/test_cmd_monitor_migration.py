@@ -5,7 +5,6 @@ a fake clock (the core tests in test_monitor.py use one). The standby
 alert runs on a real standby kept by the real replicator, aged by editing
 its position, in a real monitor process."""
 import json
-import sqlite3
 import time
 from io import StringIO
 
@@ -19,11 +18,10 @@ from anthias_rollback import (
     profiles,
     replication,
     rollback,
-    standby,
 )
 from tests import monitor_views
 from tests.conftest import run_manage
-from tests.helpers.rollback import seed_device
+from tests.helpers.rollback import age_standby, seed_device
 from tests.monitor_views import FAIL, OK, closed_port_url, serve_test_app
 
 DB = {'databases': ['default', 'sqlite'], 'transaction': True}
@@ -271,16 +269,6 @@ def test_auto_rollback_leaves_device_on_sqlite_with_zero_loss(data_dir,
 
 
 # --- the standby alert ------------------------------------------------------
-
-def age_standby(data_dir, seconds: float) -> None:
-    conn = sqlite3.connect(standby.standby_path(data_dir))
-    try:
-        with conn:
-            conn.execute(f'UPDATE {standby.POSITION_TABLE} SET '
-                         'position_ts = ?', [time.time() - seconds])
-    finally:
-        conn.close()
-
 
 def lagging_device(settings, data_dir, seconds: float) -> None:
     """On postgres in an open window, with a real standby *seconds*

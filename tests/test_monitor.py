@@ -4,9 +4,7 @@ driven through the real Django stack (a real slow/failing view, the real
 no test waits for an interval. The standby rule runs on a real standby
 file kept by the real replicator, aged by editing its position."""
 import os
-import sqlite3
 import stat
-import time
 
 import pytest
 from django.db import connections
@@ -27,7 +25,7 @@ from anthias_rollback.monitor import (
 from tests import monitor_views
 from tests.conftest import postgres_stopped
 from tests.helpers.factories import AssetFactory
-from tests.helpers.rollback import seed_device
+from tests.helpers.rollback import age_standby, seed_device
 from tests.monitor_views import FAIL, OK, closed_port_url, serve_test_app
 
 DB = {'databases': ['default', 'sqlite'], 'transaction': True}
@@ -400,18 +398,6 @@ def standby_config(data_dir, max_lag=30.0, **kwargs):
 def replicate_once(data_dir):
     return replication.run_replicator('postgres', data_dir=data_dir,
                                       once=True)
-
-
-def age_standby(data_dir, seconds: float) -> None:
-    """Move the real standby's position *seconds* into the past (as if
-    replicate_changes had stopped then)."""
-    conn = sqlite3.connect(standby.standby_path(data_dir))
-    try:
-        with conn:
-            conn.execute(f'UPDATE {standby.POSITION_TABLE} SET '
-                         'position_ts = ?', [time.time() - seconds])
-    finally:
-        conn.close()
 
 
 def alert_kinds(rounds) -> list[list[tuple[str, bool]]]:

@@ -2,6 +2,7 @@
 backup, a migrated PostgreSQL holding the same rows, profile postgres."""
 import hashlib
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,17 @@ def file_digest(path: Path) -> str | None:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except FileNotFoundError:
         return None
+
+
+def age_standby(data_dir: Path, seconds: float) -> None:
+    """Move the real standby's position *seconds* into the past (as if
+    replicate_changes had stopped then)."""
+    from anthias_rollback import standby
+
+    conn = sqlite3.connect(standby.standby_path(data_dir))
+    try:
+        with conn:
+            conn.execute(f'UPDATE {standby.POSITION_TABLE} SET '
+                         'position_ts = ?', [time.time() - seconds])
+    finally:
+        conn.close()
