@@ -180,9 +180,19 @@ def sqlite_quick_check(path: Path) -> str:
     """PRAGMA quick_check's first line for the file at *path* ('ok')."""
     conn = sqlite3.connect(path)
     try:
-        return conn.execute('PRAGMA quick_check').fetchone()[0]
+        return quick_check_line(conn)
     finally:
         conn.close()
+
+
+def quick_check_line(conn: sqlite3.Connection) -> str:
+    """PRAGMA quick_check's first line on *conn* ('ok'). A page too
+    broken to report on makes SQLite raise instead: that is the
+    answer too, not an error of the caller's."""
+    try:
+        return conn.execute('PRAGMA quick_check').fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        return str(err)
 
 
 def sqlite_full_check(path: Path) -> list[str]:

@@ -171,7 +171,9 @@ def base_quick_check(pool: futures.Executor, path: Path
             conn.execute('BEGIN')
             conn.execute('SELECT count(*) FROM sqlite_master').fetchone()
             begun.set()
-            return conn.execute('PRAGMA quick_check').fetchone()[0]
+            return sqlite_file.quick_check_line(conn)
+        except sqlite3.DatabaseError as err:
+            return str(err)      # its schema page unreadable: the answer
         finally:
             begun.set()
             conn.close()
