@@ -210,25 +210,31 @@ def account_cutover(alias: str) -> list[Shortfall]:
     """Models whose rows on *alias* are fewer than the cutover's plus the
     journaled inserts minus the journaled deletes: rows PostgreSQL lost
     that no recorded write removed (an emptied or half-loaded database).
-    [] when the books balance or there is no journal. Reads only."""
-    cutover = pj.postgres_cutover(alias)
-    if cutover is None:
-        return []
-    promised = cutover['info'].get('sqlite_rows') or cutover['info'].get(
-        'rows') or {}
-    net = pj.postgres_journal_net(alias)
-    found = []
-    for table, model in _models_by_table().items():
-        label = model._meta.label
-        if label not in promised:
-            continue
-        moves = net.get(table, {})
-        start = 0 if moves.get('truncated') else promised[label]
-        expected = start + moves.get('inserted', 0) - moves.get('deleted',
-                                                                 0)
-        now = model._base_manager.using(alias).count()
-        if now < expected:
-            found.append(Shortfall(label, expected, now))
+    [] when the books balance or there is no journal. Reads only, in one
+    REPEATABLE READ snapshot: the cutover, the journal and every count
+    see the same committed writes (read apart, a delete committed between
+    the journal read and a count looked like a lost row, and `auto` then
+    restored a backup over writes PostgreSQL still held)."""
+    with pj.postgres_snapshot_transaction(alias):
+        cutover = pj.postgres_cutover(alias)
+        if cutover is None:
+            return []
+        promised = cutover['info'].get('sqlite_rows') or cutover[
+            'info'].get('rows') or {}
+        net = pj.postgres_journal_net(alias)
+        faults.checkpoint('window:accounting-journal-read')
+        found = []
+        for table, model in _models_by_table().items():
+            label = model._meta.label
+            if label not in promised:
+                continue
+            moves = net.get(table, {})
+            start = 0 if moves.get('truncated') else promised[label]
+            expected = start + moves.get('inserted', 0) - moves.get(
+                'deleted', 0)
+            now = model._base_manager.using(alias).count()
+            if now < expected:
+                found.append(Shortfall(label, expected, now))
     return found
 
 

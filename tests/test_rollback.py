@@ -30,6 +30,15 @@ def roll_back(*args):
     return out.getvalue(), err.getvalue()
 
 
+def roll_back_with_a_loss(*args):
+    """A rollback that is done but left rows out: exit 4, never 0."""
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError) as excinfo:
+        call_command('rollback_migration', *args, stdout=out, stderr=err)
+    assert excinfo.value.returncode == 4, str(excinfo.value)
+    return out.getvalue(), err.getvalue()
+
+
 def latest_report(data_dir):
     path = rollback.latest_report(data_dir / 'reports')
     assert path is not None
@@ -97,12 +106,13 @@ def test_postgres_down_restores_backup_and_says_rows_unknown(data_dir,
     written = write_on_postgres(device)
     backup_fp = fingerprint_sqlite(device.backup)
     with postgres_stopped():
-        out, err = roll_back('--emergency')
+        out, err = roll_back_with_a_loss('--emergency')
         assert fingerprint_sqlite(device.live) == backup_fp
         data = latest_report(data_dir)
     assert data['source'] == 'backup'
     assert data['backup_used'] == str(device.backup)
     assert data['at_risk_rows'] is None
+    assert data['loss'] == 'unknown' and data['exit_code'] == 4
     assert 'could not be computed' in data['at_risk_note']
     assert 'UNKNOWN' in out and 'could not be computed' in err
     assert written  # the writes on PostgreSQL are what is at risk
@@ -113,9 +123,10 @@ def test_backup_source_exports_exactly_the_at_risk_rows(data_dir,
                                                         settings):
     device = seed_device(settings)
     written = write_on_postgres(device)
-    roll_back('--source', 'backup', '--yes')
+    roll_back_with_a_loss('--source', 'backup', '--yes')
     data = latest_report(data_dir)
     assert data['source'] == 'backup'
+    assert data['loss'] == 'lost' and data['exit_code'] == 4
     fixture = json.loads(Path(data['at_risk_file']).read_text())
     exported = {}
     for obj in fixture:

@@ -161,7 +161,9 @@ def _after_swap(run: _Run) -> RollbackResult:
     loss, _ = measured_loss(run)
     if not verified or (restart is not None and not restart.ok):
         result = finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
-    elif run.source in ('postgres', 'standby') and loss != 'proven-none':
+    elif loss not in ('proven-none', 'none'):
+        # A backup restore that left rows out (or could not compare) is
+        # not a clean rollback either: exit 0 only with nothing left out.
         result = finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
     else:
         result = finish(run, 'rolled back', exit_codes.OK)
@@ -175,12 +177,19 @@ def _after_swap(run: _Run) -> RollbackResult:
 
 
 def measured_loss(run: _Run) -> tuple[str, str]:
-    """('proven-none' | 'lost' | 'unproven' | 'bounded' | 'backup', one
-    line). A standby's loss is bounded by its last applied position."""
+    """('proven-none' | 'none' | 'lost' | 'unproven' | 'bounded' |
+    'unknown', one line). A standby's loss is bounded by its last applied
+    position; a backup's is what PostgreSQL holds that it lacks, or
+    unknown when PostgreSQL could not be compared."""
     if run.source == 'standby':
         return 'bounded', run.at_risk_note
     if run.source != 'postgres':
-        return 'backup', ''
+        if run.at_risk_rows is None:
+            return 'unknown', run.at_risk_note
+        if sum(run.at_risk_rows.values()):
+            return 'lost', run.at_risk_note
+        return 'none', ('none: PostgreSQL holds no row the backup lacks '
+                        'or holds differently (compared)')
     if run.shortfall:
         shown = '; '.join(f'{s.model}: {s.found} rows, {s.expected} '
                           'expected' for s in run.shortfall[:5])
