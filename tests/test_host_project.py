@@ -177,7 +177,11 @@ def test_host_project_tests_never_touch_the_live_file(tmp_path):
 START_LINE = ('{m} dbbackup --noinput --clean && '
               '{m} migrate --fake-initial --noinput || '
               '{m} dbrestore --noinput')
-README = (ROOT / 'README.md').read_text()
+# The README and the docs site together: the adoption blocks are on
+# docs/adopting.md, the units on docs/operations.md, the settings on
+# docs/configuration.md.
+README = '\n'.join(path.read_text() for path in [
+    ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))])
 
 # Anthias's dbbackup settings (django_project/settings.py), plus an app
 # with a migration left for the start sequence to apply.

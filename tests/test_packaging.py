@@ -17,7 +17,11 @@ from django.core.management import load_command_class
 
 from tests.conftest import ROOT
 
-README = (ROOT / 'README.md').read_text()
+# The README and the docs site together: the adoption blocks are on
+# docs/adopting.md, the units on docs/operations.md, the settings on
+# docs/configuration.md.
+README = '\n'.join(path.read_text() for path in [
+    ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))])
 SYSTEMD = ROOT / 'deploy' / 'systemd'
 PRUNE = ROOT / 'deploy' / 'anthias-rollback-prune'
 HARDENING = {'NoNewPrivileges': 'yes', 'PrivateTmp': 'yes',
