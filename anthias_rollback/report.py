@@ -57,13 +57,23 @@ def secrets() -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def _secret_pattern(secret: str) -> re.Pattern:
+    """*secret* where it stands alone: not inside a longer word (with
+    the password `anthias`, `anthias_app.0002_upgrade` stays readable).
+    Every place a password really appears (a DSN's `:pw@`, `pw=...`, a
+    quoted value, a line of its own) puts a non-word character beside
+    it."""
+    return re.compile(r'(?<![A-Za-z0-9_])' + re.escape(secret)
+                      + r'(?![A-Za-z0-9_])')
+
+
 def redact(value: Any) -> Any:
     """Strip passwords and DSN credentials from strings, lists and dicts."""
     if isinstance(value, str):
         # Known passwords first: what is left of a DSN is then safe to
         # pattern-match.
         for secret in secrets():
-            value = value.replace(secret, '***')
+            value = _secret_pattern(secret).sub('***', value)
         value = _DSN_CREDENTIALS.sub(r'\1***@', value)
         return _PASSWORD_PARAMETER.sub(r'\1***', value)
     if isinstance(value, dict):

@@ -226,3 +226,15 @@ def test_json_report_killed_before_rename_keeps_old_file(host_env,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(path.read_text()) == {'run': 'new'}
+
+
+def test_a_short_password_inside_ordinary_words_stays_readable(
+        monkeypatch):
+    monkeypatch.setitem(connections.settings['postgres'], 'PASSWORD',
+                        'anthias')
+    text = ('applied anthias_app.0002_upgrade; backup anthias_backup_1.db; '
+            'postgres://pi:anthias@h/db; PGPASSWORD=anthias; '
+            "password='anthias'; anthias")
+    assert report.redact(text) == (
+        'applied anthias_app.0002_upgrade; backup anthias_backup_1.db; '
+        'postgres://***@h/db; PGPASSWORD=***; password=***; ***')
