@@ -161,6 +161,7 @@ def create_backup(source_path: Path, backup_dir: Path,
         faults.checkpoint('backup:after-copy')
         events.emit(progress, events.PHASE_START, 'verify', detail=str(tmp))
         manifest = _check_new_backup(tmp, source_path, created_at)
+        manifest['sequence'] = next_sequence(backup_dir)
         manifest_tmp = _write_temp_manifest(backup_dir, manifest)
         faults.checkpoint('backup:before-rename')
         final = _link_under_final_name(tmp, manifest_tmp, backup_dir,
@@ -391,9 +392,29 @@ def _created_at(path: Path, manifest: dict[str, Any] | None) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
+def manifest_sequence(manifest: dict[str, Any] | None) -> int | None:
+    """The backup's place in its dir's order (None: an older manifest)."""
+    value = (manifest or {}).get('sequence')
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def next_sequence(backup_dir: Path) -> int:
+    """One more than any sequence in *backup_dir*: the order of backups
+    made here, which no clock can fake (a Raspberry Pi has no RTC; a
+    backup made while the clock ran two days ahead stayed "newest" by its
+    date and was restored over a truly newer one)."""
+    found = [manifest_sequence(info.manifest)
+             for info in list_backups(backup_dir)]
+    return max([n for n in found if n is not None], default=0) + 1
+
+
 def _sort_key(info: BackupInfo) -> tuple:
     match = _NAME_RE.match(info.path.name)
-    return (info.created_at, int(match.group(2) or 0) if match else 0)
+    sequence = manifest_sequence(info.manifest)
+    # Sequenced backups are newer than any made before sequences existed;
+    # among those older ones the date decides, as it did.
+    return (sequence is not None, sequence or 0, info.created_at,
+            int(match.group(2) or 0) if match else 0)
 
 
 def list_backups(backup_dir: Path, verify: bool = False) -> list[BackupInfo]:

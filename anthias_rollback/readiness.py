@@ -107,6 +107,10 @@ class ReadinessContext:
 Check = Callable[[ReadinessContext], ReadinessCheck]
 
 
+# A backup dated further ahead than this is a finding, not fresh.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
 def _age(ctx: ReadinessContext, created_at: datetime) -> str:
     hours = (ctx.now - created_at).total_seconds() / 3600
     return f'{hours:.1f}h old'
@@ -121,6 +125,16 @@ def check_backup_fresh(ctx: ReadinessContext) -> ReadinessCheck:
                               f'{ctx.backup_dir}; run backup_database')
     limit = timedelta(hours=ctx.max_age_hours)
     age = _age(ctx, latest.created_at)
+    ahead = latest.created_at - ctx.now
+    if ahead > FUTURE_TOLERANCE:
+        # Never "fresh": its date says only that a clock was wrong, then
+        # or now; the order of backups comes from their sequence.
+        return ReadinessCheck(name, False, f'latest verified backup '
+                              f'{latest.path.name} is dated in the future '
+                              f'({latest.created_at.isoformat()}, '
+                              f'{ahead.total_seconds() / 3600:.1f}h ahead '
+                              'of this clock): check the clock, then run '
+                              'backup_database')
     if ctx.now - latest.created_at > limit:
         return ReadinessCheck(name, False, f'latest verified backup '
                               f'{latest.path.name} is {age}, older than '
@@ -263,16 +277,17 @@ def check_last_drill(ctx: ReadinessContext) -> ReadinessCheck:
 def check_cutover(ctx: ReadinessContext) -> ReadinessCheck:
     """Informational: when the device moved to PostgreSQL, and how many
     rows were written there since (what a backup-only rollback loses)."""
-    from anthias_rollback import journal
+    from anthias_rollback.window import cutover as window_cutover
 
-    recorded = journal.read_cutover(ctx.data_dir)
+    recorded = window_cutover.read_cutover(ctx.data_dir)
     if recorded is None:
         return ReadinessCheck('cutover', True, 'no cutover recorded',
                               informational=True)
     reason = f'cutover to PostgreSQL at {recorded.get("cutover_at")}'
     if ctx.postgres_alias is not None:
         try:
-            since = journal.rows_since_cutover(ctx.postgres_alias, recorded)
+            since = window_cutover.rows_since_cutover(ctx.postgres_alias,
+                                                      recorded)
             new = sum(s.new_rows or 0 for s in since)
             changed = sum(abs(s.rows_now - (s.rows_at_cutover or 0))
                           for s in since)
@@ -286,13 +301,13 @@ def check_cutover(ctx: ReadinessContext) -> ReadinessCheck:
 def check_window(ctx: ReadinessContext) -> ReadinessCheck:
     """The rollback window on PostgreSQL: journal size and age, fence
     state (a fence left up by a killed or finished rollback is named)."""
-    from anthias_rollback import window
+    from anthias_rollback.window import journal as window_journal
 
     if ctx.postgres_alias is None:
         return ReadinessCheck('window', True, 'PostgreSQL not configured',
                               informational=True)
     try:
-        state = window.window_state(ctx.postgres_alias)
+        state = window_journal.window_state(ctx.postgres_alias)
     except (RollbackError, DatabaseError) as err:
         return ReadinessCheck('window', True, 'PostgreSQL not readable '
                               f'for the window: {first_line(err)}',
@@ -315,9 +330,9 @@ def check_window(ctx: ReadinessContext) -> ReadinessCheck:
 def check_standby(ctx: ReadinessContext) -> ReadinessCheck:
     """Informational: the standby replicate_changes keeps (what a
     rollback with PostgreSQL down would restore) and how far behind."""
-    from anthias_rollback import standby
+    from anthias_rollback.window import standby as window_standby
 
-    state = standby.standby_state(ctx.data_dir, ctx.postgres_alias)
+    state = window_standby.standby_state(ctx.data_dir, ctx.postgres_alias)
     if state.position is None:
         return ReadinessCheck('standby', False, state.problem or
                               'no standby: with PostgreSQL down, a rollback '

@@ -324,3 +324,20 @@ def test_retention_keeps_newest_verified_even_if_old(tmp_path, source):
     _age(made[3], 30)
     assert backup.apply_retention(backups, days=7) == []
     assert made[3].path.exists()
+
+
+def test_a_backup_made_with_the_clock_ahead_is_not_newest(tmp_path, source):
+    """The device's clock ran two days ahead for one backup (no RTC, a
+    manual set): the backup made after the clock was fixed is newer, and
+    is the one a rollback must take."""
+    backups = tmp_path / 'b'
+    ahead = backup.create_backup(source, backups)
+    manifest = json.loads(ahead.manifest_path.read_text())
+    manifest['created_at'] = (datetime.now(UTC)
+                              + timedelta(days=2)).isoformat()
+    ahead.manifest_path.write_text(json.dumps(manifest))
+    fixed = backup.create_backup(source, backups)
+    infos = backup.list_backups(backups)
+    assert [i.path for i in infos] == [fixed.path, ahead.path]
+    assert backup.latest_verified_backup(backups).path == fixed.path
+    assert [backup.manifest_sequence(i.manifest) for i in infos] == [2, 1]

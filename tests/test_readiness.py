@@ -198,11 +198,11 @@ def test_last_drill_reported_and_failed_drill_is_not_ready(device):
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
 def test_cutover_journal_shown(device):
-    from anthias_rollback import journal
+    from anthias_rollback.window import cutover as window_cutover
     from tests.helpers.factories import AssetFactory
 
     AssetFactory.create_batch(2)
-    journal.record_cutover('sqlite', 'postgres', device[0])
+    window_cutover.record_cutover('sqlite', 'postgres', device[0])
     asset = AssetFactory.build()
     asset.save(using='postgres')
     check = by_name(run(device))['cutover']
@@ -249,3 +249,19 @@ def test_check_pg_dump_version_helper(settings):
     assert (found.client_major, found.server_major) == (server, server)
     # Without an alias only the client is read (no database needed).
     assert preserve.check_pg_dump_version(None).server_major is None
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_a_backup_dated_in_the_future_is_a_finding_not_fresh(device):
+    import json
+
+    _data, live, backups = device
+    made = backup.create_backup(live, backups)
+    manifest = json.loads(made.manifest_path.read_text())
+    manifest['created_at'] = (datetime.now(UTC)
+                              + timedelta(hours=48)).isoformat()
+    made.manifest_path.write_text(json.dumps(manifest))
+    report = run(device)
+    assert not report.ready
+    reason = by_name(report)['backup_age'].reason
+    assert 'dated in the future' in reason and '48.0h ahead' in reason
