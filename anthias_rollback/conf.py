@@ -21,6 +21,14 @@ DEFAULTS: dict[str, Any] = {
     'ANTHIAS_BACKUP_DIR': None,
     'ANTHIAS_ROLLBACK_RESTART_COMMAND': '',
     'ANTHIAS_ROLLBACK_RESTART_TIMEOUT': 60,
+    # How the processes holding the database restart after a flip
+    # (restart.py): command | balena | compose | none.
+    'ANTHIAS_ROLLBACK_RESTART_ADAPTER': 'command',
+    # balena: the services restarted, in order; this process's own last.
+    'ANTHIAS_ROLLBACK_RESTART_SERVICES': (
+        'anthias-celery anthias-viewer anthias-server'),
+    # balena: the lockfile the supervisor respects (supervisor >= 7.22).
+    'ANTHIAS_ROLLBACK_UPDATE_LOCK': '/tmp/balena/updates.lock',
     'ANTHIAS_ROLLBACK_VERIFY_URLS': '',
     'ANTHIAS_ROLLBACK_EXCLUDE': '',
     'ANTHIAS_PG_DUMP': 'pg_dump',
@@ -99,6 +107,19 @@ def _program(value: Any, where: str) -> str:
     return str(value)
 
 
+def _restart_adapter(value: Any, where: str) -> Any:
+    # Imported here: restart.py reads its own settings through conf.
+    from anthias_rollback import restart
+
+    return restart.check_adapter(value, where)
+
+
+def _file(value: Any, where: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f'{where} must be a file path')
+    return str(value)
+
+
 def _directory(value: Any, where: str) -> Any:
     if value in (None, ''):
         return value
@@ -117,6 +138,9 @@ VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     'ANTHIAS_BACKUP_DIR': _directory,
     'ANTHIAS_ROLLBACK_RESTART_COMMAND': _command,
     'ANTHIAS_ROLLBACK_RESTART_TIMEOUT': _seconds,
+    'ANTHIAS_ROLLBACK_RESTART_ADAPTER': _restart_adapter,
+    'ANTHIAS_ROLLBACK_RESTART_SERVICES': _words,
+    'ANTHIAS_ROLLBACK_UPDATE_LOCK': _file,
     'ANTHIAS_ROLLBACK_VERIFY_URLS': _urls,
     'ANTHIAS_ROLLBACK_EXCLUDE': _words,
     'ANTHIAS_PG_DUMP': _program,
