@@ -56,7 +56,6 @@ from anthias_rollback import (
     schema,
     seeding,
     transfer,
-    window,
 )
 from anthias_rollback.drill_history import (
     ERROR,
@@ -78,6 +77,7 @@ from anthias_rollback.report import (
     first_line,
     redact,
 )
+from anthias_rollback.window import journal as window_journal
 
 SANDBOX_DB_NAME = 'anthias.db'
 DEFAULT_SEED_ROWS = 1000
@@ -422,7 +422,7 @@ def migrate_and_compare(run: _Run, sandbox_db: Path, scratch: str) -> None:
                                                  'sandbox vs PostgreSQL')
             # The cutover, as switch_database makes it: the change
             # journal and fence installed with the rows recorded.
-            window.open_window(source, scratch)
+            window_journal.open_window(source, scratch)
             left_out = excluded_rows(source)
             if left_out:
                 record['status'] = phases.WARNING

@@ -565,7 +565,7 @@ class StandbyWatch:
         self.active: str | None = None   # the alert raised, not cleared
 
     def read(self) -> StandbyResult:
-        from anthias_rollback import standby
+        from anthias_rollback.window import standby as window_standby
 
         try:
             active = profiles.resolve_active_profile(self.data_dir)
@@ -588,11 +588,11 @@ class StandbyWatch:
             return StandbyResult(STANDBY_NOT_EXPECTED, None, None,
                                  'no rollback window')
         try:
-            state = standby.standby_state(self.data_dir, self.alias)
+            state = window_standby.standby_state(self.data_dir, self.alias)
         except (OSError, sqlite3.Error) as err:
-            state = standby.StandbyState(
-                standby.standby_path(self.data_dir), True, None, None, None,
-                None, f'unreadable: {first_line(err)}')
+            state = window_standby.StandbyState(
+                window_standby.standby_path(self.data_dir), True, None,
+                None, None, None, f'unreadable: {first_line(err)}')
         if state.position is None:
             return StandbyResult(STANDBY_ABSENT, None, None,
                                  f'{state.path}: {state.problem}')

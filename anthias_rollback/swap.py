@@ -21,7 +21,6 @@ A crash anywhere leaves the old database (steps 1-4) or the new one
 """
 import json
 import os
-import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -82,27 +81,6 @@ def safety_copy_path(live_path: Path, when: datetime | None = None) -> Path:
         n += 1
         candidate = Path(f'{live_path}.pre-rollback-{stamp}-{n}')
     return candidate
-
-
-def sqlite_checkpoint_truncate(path: Path, attempts: int = 20,
-                               wait: float = 0.25) -> None:
-    """SQLite: move every WAL frame into the main file and empty the WAL.
-
-    Retries while readers hold old snapshots; SwapError if the WAL stays
-    busy, with the live file untouched.
-    """
-    conn = sqlite3.connect(path, timeout=5, isolation_level=None)
-    try:
-        for _ in range(attempts):
-            busy, _log, _done = conn.execute(
-                'PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
-            if not busy:
-                return
-            time.sleep(wait)
-    finally:
-        conn.close()
-    raise SwapError(f'cannot checkpoint {path}: other processes keep its '
-                    'WAL busy; stop the app processes and rerun')
 
 
 def _usable_intent(raw: bytes) -> dict | None:
@@ -223,7 +201,7 @@ def swap_in(new_path: Path, live_path: Path) -> SwapResult:
         # can open it as before (SQLite created it with the umask's).
         os.chmod(new_path, stat.S_IMODE(live_path.stat().st_mode))
         if side_file(live_path, '-wal').exists():
-            sqlite_checkpoint_truncate(live_path)
+            sqlite_file.sqlite_checkpoint_truncate(live_path)
         faults.checkpoint('swap:checkpointed')
         # A hard link: the old database is kept without copying a byte.
         os.link(live_path, safety)

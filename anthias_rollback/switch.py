@@ -12,22 +12,17 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import (
-    compare,
-    conf,
-    profiles,
-    schema,
-    standby,
-    window,
-)
+from anthias_rollback import compare, conf, profiles, schema
 from anthias_rollback.exceptions import (
     RollbackError,
     SchemaMismatchError,
     StateFileError,
     SwitchRefusedError,
 )
-from anthias_rollback.journal import record_cutover
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.window import cutover as window_cutover
+from anthias_rollback.window import journal as window_journal
+from anthias_rollback.window import standby as window_standby
 
 
 @dataclass(frozen=True)
@@ -161,10 +156,10 @@ def switch_profile(target: str, force: bool = False,
         # The journal and the cutover row commit together, before the
         # flip: no write on PostgreSQL is ever outside the journal.
         # A new window: a standby of an older one would hold stale rows.
-        folder = standby.discard_standby(data_dir)
+        folder = window_standby.discard_standby(data_dir)
         try:
-            opened = window.open_window(profiles.SQLITE, alias,
-                                        forced=force, standby_dir=folder)
+            opened = window_journal.open_window(
+                profiles.SQLITE, alias, forced=force, standby_dir=folder)
             problem = opened['standby_cutover'].get('problem')
             if problem:
                 warnings.append(f'no standby cutover file ({problem}): '
@@ -178,7 +173,8 @@ def switch_profile(target: str, force: bool = False,
             warnings.append(f'forced without a change journal '
                             f'({first_line(err)}): a later rollback cannot '
                             'prove what it keeps')
-        journal = record_cutover(profiles.SQLITE, alias, data_dir)
+        journal = window_cutover.record_cutover(profiles.SQLITE, alias,
+                                                data_dir)
     path = profiles.write_active_profile(data_dir, target, state)
     result = restart_after_flip() if restart else None
     return SwitchResult(previous.name, target, path, force,

@@ -9,7 +9,7 @@ cost on PostgreSQL. A script, not a test:
    autocommit, N single-row writes the way an app makes them (create an
    Asset, rename it, delete every 5th), one bulk_create of 1,000 rows
    and one .update() of 10,000 rows; once without the journal, once with
-   it (window.open_window), modes alternating across --repeat.
+   it (window_journal.open_window), modes alternating across --repeat.
 2. Fence and proof: with the journal installed and N assets loaded
    (TRUNCATE + COPY FREEZE, as migrate_to_postgres loads), the time of
    take_fence (no writer; one idle-in-transaction writer that commits
@@ -206,14 +206,15 @@ def child_writes(mode: str, n: int, tag: str) -> dict:
     from django.db.models import F
 
     from anthias_app.models import Asset
-    from anthias_rollback import profiles, window
+    from anthias_rollback import profiles
     from anthias_rollback.engines import postgres_journal as pj
+    from anthias_rollback.window import journal as window_journal
 
     alias = profiles.POSTGRES
     if pj.postgres_journal_installed(alias):
-        window.end_window(alias)
+        window_journal.end_window(alias)
     if mode == 'journal':
-        window.open_window(profiles.SQLITE, alias)
+        window_journal.open_window(profiles.SQLITE, alias)
     _clean(alias)
     _write_loop(alias, 50, f'{tag}-warm')      # connection, ORM caches
     _clean(alias)
@@ -234,8 +235,8 @@ def child_writes(mode: str, n: int, tag: str) -> dict:
         result['update_s'].append(time.perf_counter() - started)
         assert done == BASE_ROWS, done
     if mode == 'journal':
-        result['journal_entries'] = window.window_state(alias).entries
-        window.end_window(alias)
+        result['journal_entries'] = window_journal.window_state(alias).entries
+        window_journal.end_window(alias)
     _clean(alias)
     return result
 
@@ -299,10 +300,10 @@ def _sanity(alias: str, n: int) -> list[str]:
     from django.db import DatabaseError, connections
 
     from anthias_app.models import Asset
-    from anthias_rollback import window
+    from anthias_rollback.window import journal as window_journal
 
     problems = []
-    taken = window.take_fence(alias, FENCE_TIMEOUT)
+    taken = window_journal.take_fence(alias, FENCE_TIMEOUT)
     try:
         Asset.objects.using(alias).create(asset_id='fenced', name='x')
         problems.append('a write went through the raised fence')
@@ -310,10 +311,10 @@ def _sanity(alias: str, n: int) -> list[str]:
         if 'fenced' not in str(err):
             problems.append(f'fenced write failed oddly: {err!r}')
     connections[alias].close()
-    window.lower_fence(alias)
+    window_journal.lower_fence(alias)
     if not taken.taken:
         problems.append(f'take_fence not taken: {taken}')
-    with window.snapshot_transaction(alias) as snapshot:
+    with window_journal.snapshot_transaction(alias) as snapshot:
         copied = _counts(alias)
     pk = Asset.objects.using(alias).values_list('pk', flat=True).first()
     Asset.objects.using(alias).create(asset_id='after-1', name='new')
@@ -325,7 +326,7 @@ def _sanity(alias: str, n: int) -> list[str]:
         cursor.execute("UPDATE assets SET name = 'bypass' WHERE asset_id "
                        '= (SELECT max(asset_id) FROM assets)')
         cursor.execute('SET session_replication_role = DEFAULT')
-    proof = window.prove_copy(alias, snapshot, copied)
+    proof = window_journal.prove_copy(alias, snapshot, copied)
     got = {(w.pk, w.operation) for w in proof.lost}
     want = {('after-1', 'insert'), (pk, 'update')}
     if not want <= got:
@@ -346,10 +347,11 @@ def child_fence(n: int, repeat: int) -> dict:
     from django.db.models import F
 
     from anthias_app.models import Asset
-    from anthias_rollback import profiles, window
+    from anthias_rollback import profiles
+    from anthias_rollback.window import journal as window_journal
 
     alias = profiles.POSTGRES
-    window.open_window(profiles.SQLITE, alias)
+    window_journal.open_window(profiles.SQLITE, alias)
     # Journaled app writes made during the window, before the fence.
     pks = list(Asset.objects.using(alias).values_list('pk', flat=True)
                [:JOURNAL_ROWS])
@@ -364,11 +366,11 @@ def child_fence(n: int, repeat: int) -> dict:
     for rep in range(repeat + 1):          # run 0 warms caches, dropped
         record = add if rep else (lambda name, seconds: None)
         started = time.perf_counter()
-        result = window.take_fence(alias, FENCE_TIMEOUT)
+        result = window_journal.take_fence(alias, FENCE_TIMEOUT)
         record('take_fence, no writer', time.perf_counter() - started)
         assert result.taken, result
         started = time.perf_counter()
-        window.lower_fence(alias)
+        window_journal.lower_fence(alias)
         record('lower_fence', time.perf_counter() - started)
 
         ready, errors = threading.Event(), []
@@ -378,7 +380,7 @@ def child_fence(n: int, repeat: int) -> dict:
         writer.start()
         ready.wait(FENCE_TIMEOUT)
         started = time.perf_counter()
-        result = window.take_fence(alias, FENCE_TIMEOUT)
+        result = window_journal.take_fence(alias, FENCE_TIMEOUT)
         record(f'take_fence, 1 writer idle {WRITER_HOLD:g} s',
                time.perf_counter() - started)
         writer.join(FENCE_TIMEOUT)
@@ -386,7 +388,7 @@ def child_fence(n: int, repeat: int) -> dict:
         assert not errors, errors
 
         started = time.perf_counter()
-        with window.snapshot_transaction(alias) as snapshot:
+        with window_journal.snapshot_transaction(alias) as snapshot:
             record('snapshot_transaction open',
                    time.perf_counter() - started)
             copied = _counts(alias)          # stands in for the copy
@@ -394,17 +396,17 @@ def child_fence(n: int, repeat: int) -> dict:
         record('snapshot_transaction close', time.perf_counter() - started)
 
         started = time.perf_counter()
-        proof = window.prove_copy(alias, snapshot, copied)
+        proof = window_journal.prove_copy(alias, snapshot, copied)
         record('prove_copy (total)', time.perf_counter() - started)
         assert proof.proven_none, proof
         for name, seconds in _prove_parts(alias, snapshot, copied).items():
             record(f'  {name}', seconds)
         started = time.perf_counter()
-        window.lower_fence(alias)
+        window_journal.lower_fence(alias)
         record('lower_fence', time.perf_counter() - started)
-    entries = window.window_state(alias).entries
+    entries = window_journal.window_state(alias).entries
     problems = _sanity(alias, total)
-    window.end_window(alias)
+    window_journal.end_window(alias)
     return {'steps': steps, 'assets': total, 'rewritten': len(pks),
             'journal_entries': entries, 'problems': problems}
 

@@ -12,7 +12,8 @@ import sqlite3
 import tarfile
 from pathlib import Path
 
-from anthias_rollback import journal, locking, profiles
+from anthias_rollback import locking, profiles
+from anthias_rollback.window import cutover as window_cutover
 from tests.conftest import run_manage
 
 DIRECTORIES = ('.anthias', 'anthias_assets')
@@ -61,7 +62,7 @@ def test_archive_takes_every_file_of_ours(tmp_path):
     """What an Anthias backup holds of ours: all of the data dir."""
     data = device(tmp_path / 'a', ['a1'])
     profiles.write_active_profile(data, 'postgres')
-    ours = [profiles.STATE_FILE_NAME, journal.JOURNAL_NAME,
+    ours = [profiles.STATE_FILE_NAME, window_cutover.RECORD_NAME,
             locking.LOCK_FILE_NAME, 'rollback_state.json', 'rollback.log',
             'monitor_baseline.json', 'backups/anthias_backup_x.db',
             'reports/rollback_x.json', 'drills/history.jsonl',

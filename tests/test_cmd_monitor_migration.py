@@ -11,14 +11,8 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from anthias_rollback import (
-    conf,
-    locking,
-    monitor,
-    profiles,
-    replication,
-    rollback,
-)
+from anthias_rollback import conf, locking, monitor, profiles, rollback
+from anthias_rollback.window import replicator as window_replicator
 from tests import monitor_views
 from tests.conftest import run_manage
 from tests.helpers.rollback import age_standby, seed_device
@@ -274,7 +268,7 @@ def lagging_device(settings, data_dir, seconds: float) -> None:
     """On postgres in an open window, with a real standby *seconds*
     behind (replicate_changes ran once, then "stopped")."""
     seed_device(settings, n_assets=5)
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
     age_standby(data_dir, seconds)
 
 

@@ -19,7 +19,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 
-from anthias_rollback import rollback, standby
+from anthias_rollback import rollback
+from anthias_rollback.window import standby as window_standby
 from tests.conftest import ROOT, postgres_killed, run_manage
 from tests.helpers.factories import AssetFactory
 from tests.helpers.rollback import seed_device
@@ -76,12 +77,12 @@ def test_killed_at_its_fault_points_then_once_catches_up(data_dir,
                 using='postgres')
         bootstrap = point == 'replicate:bootstrap-copied'
         if bootstrap:
-            standby.standby_path(data_dir).unlink(missing_ok=True)
+            window_standby.standby_path(data_dir).unlink(missing_ok=True)
         env = dict(host_env, ANTHIAS_ROLLBACK_KILL_AT=point)
         killed = run_manage(env, 'replicate_changes', '--once')
         assert killed.returncode == -9, (point, killed.stderr)
         if bootstrap:
-            assert not standby.standby_path(data_dir).exists()
+            assert not window_standby.standby_path(data_dir).exists()
         done = run_manage(host_env, 'replicate_changes', '--once')
         assert done.returncode == 0, done.stderr
         assert_standby_equals_postgres(data_dir)
@@ -137,7 +138,7 @@ def test_emergency_rollback_after_postgres_sigkill_restores_the_standby(
         # The replicator and the writers started (a loaded CI box takes
         # seconds to boot Django), then a random 2-4 s of both running.
         ends = time.monotonic() + 60
-        while (standby.standby_state(data_dir).position is None
+        while (window_standby.standby_state(data_dir).position is None
                or not log.exists() or log.stat().st_size < 200):
             assert time.monotonic() < ends, 'the replicator never started'
             time.sleep(0.05)
@@ -183,6 +184,6 @@ def test_emergency_rollback_after_postgres_sigkill_restores_the_standby(
         assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
         assert conn.execute(
             "SELECT count(*) FROM sqlite_master WHERE name = ?",
-            [standby.POSITION_TABLE]).fetchone()[0] == 0
+            [window_standby.POSITION_TABLE]).fetchone()[0] == 0
     finally:
         conn.close()

@@ -69,16 +69,16 @@ def test_subprocess_exit_codes(host_env):
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'], transaction=True)
 def test_window_and_a_fence_left_up_are_reported(data_dir):
-    from anthias_rollback import window
+    from anthias_rollback.window import journal as window_journal
 
     call_command('backup_database', verbosity=0, stdout=StringIO())
-    window.open_window('sqlite', 'postgres', forced=True)
-    window.take_fence('postgres', timeout=5)
+    window_journal.open_window('sqlite', 'postgres', forced=True)
+    window_journal.take_fence('postgres', timeout=5)
     report = json.loads(command('--json')[0])
     reason = {c['name']: c['reason'] for c in report['checks']}['window']
     assert 'fence up' in reason and 'refuses writes' in reason
     assert 'FORCED' in reason
-    window.lower_fence('postgres')
+    window_journal.lower_fence('postgres')
     report = json.loads(command('--json')[0])
     reason = {c['name']: c['reason'] for c in report['checks']}['window']
     assert 'fence open' in reason

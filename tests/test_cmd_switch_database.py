@@ -140,7 +140,7 @@ def test_subprocess_exit_codes(same_data, host_env):
 
 @pytest.mark.django_db(databases=['sqlite', 'postgres'])
 def test_cutover_journal_recorded(data_dir):
-    from anthias_rollback import journal
+    from anthias_rollback.window import cutover as window_cutover
     from tests.helpers.factories import AssetFactory
 
     AssetFactory.create_batch(3)
@@ -148,14 +148,15 @@ def test_cutover_journal_recorded(data_dir):
     with pytest.raises(CommandError, match='does not hold SQLite') as exc:
         switch('--to', 'postgres')
     assert 'anthias_app.Asset: sqlite 3 rows, postgres 0' in str(exc.value)
-    assert journal.read_cutover(data_dir) is None
+    assert window_cutover.read_cutover(data_dir) is None
     assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
     # ... unless forced, which the change journal records.
     switch('--to', 'postgres', '--force')
-    from anthias_rollback import window
-    assert window.window_state('postgres').forced is True
-    recorded = journal.read_cutover(data_dir)
+    from anthias_rollback.window import journal as window_journal
+    assert window_journal.window_state('postgres').forced is True
+    recorded = window_cutover.read_cutover(data_dir)
     assert recorded['source']['models']['anthias_app.Asset']['rows'] == 3
     assert recorded['target']['models']['anthias_app.Asset']['rows'] == 0
     assert 'anthias_app.0001_initial' in recorded['target']['migrations']
-    assert (journal.journal_path(data_dir).stat().st_mode & 0o777) == 0o600
+    path = window_cutover.record_path(data_dir)
+    assert (path.stat().st_mode & 0o777) == 0o600

@@ -10,7 +10,7 @@ import pytest
 from django.db import connections
 from django.db.backends.postgresql.base import DatabaseWrapper
 
-from anthias_rollback import monitor, profiles, replication, standby, window
+from anthias_rollback import monitor, profiles
 from anthias_rollback.exceptions import (
     BaselineError,
     ConfigError,
@@ -22,6 +22,9 @@ from anthias_rollback.monitor import (
     Probe,
     Thresholds,
 )
+from anthias_rollback.window import journal as window_journal
+from anthias_rollback.window import replicator as window_replicator
+from anthias_rollback.window import standby as window_standby
 from tests import monitor_views
 from tests.conftest import postgres_stopped
 from tests.helpers.factories import AssetFactory
@@ -396,8 +399,8 @@ def standby_config(data_dir, max_lag=30.0, **kwargs):
 
 
 def replicate_once(data_dir):
-    return replication.run_replicator('postgres', data_dir=data_dir,
-                                      once=True)
+    return window_replicator.run_replicator('postgres', data_dir=data_dir,
+                                            once=True)
 
 
 def alert_kinds(rounds) -> list[list[tuple[str, bool]]]:
@@ -479,7 +482,8 @@ def test_missing_standby_in_an_open_window_is_reported_once(data_dir,
     assert alert_kinds(rounds) == [[(monitor.STANDBY_MISSING, False)], [],
                                    [], []]
     assert 'replicate_changes not run' in result.alerts[0].message
-    assert str(standby.standby_path(data_dir)) in result.alerts[0].message
+    assert str(window_standby.standby_path(data_dir)) in \
+        result.alerts[0].message
     assert rounds[-1].standby.state == monitor.STANDBY_ABSENT
     assert not result.triggered
 
@@ -493,7 +497,7 @@ def test_no_standby_expected_without_a_window_or_off_postgres(data_dir,
         monitor.STANDBY_NOT_EXPECTED, None, None, 'profile sqlite')
     assert result.alerts == ()
     seed_device(settings, n_assets=5)
-    window.end_window('postgres')
+    window_journal.end_window('postgres')
     result, rounds = watch(standby_config(data_dir),
                            prober=ScriptedProber(1))
     assert rounds[0].standby.detail == 'no rollback window'

@@ -1,4 +1,4 @@
-"""replication.py on real files and the real PostgreSQL: the standby
+"""window.replicator on real files and the real PostgreSQL: the standby
 equals PostgreSQL after every kind of write, batches follow transaction
 visibility (a late commit is never skipped), a SIGKILL at any instant
 leaves a whole standby whose position matches its content, PostgreSQL
@@ -17,7 +17,9 @@ import pytest
 from django.db import connections, transaction
 
 from anthias_app.models import Asset
-from anthias_rollback import compare, events, profiles, replication, standby
+from anthias_rollback import compare, events, profiles
+from anthias_rollback.window import replicator as window_replicator
+from anthias_rollback.window import standby as window_standby
 from tests.conftest import postgres_stopped
 from tests.helpers.factories import AssetFactory
 from tests.helpers.rollback import seed_device
@@ -27,12 +29,12 @@ ALL = ['default', 'sqlite', 'postgres']
 
 
 def once(data_dir):
-    return replication.run_replicator('postgres', data_dir=data_dir,
-                                      once=True)
+    return window_replicator.run_replicator('postgres', data_dir=data_dir,
+                                            once=True)
 
 
 def assert_standby_equals_postgres(data_dir):
-    path = standby.standby_path(data_dir)
+    path = window_standby.standby_path(data_dir)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
@@ -57,8 +59,8 @@ def pg_session():
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_cutover_file_is_private_and_recorded(data_dir, settings):
     seed_device(settings, n_assets=5)
-    folder = standby.standby_dir(data_dir)
-    cut = standby.cutover_path(data_dir)
+    folder = window_standby.standby_dir(data_dir)
+    cut = window_standby.cutover_path(data_dir)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(cut.stat().st_mode) == 0o600
     from anthias_rollback.engines import postgres_journal as pj
@@ -117,8 +119,9 @@ def test_every_kind_of_write_reaches_the_standby(data_dir, settings):
     result = once(data_dir)
     assert result.entries >= 1
     assert_standby_equals_postgres(data_dir)
-    position = standby.read_position(standby.standby_path(data_dir))
-    state = standby.standby_state(data_dir)
+    position = window_standby.read_position(
+        window_standby.standby_path(data_dir))
+    state = window_standby.standby_state(data_dir)
     assert state.pending == 0 and state.position == position
     assert 0 <= state.lag_seconds < 60
 
@@ -144,7 +147,7 @@ def test_a_long_transaction_that_commits_late_is_not_skipped(data_dir,
         late.close()
     once(data_dir)
     assert_standby_equals_postgres(data_dir)
-    conn = sqlite3.connect(standby.standby_path(data_dir))
+    conn = sqlite3.connect(window_standby.standby_path(data_dir))
     try:
         assert conn.execute("SELECT name FROM assets WHERE asset_id "
                             "= ?", [first]).fetchone()[0] == 'long'
@@ -160,8 +163,8 @@ def _child_replicates(data_dir, kill_after):
     pid = os.fork()
     if pid == 0:   # the child: replicate until killed
         try:
-            replication.run_replicator('postgres', data_dir=data_dir,
-                                       interval=0.01)
+            window_replicator.run_replicator('postgres', data_dir=data_dir,
+                                             interval=0.01)
         finally:
             os._exit(0)
     time.sleep(kill_after)
@@ -186,9 +189,9 @@ def test_sigkill_at_random_points_leaves_a_whole_standby(data_dir,
             Asset.objects.using(pg).filter(
                 asset_id__startswith=f't{trial - 1}-').delete()
         if trial % 25 == 10:   # a fresh standby: kill the bootstrap too
-            standby.standby_path(data_dir).unlink(missing_ok=True)
+            window_standby.standby_path(data_dir).unlink(missing_ok=True)
         _child_replicates(data_dir, rng.uniform(0, 0.3))
-        path = standby.standby_path(data_dir)
+        path = window_standby.standby_path(data_dir)
         if path.exists():
             conn = sqlite3.connect(path)
             try:
@@ -209,7 +212,7 @@ def test_postgres_stopped_mid_run_is_survived(data_dir, settings):
     seen = []
     stop = threading.Event()
     runner = threading.Thread(target=lambda: seen.append(
-        replication.run_replicator(
+        window_replicator.run_replicator(
             'postgres', data_dir=data_dir, interval=0.1, max_backoff=1.0,
             stop=stop, progress=seen.append)))
     runner.start()
@@ -221,7 +224,7 @@ def test_postgres_stopped_mid_run_is_survived(data_dir, settings):
         AssetFactory.build(asset_id='after-restart').save(using='postgres')
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            state = standby.standby_state(data_dir)
+            state = window_standby.standby_state(data_dir)
             if state.pending == 0 and state.lag_seconds < 2:
                 conn = sqlite3.connect(state.path)
                 found = conn.execute("SELECT count(*) FROM assets WHERE "
@@ -245,7 +248,7 @@ def test_postgres_stopped_mid_run_is_survived(data_dir, settings):
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_refused_off_the_postgres_profile(data_dir, settings):
-    with pytest.raises(replication.ReplicationRefusedError,
+    with pytest.raises(window_replicator.ReplicationRefusedError,
                        match='active profile is sqlite'):
         once(data_dir)
 
@@ -261,8 +264,8 @@ def test_validate_migration_reads_the_standby(data_dir, settings,
     device = seed_device(settings, n_assets=6)
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='replicated')
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
-    path = str(standby.standby_path(data_dir))
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    path = str(window_standby.standby_path(data_dir))
     done = run_manage(host_env, 'validate_migration', '--sqlite-db', path,
                       '--no-performance-test')
     assert done.returncode == 0, done.stdout + done.stderr

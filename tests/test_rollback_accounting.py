@@ -10,7 +10,7 @@ import time
 import pytest
 from django.db import connections
 
-from anthias_rollback import window
+from anthias_rollback.window import journal as window_journal
 from tests.conftest import ROOT
 from tests.helpers.pg import pg_session
 from tests.helpers.rollback import seed_device
@@ -126,4 +126,4 @@ def test_writers_that_delete_never_make_auto_restore_the_backup(
     assert sum(1 for p in present.values() if not p) >= 20
     wrong = [pk for pk, p in present.items() if (pk in restored) != p]
     assert wrong == []
-    assert window.account_cutover('postgres') == []
+    assert window_journal.account_cutover('postgres') == []

@@ -8,7 +8,8 @@ import pytest
 from django.db import DatabaseError, connections
 
 from anthias_app.models import Asset
-from anthias_rollback import profiles, window
+from anthias_rollback import profiles
+from anthias_rollback.window import journal as window_journal
 from tests.conftest import ROOT, run_manage
 from tests.helpers.rollback import (
     fingerprint_postgres,
@@ -99,7 +100,7 @@ def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
     # The fence stays up after the rollback (no write may land in the
     # abandoned database), whatever phase the first run died in; the
     # rerun's loss is proven. No half-built file is left behind.
-    assert window.window_state('postgres').fence == 'up', point
+    assert window_journal.window_state('postgres').fence == 'up', point
     with pytest.raises(DatabaseError, match='fenced'):
         Asset.objects.using('postgres').filter(
             pk=device.asset_ids[2]).update(name='stale writer')

@@ -10,7 +10,8 @@ import pytest
 from django.db import connections
 
 from anthias_app.models import Asset
-from anthias_rollback import profiles, window
+from anthias_rollback import profiles
+from anthias_rollback.window import journal as window_journal
 from tests.conftest import ROOT, run_manage
 from tests.helpers.pg import pg_session
 from tests.helpers.rollback import seed_device
@@ -142,7 +143,7 @@ def test_a_write_that_bypassed_the_triggers_is_named_and_exit_4(
     last = out.strip().splitlines()[-1]
     assert f'anthias_app.Asset pk={target} write' in last, last
     assert 'data loss: 1 write(s) not in SQLite' in last
-    assert window.window_state('postgres').fence == 'up'
+    assert window_journal.window_state('postgres').fence == 'up'
     assert Asset.objects.using('postgres').get(pk=target).name == 'sneaky'
 
 
@@ -176,7 +177,7 @@ def test_postgres_that_lost_rows_is_refused_as_a_source(state, data_dir,
         Asset.objects.using('postgres').filter(pk__in=doomed).delete()
     with pytest.raises(SwitchRefusedError):
         switch.switch_profile('postgres', restart=False)
-    assert not window.window_state('postgres').installed
+    assert not window_journal.window_state('postgres').installed
     switch.switch_profile('postgres', force=True, restart=False)
     expected = '0 of 6' if state == 'empty' else '3 of 6'
     out, _ = roll_back('--emergency')
@@ -186,7 +187,7 @@ def test_postgres_that_lost_rows_is_refused_as_a_source(state, data_dir,
     assert Asset.objects.using('sqlite').count() == 6
     # Asked for anyway: done, the shortfall named, exit 4.
     profiles.write_active_profile(data_dir, 'postgres')
-    window.lower_fence('postgres')
+    window_journal.lower_fence('postgres')
     with pytest.raises(CommandError) as excinfo:
         roll_back('--emergency', '--source', 'postgres')
     assert excinfo.value.returncode == 4

@@ -16,9 +16,12 @@ from django.db import connections, models
 from django.utils import timezone
 
 from anthias_app.models import Asset
-from anthias_rollback import profiles, replication, standby, switch, window
+from anthias_rollback import profiles, switch
 from anthias_rollback.rollback import preview
 from anthias_rollback.rollback import state as rollback_state
+from anthias_rollback.window import journal as window_journal
+from anthias_rollback.window import replicator as window_replicator
+from anthias_rollback.window import standby as window_standby
 from tests.conftest import run_manage
 from tests.helpers.compare import kitchen_objects
 from tests.helpers.factories import AssetFactory
@@ -153,8 +156,9 @@ def test_the_standby_is_the_base_when_replicate_changes_ran(
     device = seed_device(settings, n_assets=10)
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='replicated')
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
-    position = standby.read_position(standby.standby_path(data_dir))
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    position = window_standby.read_position(
+        window_standby.standby_path(data_dir))
     Asset.objects.using('postgres').filter(pk=device.asset_ids[1]).update(
         name='after the standby')
     done = rollback(host_env)
@@ -177,7 +181,7 @@ def test_a_missing_or_changed_cutover_file_means_the_full_copy(
     device = seed_device(settings, n_assets=5)
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='on pg')
-    cut = standby.cutover_path(data_dir)
+    cut = window_standby.cutover_path(data_dir)
     if damage == 'missing':
         cut.unlink()
     else:
@@ -199,8 +203,8 @@ def test_a_base_that_reads_back_wrong_falls_back_to_the_full_copy(
     in the file): the changed keys do not read back equal, so the full
     copy is taken, with a warning; the result is PostgreSQL's."""
     device = seed_device(settings, n_assets=5)
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
-    conn = sqlite3.connect(standby.standby_path(data_dir))
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    conn = sqlite3.connect(window_standby.standby_path(data_dir))
     conn.execute("CREATE TRIGGER mangle AFTER INSERT ON assets BEGIN "
                  "UPDATE assets SET name = 'mangled' WHERE asset_id = "
                  "NEW.asset_id; END")
@@ -255,14 +259,15 @@ def test_a_forced_switch_never_makes_the_cutover_file_a_base(
     standby bootstrapped from it."""
     device = seed_device(settings, n_assets=5)
     switch.switch_profile('sqlite', restart=False)
-    window.end_window('postgres')
+    window_journal.end_window('postgres')
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='only on postgres')
     switch.switch_profile('postgres', force=True, restart=False)
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
-    position = standby.read_position(standby.standby_path(data_dir))
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    position = window_standby.read_position(
+        window_standby.standby_path(data_dir))
     assert position.started_from == 'full copy'
-    standby.standby_path(data_dir).unlink()
+    window_standby.standby_path(data_dir).unlink()
     # The prompt's facts follow the build's rules (they once drifted).
     facts = preview.preview(rollback_state.RollbackOptions())
     assert facts.build.startswith('full copy of '), facts.build
@@ -283,8 +288,8 @@ def test_a_base_that_fails_quick_check_is_refused_and_nothing_changes(
     root page type byte) is refused, exit 1, the live file and the
     profile as they were."""
     device = seed_device(settings, n_assets=5)
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
-    path = standby.standby_path(data_dir)
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    path = window_standby.standby_path(data_dir)
     conn = sqlite3.connect(path)
     conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
     page_size = conn.execute('PRAGMA page_size').fetchone()[0]

@@ -12,12 +12,13 @@ import sys
 import pytest
 from django.db import connections
 
-from anthias_rollback import journal, profiles, switch
+from anthias_rollback import profiles, switch
 from anthias_rollback.exceptions import (
     ConfigError,
     DatabaseUnavailableError,
     StateFileError,
 )
+from anthias_rollback.window import cutover as window_cutover
 from tests.conftest import ROOT
 
 BOTH = ['sqlite', 'postgres']
@@ -53,7 +54,7 @@ def test_switch_writes_state_file_with_previous(same_data, data_dir):
     # Only the state file, the cutover journal and the standby dir (the
     # cutover file): no temp file left.
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(
-        [path.name, journal.journal_path(data_dir).name, 'standby'])
+        [path.name, window_cutover.record_path(data_dir).name, 'standby'])
 
 
 @pytest.mark.django_db(databases=BOTH)
@@ -76,7 +77,7 @@ def test_state_file_mode_private_to_its_writer(same_data, data_dir):
 def test_second_switch_records_previous_and_no_new_journal(same_data,
                                                          data_dir):
     first = switch.switch_profile('postgres', restart=False)
-    assert first.cutover_journal == journal.journal_path(data_dir)
+    assert first.cutover_journal == window_cutover.record_path(data_dir)
     again = switch.switch_profile('postgres', restart=False)
     assert again.previous == 'postgres'
     assert again.cutover_journal is None

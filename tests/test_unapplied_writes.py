@@ -11,7 +11,7 @@ import pytest
 from django.db import connections
 
 from anthias_app.models import Asset
-from anthias_rollback import replication
+from anthias_rollback.window import replicator as window_replicator
 from tests.conftest import postgres_stopped, run_manage
 from tests.helpers.factories import AssetFactory
 from tests.helpers.rollback import seed_device
@@ -36,7 +36,7 @@ def test_the_writes_after_the_position_are_listed_and_exported(
     ids = device.asset_ids
     Asset.objects.using('postgres').filter(pk=ids[0]).update(name='early')
     # Written after the standby's position: three writes it lacks.
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
     Asset.objects.using('postgres').filter(pk=ids[1]).update(name='late ✏️')
     Asset.objects.using('postgres').filter(pk=ids[2]).delete()
     AssetFactory.build(asset_id='late-insert').save(using='postgres')
@@ -75,7 +75,7 @@ def test_nothing_after_the_position_is_exit_0(data_dir, settings,
     device = seed_device(settings, n_assets=4)
     Asset.objects.using('postgres').filter(
         pk=device.asset_ids[0]).update(name='replicated')
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
     standby_rollback(device, data_dir, host_env)
     done = run_manage(host_env, 'export_unapplied_writes')
     assert done.returncode == 0, done.stdout + done.stderr
@@ -89,7 +89,7 @@ def test_refused_without_a_standby_rollback_or_with_postgres_down(
     assert done.returncode == 1
     assert 'no report' in done.stderr and 'Traceback' not in done.stderr
     device = seed_device(settings, n_assets=4)
-    replication.run_replicator('postgres', data_dir=data_dir, once=True)
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
     standby_rollback(device, data_dir, host_env)
     with postgres_stopped():
         done = run_manage(host_env, 'export_unapplied_writes')

@@ -1,6 +1,6 @@
 """Row converters compiled per model, with fast paths per engine pair.
 
-The generic path (transfer._Converter.funcs) calls the source backend's
+The generic path (transfer.Converter.funcs) calls the source backend's
 converters, the field's from_db_value and get_db_prep_value for every
 value: about 20 Python calls per value, which made a 1,000,000-row copy
 CPU-bound (profiled: 85 % of the time). For Django's own field classes

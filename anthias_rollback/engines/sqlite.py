@@ -433,6 +433,19 @@ def foreign_key_problems(alias: str, tables: Iterable[str]
     return found
 
 
+def sqlite_use_wal(alias: str) -> None:
+    """SQLite: put *alias*'s file in WAL mode (kept in the file), so a
+    reader and a writer of it wait for neither."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('PRAGMA journal_mode=WAL')
+
+
+def sqlite_defer_foreign_keys(alias: str) -> None:
+    """SQLite: check the foreign keys of *alias*'s open transaction at
+    COMMIT instead of per statement (the caller holds the transaction)."""
+    connections[alias].connection.execute('PRAGMA defer_foreign_keys = ON')
+
+
 def sqlite_sync_sequences(alias: str, values: dict[str, int]) -> None:
     """Raise sqlite_sequence for each table to at least *values[table]*,
     so SQLite's AUTOINCREMENT never hands out an id seen before."""

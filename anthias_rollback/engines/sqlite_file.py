@@ -9,12 +9,13 @@ reads. The one header check lives here too (`sqlite_file_problem`).
 import hashlib
 import os
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from anthias_rollback.exceptions import BackupError
+from anthias_rollback.exceptions import BackupError, SwapError
 
 SQLITE_HEADER = b'SQLite format 3\x00'
 # Measured on the 1M-asset bench file: 8 MiB reads keep sha256 at memory
@@ -129,6 +130,17 @@ def sqlite_open_readonly(path: Path, timeout: float,
     return conn
 
 
+def sqlite_connect(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
+    """A read-write connection in autocommit mode to the file at *path*
+    (sqlite3 creates a missing one: callers pass a file they made)."""
+    return sqlite3.connect(path, timeout=timeout, isolation_level=None)
+
+
+def sqlite_set_wal(conn: sqlite3.Connection) -> None:
+    """SQLite: put the file behind *conn* in WAL mode (kept in the file)."""
+    conn.execute('PRAGMA journal_mode=WAL')
+
+
 def sqlite_table_counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Rows per user table (SQLite's own sqlite_* tables left out)."""
     names = [row[0] for row in conn.execute(
@@ -195,6 +207,25 @@ def quick_check_line(conn: sqlite3.Connection) -> str:
         return str(err)
 
 
+def sqlite_quick_check_in_snapshot(path: Path, begun: Callable[[], None]
+                                   ) -> str:
+    """quick_check's first line for the file at *path* as it is when the
+    check's read transaction begins; *begun* is called once it has (or
+    once opening it failed), so a caller may write on meanwhile (WAL)."""
+    conn = sqlite3.connect(path, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute('BEGIN')
+        conn.execute('SELECT count(*) FROM sqlite_master').fetchone()
+        begun()
+        return quick_check_line(conn)
+    except sqlite3.DatabaseError as err:
+        return str(err)      # its schema page unreadable: the answer
+    finally:
+        begun()
+        conn.close()
+
+
 def sqlite_full_check(path: Path) -> list[str]:
     """integrity_check and foreign_key_check problems (empty if fine)."""
     conn = sqlite3.connect(path)
@@ -202,6 +233,27 @@ def sqlite_full_check(path: Path) -> list[str]:
         return sqlite_problems(conn)
     finally:
         conn.close()
+
+
+def sqlite_checkpoint_truncate(path: Path, attempts: int = 20,
+                               wait: float = 0.25) -> None:
+    """SQLite: move every WAL frame into the main file and empty the WAL.
+
+    Retries while readers hold old snapshots; SwapError if the WAL stays
+    busy, with the live file untouched.
+    """
+    conn = sqlite3.connect(path, timeout=5, isolation_level=None)
+    try:
+        for _ in range(attempts):
+            busy, _log, _done = conn.execute(
+                'PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+            if not busy:
+                return
+            time.sleep(wait)
+    finally:
+        conn.close()
+    raise SwapError(f'cannot checkpoint {path}: other processes keep its '
+                    'WAL busy; stop the app processes and rerun')
 
 
 # --- copying ----------------------------------------------------------------

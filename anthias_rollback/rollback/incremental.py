@@ -15,22 +15,23 @@ tail so long that the full copy is faster, a changed key that does not
 read back equal. Writes only the new file.
 """
 import contextlib
-import sqlite3
 import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import transaction
 
-from anthias_rollback import faults, fields, profiles, schema, standby
+from anthias_rollback import faults, fields, profiles, schema
 from anthias_rollback.compare import streams
 from anthias_rollback.engines import postgres_journal as pj
+from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ReplicationError
-from anthias_rollback.replication import Applier, keys_for
 from anthias_rollback.rollback.state import _Run, count_rows
+from anthias_rollback.window import applier as window_applier
+from anthias_rollback.window import standby as window_standby
 
 # A tail longer than this many journal entries (or a quarter of the rows
 # at the cutover, whichever is more) is copied whole instead: re-reading
@@ -50,7 +51,7 @@ class Base:
     at: str             # ISO time of that snapshot
 
 
-def standby_problem(position: standby.Position,
+def standby_problem(position: window_standby.Position,
                     cutover: dict[str, Any]) -> str | None:
     """Why a standby at *position* cannot be this window's base, or
     None. Shared with the prompt's preview, so both decide alike."""
@@ -66,7 +67,7 @@ def cutover_file_problem(data_dir: Path,
     """Why the cutover file cannot be this window's base, or None (its
     sha256 is checked when it is copied). Shared with the preview."""
     info = cutover['info'].get('standby_cutover') or {}
-    cut = standby.cutover_path(data_dir)
+    cut = window_standby.cutover_path(data_dir)
     if cutover.get('forced'):
         # --force skipped the check that SQLite held PostgreSQL's rows.
         return ('the switch was forced: the cutover file may not hold '
@@ -90,12 +91,12 @@ def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
     data_dir = run.data_dir
     timeout = max(1.0, min(60.0, run.deadline.remaining() / 3))
     why_not = []
-    path = standby.standby_path(data_dir)
+    path = window_standby.standby_path(data_dir)
     if path.exists():
         try:
             # The position is read from the copy: it describes its rows.
-            position = standby.copy_standby(data_dir, new_path,
-                                            timeout=timeout)
+            position = window_standby.copy_standby(data_dir, new_path,
+                                                   timeout=timeout)
             problem = standby_problem(position, cutover)
         except ReplicationError as err:
             problem = str(err)
@@ -108,7 +109,7 @@ def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
         sqlite_file.remove_sqlite_file(new_path)
     else:
         why_not.append('no standby')
-    cut = standby.cutover_path(data_dir)
+    cut = window_standby.cutover_path(data_dir)
     problem = cutover_file_problem(data_dir, cutover)
     if problem is None:
         digest = sqlite_file.copy_file_sha256(cut, new_path)
@@ -145,7 +146,7 @@ def differing_keys(changed: dict[Any, list[str]], alias: str,
         label = model._meta.label
         unique = sorted(set(texts))
         for start in range(0, len(unique), streams.KEY_BATCH):
-            pg_keys, sqlite_keys = keys_for(
+            pg_keys, sqlite_keys = window_applier.keys_for(
                 model, unique[start:start + streams.KEY_BATCH], alias)
             left = dict(zip(*streams.rows_for_keys(model, alias,
                                                    sqlite_keys)))
@@ -164,21 +165,8 @@ def base_quick_check(pool: futures.Executor, path: Path
     The future's result is quick_check's first line ('ok')."""
     begun = threading.Event()
 
-    def check() -> str:
-        conn = sqlite3.connect(path, isolation_level=None,
-                               check_same_thread=False)
-        try:
-            conn.execute('BEGIN')
-            conn.execute('SELECT count(*) FROM sqlite_master').fetchone()
-            begun.set()
-            return sqlite_file.quick_check_line(conn)
-        except sqlite3.DatabaseError as err:
-            return str(err)      # its schema page unreadable: the answer
-        finally:
-            begun.set()
-            conn.close()
-
-    future = pool.submit(check)
+    future = pool.submit(sqlite_file.sqlite_quick_check_in_snapshot, path,
+                         begun.set)
     begun.wait()
     return future
 
@@ -212,8 +200,7 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
         alias = stack.enter_context(profiles.sqlite_file_alias(new_path))
         # WAL: the quick_check below reads the copied base while the tail
         # is written, neither waiting for the other.
-        with connections[alias].cursor() as cursor:
-            cursor.execute('PRAGMA journal_mode=WAL')
+        lite.sqlite_use_wal(alias)
         check_same_migrations(alias, pg)
         tail = pj.postgres_batch(pg, base.snapshot, run.snapshot)
         at_cutover = sum((cutover['info'].get('rows') or {}).values())
@@ -227,7 +214,7 @@ def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
             changed.setdefault(model, []).extend(texts)
             run.deadline.check('the incremental build')
 
-        applier = Applier(pg, alias)
+        applier = window_applier.Applier(pg, alias)
         with futures.ThreadPoolExecutor(1) as pool:
             checking = base_quick_check(pool, new_path)
             with transaction.atomic(using=alias):

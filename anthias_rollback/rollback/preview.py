@@ -14,12 +14,13 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import conf, phases, profiles, standby
+from anthias_rollback import conf, phases, profiles
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.rollback import incremental
 from anthias_rollback.rollback.sources import choose_source
 from anthias_rollback.rollback.state import RollbackOptions, _Run, count_rows
+from anthias_rollback.window import standby as window_standby
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ def _base(run: _Run, pg: str) -> tuple[str, str] | None:
     cutover = pj.postgres_cutover(pg)
     if cutover is None:
         return None
-    path = standby.standby_path(run.data_dir)
+    path = window_standby.standby_path(run.data_dir)
     try:
-        position = standby.read_position(path) if path.exists() else None
+        position = (window_standby.read_position(path) if path.exists()
+                    else None)
     except sqlite3.Error:      # unreadable: the run falls back too
         position = None
     if position is not None and \
@@ -106,7 +108,7 @@ def preview(options: RollbackOptions) -> RollbackPreview:
         except DatabaseError as err:
             build = what = loss = f'not measured ({err})'.splitlines()[0]
     elif run.source == 'standby':
-        position, _ = standby.usable_standby(data_dir)
+        position, _ = window_standby.usable_standby(data_dir)
         at = position.position_at if position else 'unknown'
         build = f'the standby as of {at}'
         what = 'not answering; nothing is done to it'

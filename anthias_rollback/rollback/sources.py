@@ -27,13 +27,10 @@ from anthias_rollback import (
     events,
     faults,
     fsutil,
-    journal,
     models_graph,
     profiles,
     schema,
-    standby,
     transfer,
-    window,
 )
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import (
@@ -46,6 +43,9 @@ from anthias_rollback.exceptions import (
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback import incremental, render
 from anthias_rollback.rollback.state import _Run, count_rows
+from anthias_rollback.window import cutover as window_cutover
+from anthias_rollback.window import journal as window_journal
+from anthias_rollback.window import standby as window_standby
 
 
 def code_migrations() -> set[str]:
@@ -71,8 +71,8 @@ def postgres_usable(run: _Run) -> tuple[bool, str]:
                         * 1000)
         for model in models_graph.plan_models().models:
             engines.for_alias(alias).probe_table(alias, model, budget_ms)
-        run.journal = window.window_state(alias)
-        run.shortfall = window.account_cutover(alias)
+        run.journal = window_journal.window_state(alias)
+        run.shortfall = window_journal.account_cutover(alias)
     except DatabaseDownError as err:
         connections[alias].close()
         return False, first_line(err)
@@ -128,7 +128,7 @@ def choose_standby(run: _Run, why: str) -> None:
     """PostgreSQL is down: the standby replicate_changes kept, when there
     is a usable one, loses only the writes after its position (a backup
     loses every write since the cutover)."""
-    position, problem = standby.usable_standby(run.data_dir)
+    position, problem = window_standby.usable_standby(run.data_dir)
     if position is None:
         if problem != 'no standby':
             run.warn(f'{problem}; restoring a backup instead')
@@ -187,7 +187,7 @@ def build_full_copy(run: _Run, new_path: Path) -> None:
         with contextlib.ExitStack() as stack:
             if run.journal is not None and run.journal.installed:
                 run.snapshot = stack.enter_context(
-                    window.snapshot_transaction(opts.postgres_alias))
+                    window_journal.snapshot_transaction(opts.postgres_alias))
                 faults.checkpoint('rollback:snapshot-taken')
             result = transfer.transfer_data(
                 opts.postgres_alias, alias, batch_size=opts.batch_size,
@@ -200,15 +200,15 @@ def build_from_standby(run: _Run, new_path: Path) -> None:
     """A copy of the standby, its position table dropped, checked like a
     backup (schema here; quick_check and counts in the verify phase).
     Records the bound: every write committed before its position."""
-    position = standby.copy_standby(
+    position = window_standby.copy_standby(
         run.data_dir, new_path, timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
         _check_schema(alias, f'standby '
-                             f'{standby.standby_path(run.data_dir)}')
+                             f'{window_standby.standby_path(run.data_dir)}')
         run.rows = count_rows(alias)
     run.expected_rows = dict(run.rows)
     run.standby_bound = {
-        'standby': str(standby.standby_path(run.data_dir)),
+        'standby': str(window_standby.standby_path(run.data_dir)),
         'position_at': position.position_at,
         'position_ts': position.position_ts,
         'postgres_seen_at': datetime.fromtimestamp(
@@ -322,12 +322,12 @@ class ExactJSONEncoder(DjangoJSONEncoder):
 
 
 def cutover_summary(run: _Run) -> None:
-    recorded = journal.read_cutover(run.data_dir)
+    recorded = window_cutover.read_cutover(run.data_dir)
     if recorded is None or run.source != 'postgres':
         return
     try:
-        since = journal.rows_since_cutover(run.options.postgres_alias,
-                                           recorded)
+        since = window_cutover.rows_since_cutover(run.options.postgres_alias,
+                                                  recorded)
     except (RollbackError, DatabaseError):
         return
     run.since_cutover = {

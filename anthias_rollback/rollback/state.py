@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from anthias_rollback import conf, fsutil, profiles, transfer, window
+from anthias_rollback import conf, fsutil, profiles, transfer
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.phases import Deadline, PhaseResult, PhaseRunner
+from anthias_rollback.window import journal as window_journal
 
 SOURCES = ('auto', 'postgres', 'backup')
 STATE_NAME = 'rollback_state.json'
@@ -118,10 +119,10 @@ class _Run:
     flipped_at: float | None = None
     fenced: bool = False
     swapped: bool = False
-    journal: window.WindowState | None = None
+    journal: window_journal.WindowState | None = None
     snapshot: str | None = None
-    proof: window.LossProof | None = None
-    shortfall: list[window.Shortfall] = field(default_factory=list)
+    proof: window_journal.LossProof | None = None
+    shortfall: list[window_journal.Shortfall] = field(default_factory=list)
     standby_bound: dict[str, Any] | None = None
     copy: dict[str, Any] | None = None
     # Set when this run finishes one that was killed after its swap:
@@ -195,8 +196,8 @@ def restore_facts(run: _Run, recorded: dict[str, Any]) -> None:
     run.rows = run.rows or {}
     run.expected_rows = run.expected_rows or {}
     run.fenced = bool(run.fenced)
-    run.shortfall = [window.Shortfall(**s) for s in facts.get('shortfall')
-                     or []]
+    run.shortfall = [window_journal.Shortfall(**s)
+                     for s in facts.get('shortfall') or []]
     run.runner.phases[:0] = [PhaseResult(**p) for p in facts.get('phases')
                              or []]
     run.runner.warnings[:0] = list(facts.get('warnings') or [])

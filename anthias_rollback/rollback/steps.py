@@ -19,15 +19,7 @@ from django.core import checks as django_checks
 from django.db import DatabaseError, connections
 from django.test import Client
 
-from anthias_rollback import (
-    conf,
-    engines,
-    preserve,
-    profiles,
-    swap,
-    switch,
-    window,
-)
+from anthias_rollback import conf, engines, preserve, profiles, swap, switch
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.health import client_host
@@ -43,6 +35,7 @@ from anthias_rollback.rollback.state import (
     read_run_state,
     write_run_state,
 )
+from anthias_rollback.window import journal as window_journal
 
 
 def close_connections_to(path: Path) -> None:
@@ -158,7 +151,7 @@ def fence_postgres(run: _Run) -> None:
         write_run_state(run.data_dir, 'running', fence='up',
                         started_at=run.runner.started_at)
         budget = max(1.0, min(60.0, run.deadline.remaining() / 3))
-        result = window.take_fence(opts.postgres_alias, budget)
+        result = window_journal.take_fence(opts.postgres_alias, budget)
         run.fenced = True
         if not result.taken:
             shown = ', '.join(f'pid {w["pid"]} ({w["user"]}, '
@@ -182,7 +175,7 @@ def lift_fence(run: _Run) -> None:
     if not run.fenced or run.swapped:
         return
     try:
-        window.lower_fence(run.options.postgres_alias)
+        window_journal.lower_fence(run.options.postgres_alias)
         run.fenced = False
         write_run_state(run.data_dir, 'failed', fence='open')
     except DatabaseError as err:
@@ -199,8 +192,8 @@ def prove_loss(run: _Run) -> None:
     if run.source != 'postgres' or run.snapshot is None:
         return
     with run.phase('proof', check_deadline=False) as record:
-        run.proof = window.prove_copy(run.options.postgres_alias,
-                                      run.snapshot, run.rows)
+        run.proof = window_journal.prove_copy(run.options.postgres_alias,
+                                              run.snapshot, run.rows)
         if run.proof.proven_none:
             record['detail'] = ('no write committed after the copy\'s '
                                 'snapshot (' + ', '.join(run.proof.checked)

@@ -14,23 +14,24 @@ from pathlib import Path
 
 from django.db import DatabaseError, connections
 
-from anthias_rollback import schema, window
+from anthias_rollback import schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback.render import load_result
 from anthias_rollback.rollback.sources import export_rows
+from anthias_rollback.window import journal as window_journal
 
 
 @dataclass(frozen=True)
 class UnappliedWrites:
     report: str                 # the rollback report the position came from
     position_at: str
-    writes: tuple[window.LostWrite, ...]
+    writes: tuple[window_journal.LostWrite, ...]
     count_differences: dict[str, tuple[int, int]]
     exported: str | None        # the loaddata fixture, if any row to keep
     exported_rows: dict[str, int]
-    deleted: tuple[window.LostWrite, ...]
+    deleted: tuple[window_journal.LostWrite, ...]
 
     @property
     def none(self) -> bool:
@@ -79,8 +80,8 @@ def unapplied_writes(postgres_alias: str, reports_dir: Path,
                 f'on {describe_alias(postgres_alias)} (a new window began '
                 'or it was ended): compare with validate_migration '
                 '--sqlite-db instead')
-        proof = window.prove_copy(postgres_alias, bound['snapshot'],
-                                  dict(result.rows))
+        proof = window_journal.prove_copy(postgres_alias, bound['snapshot'],
+                                          dict(result.rows))
     except DatabaseError as err:
         connections[postgres_alias].close()
         raise RollbackError(f'PostgreSQL {describe_alias(postgres_alias)} '

@@ -31,7 +31,7 @@ from anthias_rollback.transfer.results import (
     SourceProblem,
     TransferResult,
 )
-from anthias_rollback.transfer.values import _Converter, _ModelSpec
+from anthias_rollback.transfer.values import Converter, ModelSpec
 
 MIGRATIONS_LABEL = 'migrations.Migration'
 # Converted batches the reader thread may hold ready for a SQLite target
@@ -69,8 +69,8 @@ def source_snapshot(alias: str):
     return engines.for_alias(alias).read_snapshot(alias)
 
 
-def _source_batches(alias: str, spec: _ModelSpec, batch_size: int,
-                    sql: str | None = None) -> Iterator[list[tuple]]:
+def source_batches(alias: str, spec: ModelSpec, batch_size: int,
+                   sql: str | None = None) -> Iterator[list[tuple]]:
     return engines.for_alias(alias).fetch_chunks(
         alias, sql or spec.select_sql(alias), chunk_rows=batch_size)
 
@@ -173,7 +173,7 @@ def model_rows(alias: str, model: type[models.Model]) -> int:
     return model._base_manager.using(alias).count()
 
 
-def _raise_problems(problems: list, count: int, target: str) -> None:
+def raise_problems(problems: list, count: int, target: str) -> None:
     if not count:
         return
     shown = '; '.join(str(p) for p in problems[:20])
@@ -185,7 +185,7 @@ def _raise_problems(problems: list, count: int, target: str) -> None:
     raise err
 
 
-def _foreign_key_problems(alias: str, specs: list[_ModelSpec]
+def _foreign_key_problems(alias: str, specs: list[ModelSpec]
                           ) -> list[SourceProblem]:
     by_table = {s.table: s for s in specs}
     found = []
@@ -199,8 +199,8 @@ def _foreign_key_problems(alias: str, specs: list[_ModelSpec]
     return found
 
 
-def _wrap_database_error(err: DatabaseError, source: str, target: str,
-                         label: str | None) -> TransferError:
+def wrap_database_error(err: DatabaseError, source: str, target: str,
+                        label: str | None) -> TransferError:
     where = f' while copying {label}' if label else ''
     return TransferError(f'copy from {describe_alias(source)} to '
                          f'{describe_alias(target)} failed{where}: '
@@ -220,7 +220,7 @@ def preflight_source(source_alias: str, target_alias: str, *,
     Reads only, in one snapshot. Returns [] when clean; raises
     PreflightError listing every problem (model, pk, field, reason).
     """
-    specs = [_ModelSpec.of(m) for m in transfer_models(exclude)]
+    specs = [ModelSpec.of(m) for m in transfer_models(exclude)]
     problems: list[SourceProblem] = []
     counter = [0]
     try:
@@ -230,19 +230,19 @@ def preflight_source(source_alias: str, target_alias: str, *,
             counter[0] += len(fk)
             for spec in specs:
                 emit(progress, MODEL_START, spec.label)
-                converter = _Converter(spec, source_alias, None, problems,
-                                       counter, check_alias=target_alias)
+                converter = Converter(spec, source_alias, None, problems,
+                                      counter, check_alias=target_alias)
                 rows = 0
-                for batch in _source_batches(source_alias, spec,
-                                             batch_size):
+                for batch in source_batches(source_alias, spec,
+                                            batch_size):
                     converter.convert(batch)
                     rows += len(batch)
                 emit(progress, MODEL_DONE, spec.label, rows=rows)
     except DatabaseError as err:
         raise TransferError(f'cannot read {describe_alias(source_alias)}: '
                             f'{first_line(err)}') from None
-    _raise_problems(problems, counter[0],
-                    f'a {connections[target_alias].display_name} target')
+    raise_problems(problems, counter[0],
+                   f'a {connections[target_alias].display_name} target')
     return []
 
 
@@ -290,7 +290,7 @@ def transfer_data(source_alias: str, target_alias: str, *,
     if batch_size < 1:
         raise TransferError('batch size must be at least 1')
     model_list = transfer_models(exclude)
-    specs = [_ModelSpec.of(m) for m in model_list]
+    specs = [ModelSpec.of(m) for m in model_list]
     target = engines.for_alias(target_alias)
     started = time.perf_counter()
     done: list[ModelTransfer] = []
@@ -311,7 +311,7 @@ def transfer_data(source_alias: str, target_alias: str, *,
                     f'to make it equal to the source')
             fk = _foreign_key_problems(source_alias, specs)
             if fk:
-                _raise_problems(fk, len(fk), describe_alias(target_alias))
+                raise_problems(fk, len(fk), describe_alias(target_alias))
             tables = [s.table for s in specs]
             target.truncate(target_alias, tables)
             indexes = target.drop_secondary_indexes(target_alias, tables)
@@ -321,15 +321,15 @@ def transfer_data(source_alias: str, target_alias: str, *,
                     spec, source_alias, target_alias, batch_size, problems,
                     counter, progress))
             current[0] = None
-            _raise_problems(problems, counter[0],
-                            describe_alias(target_alias))
+            raise_problems(problems, counter[0],
+                           describe_alias(target_alias))
             emit(progress, PHASE_START, 'building indexes')
             target.create_indexes(target_alias, indexes)
             finish_target(source_alias, target_alias, model_list)
             checkpoint('transfer_before_commit')
     except DatabaseError as err:
-        raise _wrap_database_error(err, source_alias, target_alias,
-                                   current[0]) from None
+        raise wrap_database_error(err, source_alias, target_alias,
+                                  current[0]) from None
     return TransferResult(
         describe_alias(source_alias), describe_alias(target_alias),
         tuple(done), tuple(s.table for s in specs),
@@ -351,17 +351,17 @@ def finish_target(source_alias: str, target_alias: str,
                             f'unchanged')
 
 
-def _copy_model(spec: _ModelSpec, source_alias: str, target_alias: str,
+def _copy_model(spec: ModelSpec, source_alias: str, target_alias: str,
                 batch_size: int, problems: list, counter: list,
                 progress: Progress) -> ModelTransfer:
     started = time.perf_counter()
     total = model_rows(source_alias, spec.model)
     emit(progress, MODEL_START, spec.label, total=total)
-    converter = _Converter(spec, source_alias, target_alias, problems,
-                           counter)
+    converter = Converter(spec, source_alias, target_alias, problems,
+                          counter)
     target = engines.for_alias(target_alias)
-    batches = _source_batches(source_alias, spec, batch_size,
-                              converter.select_sql(source_alias))
+    batches = source_batches(source_alias, spec, batch_size,
+                             converter.select_sql(source_alias))
     if target.ROWS_AS_COPY_TEXT:
         # COPY runs in a thread of its own (postgres_copy_rows): reading
         # and converting stay in this one.

@@ -10,12 +10,12 @@ from anthias_rollback import engines
 from anthias_rollback.events import MODEL_DONE, MODEL_START, Progress, emit
 from anthias_rollback.report import describe_alias
 from anthias_rollback.transfer.copy import (
-    _raise_problems,
-    _source_batches,
-    _wrap_database_error,
     finish_target,
+    raise_problems,
+    source_batches,
     source_snapshot,
     transfer_models,
+    wrap_database_error,
 )
 from anthias_rollback.transfer.results import (
     DEFAULT_BATCH_SIZE,
@@ -23,7 +23,7 @@ from anthias_rollback.transfer.results import (
     RepairResult,
     SourceProblem,
 )
-from anthias_rollback.transfer.values import _Converter, _ModelSpec
+from anthias_rollback.transfer.values import Converter, ModelSpec
 
 
 def repair_data(source_alias: str, target_alias: str, *,
@@ -40,7 +40,7 @@ def repair_data(source_alias: str, target_alias: str, *,
     memory. Raises PreflightError / TransferError; target unchanged then.
     """
     model_list = transfer_models(exclude)
-    specs = [_ModelSpec.of(m) for m in model_list]
+    specs = [ModelSpec.of(m) for m in model_list]
     target = engines.for_alias(target_alias)
     started = time.perf_counter()
     problems: list[SourceProblem] = []
@@ -57,33 +57,33 @@ def repair_data(source_alias: str, target_alias: str, *,
                                           batch_size, problems, counter))
                 emit(progress, MODEL_DONE, spec.label)
             current[0] = None
-            _raise_problems(problems, counter[0],
-                            describe_alias(target_alias))
+            raise_problems(problems, counter[0],
+                           describe_alias(target_alias))
             finish_target(source_alias, target_alias, model_list)
     except DatabaseError as err:
-        raise _wrap_database_error(err, source_alias, target_alias,
-                                   current[0]) from None
+        raise wrap_database_error(err, source_alias, target_alias,
+                                  current[0]) from None
     return RepairResult(describe_alias(source_alias),
                         describe_alias(target_alias), tuple(done),
                         time.perf_counter() - started)
 
 
-def _repair_model(spec: _ModelSpec, source_alias: str, target_alias: str,
+def _repair_model(spec: ModelSpec, source_alias: str, target_alias: str,
                   batch_size: int, problems: list, counter: list
                   ) -> ModelRepair:
     # Both sides read as Python values, so 1 == True-ish quirks of one
     # engine do not count as differences.
     existing = {}
-    reader = _Converter(spec, target_alias, None, [], [0],
-                        check_alias=target_alias)
-    for batch in _source_batches(target_alias, spec, batch_size):
+    reader = Converter(spec, target_alias, None, [], [0],
+                       check_alias=target_alias)
+    for batch in source_batches(target_alias, spec, batch_size):
         for row in reader.convert(batch):
             existing[_key(row[spec.pk_index])] = row
-    source = _Converter(spec, source_alias, None, problems, counter,
-                        check_alias=target_alias)
+    source = Converter(spec, source_alias, None, problems, counter,
+                       check_alias=target_alias)
     writers = [_param_writer(f, target_alias) for f in spec.fields]
     to_insert, changed = [], []
-    for batch in _source_batches(source_alias, spec, batch_size):
+    for batch in source_batches(source_alias, spec, batch_size):
         for row in source.convert(batch):
             old = existing.pop(_key(row[spec.pk_index]), None)
             if old is None:

@@ -60,7 +60,7 @@ def _reader(model: type[models.Model], field: models.Field,
 
 
 @dataclass(frozen=True)
-class _ModelSpec:
+class ModelSpec:
     model: type[models.Model]
     label: str
     table: str
@@ -69,7 +69,7 @@ class _ModelSpec:
     pk_index: int
 
     @classmethod
-    def of(cls, model: type[models.Model]) -> '_ModelSpec':
+    def of(cls, model: type[models.Model]) -> 'ModelSpec':
         meta = model._meta
         # Local fields only: a multi-table child's parent fields live in
         # the parent's table.
@@ -84,11 +84,11 @@ class _ModelSpec:
                                                    self.fields)
 
 
-class _Converter:
+class Converter:
     """Converts source rows of one model for one target, collecting the
     values the target would reject instead of stopping at the first."""
 
-    def __init__(self, spec: _ModelSpec, source_alias: str,
+    def __init__(self, spec: ModelSpec, source_alias: str,
                  target_alias: str | None, problems: list, counter: list,
                  check_alias: str | None = None) -> None:
         """Read from *source_alias*; write for *target_alias* (None: only

@@ -1,5 +1,6 @@
-"""The cutover journal: what both databases held when PostgreSQL became
+"""The cutover record: what both databases held when PostgreSQL became
 the active profile, so a rollback can say how much was written since.
+(Not the change journal: that is on PostgreSQL, window.journal.)
 
 Written by `switch_database --to postgres` as `cutover.json` in the data
 dir (0600); read by the rollback report and `rollback_readiness`.
@@ -16,7 +17,7 @@ from anthias_rollback import fsutil, models_graph, schema
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import first_line
 
-JOURNAL_NAME = 'cutover.json'
+RECORD_NAME = 'cutover.json'
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class ModelSince:
     new_rows: int | None  # rows with a key above the cutover's largest
 
 
-def journal_path(data_dir: Path) -> Path:
-    return Path(data_dir) / JOURNAL_NAME
+def record_path(data_dir: Path) -> Path:
+    return Path(data_dir) / RECORD_NAME
 
 
 def snapshot_alias(alias: str) -> dict[str, Any]:
@@ -57,24 +58,24 @@ def has_integer_pk(model) -> bool:
 
 def record_cutover(source_alias: str, target_alias: str,
                    data_dir: Path) -> Path:
-    """Write the journal for a cutover from *source_alias* to
+    """Write the record of a cutover from *source_alias* to
     *target_alias*. A side that cannot be read is recorded as an error
     rather than stopping the cutover (it was checked just before)."""
-    journal: dict[str, Any] = {
+    record: dict[str, Any] = {
         'cutover_at': datetime.now(UTC).isoformat(),
         'source_alias': source_alias, 'target_alias': target_alias,
     }
     for side, alias in (('source', source_alias), ('target', target_alias)):
         try:
-            journal[side] = {
+            record[side] = {
                 'migrations': sorted(f'{a}.{n}' for a, n in
                                      schema.applied_migrations(alias)),
                 'models': snapshot_alias(alias),
             }
         except (RollbackError, DatabaseError) as err:
-            journal[side] = {'error': first_line(err)}
-    path = journal_path(data_dir)
-    fsutil.atomic_write_json(path, journal, mode=0o600)
+            record[side] = {'error': first_line(err)}
+    path = record_path(data_dir)
+    fsutil.atomic_write_json(path, record, mode=0o600)
     return path
 
 
@@ -82,7 +83,7 @@ def read_cutover(data_dir: Path) -> dict[str, Any] | None:
     """The recorded cutover, None if there is none (or it is unreadable:
     it only adds figures to reports)."""
     try:
-        return fsutil.read_json(journal_path(data_dir), 'cutover journal',
+        return fsutil.read_json(record_path(data_dir), 'cutover journal',
                                 RollbackError)
     except RollbackError:
         return None
@@ -90,7 +91,7 @@ def read_cutover(data_dir: Path) -> dict[str, Any] | None:
 
 def rows_since_cutover(alias: str, journal: dict[str, Any]
                        ) -> list[ModelSince]:
-    """Compare *alias* now with the journal's target side (reads)."""
+    """Compare *alias* now with the record's target side (reads)."""
     recorded = (journal.get('target') or {}).get('models') or {}
     found = []
     for model in models_graph.plan_models().models:
@@ -109,7 +110,7 @@ def rows_since_cutover(alias: str, journal: dict[str, Any]
 
 
 def record_window_end(data_dir: Path, state: Any) -> None:
-    """Note in the cutover journal that the rollback window was ended
+    """Note in the cutover record that the rollback window was ended
     (what it held then), so later reports say why nothing is proven."""
     recorded = read_cutover(data_dir)
     if recorded is None:
@@ -117,4 +118,4 @@ def record_window_end(data_dir: Path, state: Any) -> None:
     recorded['window_ended'] = {
         'at': datetime.now(UTC).isoformat(),
         'journal_entries': state.entries, 'cutover_at': state.cutover_at}
-    fsutil.atomic_write_json(journal_path(data_dir), recorded, mode=0o600)
+    fsutil.atomic_write_json(record_path(data_dir), recorded, mode=0o600)

@@ -21,10 +21,11 @@ from typing import Any
 
 from django.db import DatabaseError, transaction
 
-from anthias_rollback import faults, models_graph, schema
+from anthias_rollback import faults, models_graph, profiles, schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.window import standby as window_standby
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,6 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
     cutover file replicate_changes starts from (under the same lock; its
     path is in info['standby_cutover'], or why not). Returns the
     recorded info: per model, rows on each side."""
-    from anthias_rollback import profiles, standby
-
     plan = list(models_graph.plan_models().models)
     with transaction.atomic(using=postgres_alias):
         pj.postgres_lock_tables(postgres_alias,
@@ -109,7 +108,7 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
             info['sqlite_rows'][label] = model._base_manager.using(
                 sqlite_alias).count()
         if standby_dir is not None:
-            info['standby_cutover'] = standby.take_cutover_file(
+            info['standby_cutover'] = window_standby.take_cutover_file(
                 profiles.sqlite_alias_path(sqlite_alias), standby_dir,
                 window=pj.postgres_current_txid(postgres_alias),
                 expected_rows={m._meta.db_table: info['rows'][

@@ -1,34 +1,31 @@
-"""The standby: a SQLite file on the device kept current from PostgreSQL's
-change journal, so PostgreSQL dying costs seconds of writes, not every
-write since the cutover.
+"""The replicator: keeps the standby (window.standby) current from
+PostgreSQL's change journal, so PostgreSQL dying costs seconds of writes,
+not every write since the cutover.
 
-- At the cutover (`switch_database --to postgres`), window.open_window
-  calls `take_cutover_file`: an online snapshot of the live SQLite file,
-  taken with PostgreSQL's tables locked, into `<data dir>/standby/
-  cutover.db` (what SQLite held at the switch, which the switch just
-  checked equals PostgreSQL).
+- At the cutover (`switch_database --to postgres`),
+  window.journal.open_window calls window.standby.take_cutover_file: an
+  online snapshot of the live SQLite file, taken with PostgreSQL's tables
+  locked, into `<data dir>/standby/cutover.db` (what SQLite held at the
+  switch, which the switch just checked equals PostgreSQL).
 - `run_replicator` (replicate_changes) copies it into `standby.db` (WAL)
   once per window, then applies the journal in PgQ-style batches: each
   round takes a tick (the snapshot of a REPEATABLE READ READ ONLY
   transaction); the batch is the entries of transactions visible in the
   tick and not in the previous one, so a long transaction that commits
   late is never skipped. The changed keys' current rows are read in that
-  same snapshot through the transfer's value pipeline (the values a full
-  copy writes) and applied in ONE SQLite transaction that also records
-  the position (tick, journal id, times) in `anthias_rb_standby`: a kill
-  at any instant leaves the last committed batch and its position.
-- `standby_state` says how far behind the standby is; `copy_standby`
-  gives a rollback a copy of it, with the bound it proves.
+  same snapshot by the Applier (window.applier) and applied in ONE SQLite
+  transaction that also records the position (tick, journal id, times)
+  in `anthias_rb_standby`: a kill at any instant leaves the last
+  committed batch and its position.
 
 PostgreSQL is only read; the live SQLite file is only read (the cutover
 snapshot). Never prints.
 """
 import fcntl
 import os
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +38,10 @@ from anthias_rollback import (
     engines,
     events,
     faults,
-    fields,
     fsutil,
-    models_graph,
     profiles,
 )
 from anthias_rollback.engines import postgres_journal as pj
-from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import (
     ConfigError,
@@ -55,8 +49,8 @@ from anthias_rollback.exceptions import (
     ReplicationRefusedError,
 )
 from anthias_rollback.report import describe_alias, first_line
-from anthias_rollback.standby import (
-    _POSITION_DDL,
+from anthias_rollback.window.applier import Applier
+from anthias_rollback.window.standby import (
     CHUNK,
     DEFAULT_INTERVAL,
     LOCK_NAME,
@@ -64,14 +58,13 @@ from anthias_rollback.standby import (
     POSITION_TABLE,
     STANDBY_NAME,
     Position,
-    _private_dir,
-    _remove_db,
     cutover_path,
+    private_dir,
     read_position,
     standby_dir,
     standby_path,
+    write_start_position,
 )
-from anthias_rollback.transfer.values import _Converter, _ModelSpec
 
 
 @dataclass(frozen=True)
@@ -132,151 +125,6 @@ def _postgres_reader(alias: str) -> Iterator[str]:
         yield name
 
 
-def keys_for(model, texts: list[str], sqlite_alias: str
-             ) -> tuple[list, list]:
-    """Journal keys (text) as PostgreSQL and SQLite parameters, through
-    the primary key field itself."""
-    pk = model._meta.pk
-    values = [pk.to_python(t) for t in texts]
-    kind = fields.key_kind(model)
-    pg_keys = [str(v) if kind == 'uuid' else v for v in values]
-    connection = connections[sqlite_alias]
-    sqlite_keys = [pk.get_db_prep_value(v, connection, prepared=False)
-                   for v in values]
-    return pg_keys, sqlite_keys
-
-
-@dataclass(frozen=True)
-class AppliedBatch:
-    """One journal batch applied onto a SQLite file."""
-    batch: pj.JournalBatch
-    keys: int                      # keys re-read (or rows of truncated
-                                   # tables re-read whole)
-
-
-class Applier:
-    """Applies journal batches from one PostgreSQL alias onto one SQLite
-    alias: the changed keys' rows as the batch's snapshot holds them,
-    through the transfer's converters (the values a full copy writes).
-    The replicator uses it for the standby; an incremental rollback for
-    its new file. Holds the converters per model."""
-
-    def __init__(self, postgres_alias: str, sqlite_alias: str,
-                 chunk: int = CHUNK) -> None:
-        self.pg = postgres_alias
-        self.target = sqlite_alias
-        self.chunk = chunk
-        self._converters: dict[str, _Converter] = {}
-        self.by_table = {m._meta.db_table: m
-                         for m in models_graph.plan_models().models}
-
-    def apply(self, prev: str, tick: str,
-              on_keys: Callable[[Any, list[str]], None] | None = None,
-              batch: pj.JournalBatch | None = None) -> AppliedBatch:
-        """Apply what the journal holds between the snapshots *prev* (the
-        file's) and *tick* (the caller's open REPEATABLE READ transaction
-        on the PostgreSQL alias). The caller holds a transaction on the
-        SQLite alias: the batch commits whole or not at all. *on_keys*
-        sees every applied chunk of keys (model, keys as text). *batch*:
-        postgres_batch(prev, tick) when the caller already read it."""
-        if batch is None:
-            batch = pj.postgres_batch(self.pg, prev, tick)
-        unknown = [t for t in batch.tables if t not in self.by_table]
-        if unknown:
-            raise ReplicationError(
-                f'the journal names tables this code has no model for '
-                f'({", ".join(unknown[:5])}); update the code or end '
-                'the window')
-        # SQLite: the constraints hold at COMMIT, when the file is again
-        # one PostgreSQL snapshot.
-        connections[self.target].connection.execute(
-            'PRAGMA defer_foreign_keys = ON')
-        keys = 0
-        for table in batch.tables:
-            model = self.by_table[table]
-            if table in batch.truncated:
-                keys += self._refetch_table(model)
-                continue
-            for texts in pj.postgres_batch_keys(self.pg, prev, tick, table,
-                                                self.chunk):
-                keys += self._apply_keys(model, texts)
-                if on_keys is not None:
-                    on_keys(model, texts)
-                faults.checkpoint('replicate:chunk-applied')
-        return AppliedBatch(batch, keys)
-
-    def converter(self, model) -> _Converter:
-        table = model._meta.db_table
-        if table not in self._converters:
-            self._converters[table] = _Converter(
-                _ModelSpec.of(model), self.pg, self.target, [], [0])
-        return self._converters[table]
-
-    def _insert(self, model, rows: list[tuple]) -> int:
-        converter = self.converter(model)
-        converted = converter.convert(rows)
-        if converter.counter[0]:
-            problem = converter.problems[0] if converter.problems else ''
-            converter.problems.clear()
-            converter.counter[0] = 0
-            raise ReplicationError(f'a value of {model._meta.label} cannot '
-                                   f'be written to SQLite: {problem}')
-        if converted:
-            spec = converter.spec
-            # SQLite: OR REPLACE drops a row whose unique value the
-            # snapshot gave to another key; that row's key is in this
-            # batch too (the file was one snapshot), so it comes back.
-            lite.sqlite_insert_rows(self.target, spec.table,
-                                    list(spec.columns), converted,
-                                    replace=True)
-        return len(converted)
-
-    def _apply_keys(self, model, texts: list[str]) -> int:
-        pg_keys, sqlite_keys = keys_for(model, texts, self.target)
-        meta = model._meta
-        lite.sqlite_delete_rows(self.target, meta.db_table, meta.pk.column,
-                                sqlite_keys)
-        engine = engines.for_alias(self.pg)
-        kind = fields.key_kind(model)
-        pg_column = connections[self.pg].ops.quote_name(meta.pk.column)
-        if kind is None:
-            clause, params = f'{pg_column}::text = ANY(%s)', [list(texts)]
-        else:
-            clause, params = engine.key_in_clause(pg_column, kind, pg_keys)
-        spec = self.converter(model).spec
-        sql = f'{spec.select_sql(self.pg)} WHERE {clause}'
-        for rows in engine.fetch_chunks(self.pg, sql, params,
-                                        chunk_rows=self.chunk):
-            self._insert(model, rows)
-        return len(texts)
-
-    def _refetch_table(self, model) -> int:
-        """A TRUNCATE in the batch: the table again, whole, from the
-        tick (in chunks)."""
-        lite.sqlite_delete_rows(self.target, model._meta.db_table)
-        spec = self.converter(model).spec
-        rows_done = 0
-        engine = engines.for_alias(self.pg)
-        for rows in engine.fetch_chunks(self.pg, spec.select_sql(self.pg),
-                                        chunk_rows=self.chunk):
-            rows_done += self._insert(model, rows)
-        return rows_done
-
-    def raise_sequences(self, model_list: list | None = None) -> None:
-        """sqlite_sequence at least PostgreSQL's sequences (of every
-        planned model by default): no id handed out on PostgreSQL is
-        reused after a rollback onto this file."""
-        if model_list is None:
-            model_list = list(self.by_table.values())
-        keyed = [(m._meta.db_table, m._meta.pk.column) for m in model_list
-                 if fields.has_auto_key(m)]
-        if keyed:
-            values = engines.for_alias(self.pg).sequence_values(self.pg,
-                                                                keyed)
-            engines.for_alias(self.target).sqlite_sync_sequences(
-                self.target, values)
-
-
 class Replicator:
     """One standby kept current from one PostgreSQL alias. Holds the
     standby's alias and its Applier between rounds."""
@@ -323,9 +171,9 @@ class Replicator:
         """Build standby.db for this window: a copy of the cutover file
         (when it is this window's, unchanged), else a full copy of
         PostgreSQL in one snapshot. Built beside it, renamed in whole."""
-        folder = _private_dir(self.path.parent)
+        folder = private_dir(self.path.parent)
         tmp = folder / f'.{STANDBY_NAME}.{os.getpid()}.tmp'
-        _remove_db(tmp)
+        sqlite_file.remove_sqlite_file(tmp)
         info = cutover['info'].get('standby_cutover') or {}
         cut = cutover_path(self.data_dir)
         try:
@@ -343,24 +191,16 @@ class Replicator:
                 snapshot, ts = self._full_copy(tmp)
                 started = 'full copy'
             faults.checkpoint('replicate:bootstrap-copied')
-            conn = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                conn.execute('PRAGMA journal_mode=WAL')
-                conn.execute(_POSITION_DDL)
-                conn.execute(
-                    f'INSERT INTO {POSITION_TABLE} VALUES '
-                    '(1, ?, ?, 0, ?, ?, 0, 0, ?)',
-                    [cutover['txid'], snapshot, ts, time.time(), started])
-            finally:
-                conn.close()
+            write_start_position(tmp, cutover['txid'], snapshot, ts,
+                                 started)
             os.chmod(tmp, 0o600)
             fsutil.fsync_file(tmp)
             # A stale -wal beside the new file would be applied to it.
-            _remove_db(self.path)
+            sqlite_file.remove_sqlite_file(self.path)
             os.replace(tmp, self.path)
             fsutil.fsync_dir(folder)
         except BaseException:
-            _remove_db(tmp)
+            sqlite_file.remove_sqlite_file(tmp)
             raise
         return read_position(self.path)
 
@@ -450,7 +290,7 @@ def run_replicator(postgres_alias: str, *, data_dir: Path | None = None,
     if live.resolve() == standby_path(data_dir).resolve():
         raise ConfigError(f'the standby {standby_path(data_dir)} would be '
                           'the live SQLite file')
-    folder = _private_dir(standby_dir(data_dir))
+    folder = private_dir(standby_dir(data_dir))
     with _replicator_lock(folder), _postgres_reader(postgres_alias) as pg:
         replicator = Replicator(data_dir, pg, chunk)
         try:

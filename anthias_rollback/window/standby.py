@@ -1,7 +1,7 @@
 """The standby's files: the cutover file, the standby SQLite file and the
 position it holds, and what a rollback or a report needs from them
 (standby_state, usable_standby, copy_standby). The replicator that keeps
-the standby current is in replication.py.
+the standby current is window.replicator.
 
 Reads PostgreSQL only for standby_state's pending count; never prints.
 """
@@ -30,7 +30,11 @@ from anthias_rollback.report import first_line
 
 STANDBY_DIR = 'standby'
 CUTOVER_NAME = 'cutover.db'
-CUTOVER_INFO = 'cutover.json'
+# What the cutover file is (sha256, window). Named apart from the data
+# dir's cutover.json (window.cutover), which it was called before too:
+# a device upgraded mid-window has only the old name, read as a fallback.
+CUTOVER_INFO_NAME = 'standby_cutover.json'
+OLD_CUTOVER_INFO_NAME = 'cutover.json'
 STANDBY_NAME = 'standby.db'
 LOCK_NAME = 'replicate.lock'
 POSITION_TABLE = 'anthias_rb_standby'
@@ -101,10 +105,8 @@ def cutover_path(data_dir: Path) -> Path:
     return standby_dir(data_dir) / CUTOVER_NAME
 
 
-_remove_db = sqlite_file.remove_sqlite_file
-
-
-def _private_dir(path: Path) -> Path:
+def private_dir(path: Path) -> Path:
+    """*path* made (if missing) and set to 0700."""
     fsutil.ensure_private_dir(path)
     os.chmod(path, 0o700)
     return path
@@ -114,10 +116,11 @@ def discard_standby(data_dir: Path) -> Path:
     """A new window begins: remove the standby and cutover files of the
     previous one (their rows are older than this cutover). Returns the
     standby dir (0700)."""
-    folder = _private_dir(standby_dir(data_dir))
+    folder = private_dir(standby_dir(data_dir))
     for name in (STANDBY_NAME, CUTOVER_NAME):
-        _remove_db(folder / name)
-    (folder / CUTOVER_INFO).unlink(missing_ok=True)
+        sqlite_file.remove_sqlite_file(folder / name)
+    for name in (CUTOVER_INFO_NAME, OLD_CUTOVER_INFO_NAME):
+        (folder / name).unlink(missing_ok=True)
     return folder
 
 
@@ -132,10 +135,10 @@ def take_cutover_file(live_path: Path, folder: Path, *, window: str,
     Returns {'path', 'sha256', 'window'} for the cutover row, or
     {'problem': why} when there is no usable file (never raises: the
     standby is an extra, the switch goes on without it)."""
-    folder = _private_dir(Path(folder))
+    folder = private_dir(Path(folder))
     target = folder / CUTOVER_NAME
     tmp = folder / f'.{CUTOVER_NAME}.{os.getpid()}.tmp'
-    _remove_db(tmp)
+    sqlite_file.remove_sqlite_file(tmp)
     try:
         problem = sqlite_file.sqlite_file_problem(Path(live_path))
         if problem:
@@ -152,7 +155,7 @@ def take_cutover_file(live_path: Path, folder: Path, *, window: str,
                  if counts.get(t) != n}
         if wrong:
             table, (got, want) = next(iter(wrong.items()))
-            _remove_db(tmp)
+            sqlite_file.remove_sqlite_file(tmp)
             return {'problem': f'SQLite changed after the check: {table} '
                                f'has {got} rows, PostgreSQL {want}'}
         fsutil.fsync_file(tmp)
@@ -161,20 +164,28 @@ def take_cutover_file(live_path: Path, folder: Path, *, window: str,
         digest, size = sqlite_file.file_sha256(target)
         info = {'path': str(target), 'sha256': digest, 'size': size,
                 'window': window, 'taken_at': taken.isoformat()}
-        fsutil.atomic_write_json(folder / CUTOVER_INFO, info, mode=0o600)
+        fsutil.atomic_write_json(folder / CUTOVER_INFO_NAME, info,
+                                 mode=0o600)
         return info
     except (OSError, sqlite3.Error, RollbackError) as err:
-        _remove_db(tmp)
+        sqlite_file.remove_sqlite_file(tmp)
         return {'problem': f'cannot snapshot {live_path}: '
                            f'{first_line(err)}'}
 
 
-def _cutover_info(data_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((standby_dir(data_dir) / CUTOVER_INFO)
-                          .read_text())
-    except (OSError, ValueError):
-        return None
+def read_cutover_file_info(data_dir: Path) -> dict[str, Any] | None:
+    """What take_cutover_file recorded (None: nothing readable). Read
+    under the old name when the new one is missing (a standby made by
+    an older version, mid-window)."""
+    folder = standby_dir(data_dir)
+    for name in (CUTOVER_INFO_NAME, OLD_CUTOVER_INFO_NAME):
+        try:
+            return json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 # --- the position ------------------------------------------------------------
@@ -200,6 +211,22 @@ def read_position(path: Path, timeout: float = 5.0) -> Position | None:
     conn = sqlite_file.sqlite_open_readonly(Path(path), timeout)
     try:
         return _position_of(conn)
+    finally:
+        conn.close()
+
+
+def write_start_position(path: Path, window: str, snapshot: str,
+                         position_ts: float, started_from: str) -> None:
+    """Make the new standby file at *path* a WAL database holding its
+    first position: *snapshot* of *window*, no batch applied yet."""
+    conn = sqlite_file.sqlite_connect(Path(path))
+    try:
+        sqlite_file.sqlite_set_wal(conn)
+        conn.execute(_POSITION_DDL)
+        conn.execute(
+            f'INSERT INTO {POSITION_TABLE} VALUES '
+            '(1, ?, ?, 0, ?, ?, 0, 0, ?)',
+            [window, snapshot, position_ts, time.time(), started_from])
     finally:
         conn.close()
 
@@ -246,13 +273,13 @@ def usable_standby(data_dir: Path) -> tuple[Position | None, str]:
         position = read_position(path)
         if position is None:
             return None, f'standby {path} has no recorded position'
-        cutover = _cutover_info(data_dir)
+        cutover = read_cutover_file_info(data_dir)
         if cutover is not None and cutover.get('window') != position.window:
             return None, (f'standby {path} belongs to an older rollback '
                           'window')
         conn = sqlite_file.sqlite_open_readonly(path, 5.0)
         try:
-            quick = conn.execute('PRAGMA quick_check').fetchone()[0]
+            quick = sqlite_file.quick_check_line(conn)
         finally:
             conn.close()
     except sqlite3.Error as err:
@@ -271,7 +298,7 @@ def copy_standby(data_dir: Path, target: Path,
     source = standby_path(data_dir)
     try:
         sqlite_file.sqlite_snapshot(source, Path(target), timeout)
-        conn = sqlite3.connect(target, isolation_level=None)
+        conn = sqlite_file.sqlite_connect(Path(target))
         try:
             position = _position_of(conn)
             conn.execute(f'DROP TABLE IF EXISTS {POSITION_TABLE}')

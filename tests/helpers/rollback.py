@@ -103,12 +103,12 @@ def file_digest(path: Path) -> str | None:
 def age_standby(data_dir: Path, seconds: float) -> None:
     """Move the real standby's position *seconds* into the past (as if
     replicate_changes had stopped then)."""
-    from anthias_rollback import standby
+    from anthias_rollback.window import standby as window_standby
 
-    conn = sqlite3.connect(standby.standby_path(data_dir))
+    conn = sqlite3.connect(window_standby.standby_path(data_dir))
     try:
         with conn:
-            conn.execute(f'UPDATE {standby.POSITION_TABLE} SET '
+            conn.execute(f'UPDATE {window_standby.POSITION_TABLE} SET '
                          'position_ts = ?', [time.time() - seconds])
     finally:
         conn.close()

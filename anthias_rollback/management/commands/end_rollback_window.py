@@ -17,9 +17,11 @@ nothing changed; 2 usage error.
 """
 from dataclasses import asdict
 
-from anthias_rollback import conf, journal, profiles, window
+from anthias_rollback import conf, profiles
 from anthias_rollback.exceptions import ConfigError
 from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.window import cutover as window_cutover
+from anthias_rollback.window import journal as window_journal
 
 
 class Command(RollbackCommand):
@@ -35,7 +37,7 @@ class Command(RollbackCommand):
     def run(self, *args, **options):
         alias = profiles.POSTGRES
         active = conf.current_profile()
-        state = window.window_state(alias)
+        state = window_journal.window_state(alias)
         if not options['force']:
             if active.name != profiles.POSTGRES:
                 raise ConfigError(
@@ -49,8 +51,8 @@ class Command(RollbackCommand):
                     'into PostgreSQL; run switch_database --to postgres '
                     'first (or pass --force)')
         if state.installed:
-            before = window.end_window(alias)
-            journal.record_window_end(conf.data_dir(), before)
+            before = window_journal.end_window(alias)
+            window_cutover.record_window_end(conf.data_dir(), before)
         self.set_json({'ended': state.installed, **asdict(state)})
         if options['json']:
             return

@@ -21,8 +21,9 @@ import signal
 import threading
 from dataclasses import asdict
 
-from anthias_rollback import events, profiles, replication
+from anthias_rollback import events, profiles
 from anthias_rollback.management.base import RollbackCommand, positive_float
+from anthias_rollback.window import replicator as window_replicator
 
 
 class Command(RollbackCommand):
@@ -36,11 +37,11 @@ class Command(RollbackCommand):
                             help='apply what the journal holds now, then '
                                  'exit')
         parser.add_argument('--interval', type=positive_float,
-                            default=replication.DEFAULT_INTERVAL,
+                            default=window_replicator.DEFAULT_INTERVAL,
                             help='seconds between batches (default '
                                  '%(default)s)')
         parser.add_argument('--max-backoff', type=positive_float,
-                            default=replication.MAX_BACKOFF,
+                            default=window_replicator.MAX_BACKOFF,
                             help='longest wait between retries while '
                                  'PostgreSQL is down (default %(default)s)')
 
@@ -49,7 +50,7 @@ class Command(RollbackCommand):
         if not options['once']:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
-        result = replication.run_replicator(
+        result = window_replicator.run_replicator(
             profiles.POSTGRES, once=options['once'],
             interval=options['interval'],
             max_backoff=options['max_backoff'], stop=stop,

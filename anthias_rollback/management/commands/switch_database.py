@@ -16,16 +16,11 @@ Exit codes: 0 switched (or shown); 1 refused, nothing changed;
 """
 from dataclasses import asdict
 
-from anthias_rollback import (
-    conf,
-    exit_codes,
-    profiles,
-    standby,
-    switch,
-    window,
-)
+from anthias_rollback import conf, exit_codes, profiles, switch
 from anthias_rollback.management.base import RollbackCommand
 from anthias_rollback.report import first_line
+from anthias_rollback.window import journal as window_journal
+from anthias_rollback.window import standby as window_standby
 
 
 class Command(RollbackCommand):
@@ -73,11 +68,12 @@ class Command(RollbackCommand):
     def show(self, as_json: bool, verbosity: int) -> None:
         active = profiles.resolve_active_profile(conf.data_dir())
         try:
-            state = asdict(window.window_state(profiles.POSTGRES))
+            state = asdict(window_journal.window_state(profiles.POSTGRES))
         except Exception as err:  # noqa: BLE001 --show must answer anyway
             state = {'error': first_line(err)}
         try:
-            kept = standby.standby_state(conf.data_dir(), profiles.POSTGRES)
+            kept = window_standby.standby_state(conf.data_dir(),
+                                                profiles.POSTGRES)
             lag = {'position_at': kept.position_at,
                    'lag_seconds': kept.lag_seconds,
                    'pending': kept.pending, 'problem': kept.problem}
