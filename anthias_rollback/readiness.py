@@ -15,19 +15,15 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import (
-    backup,
-    drill_history,
-    locking,
-    preserve,
-    schema,
-)
+from anthias_rollback import backup, locking, schema
+from anthias_rollback.drill import history as drill_history
 from anthias_rollback.exceptions import (
     ConfigError,
     DatabaseDownError,
     RollbackError,
 )
 from anthias_rollback.report import first_line
+from anthias_rollback.rollback import preserve
 
 DISK_FACTOR = 3
 

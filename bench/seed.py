@@ -6,10 +6,10 @@ realistic assets, a few users and sessions. Rows are written with raw
 `executemany` in one transaction so 1,000,000 assets take seconds, and
 cached by size under bench/out/ so repeated runs reuse them.
 
-The drill's generator (`anthias_rollback.seeding`) fills any host's
+The drill's generator (`anthias_rollback.drill.seeder`) fills any host's
 models through the ORM; this file writes Anthias's own tables with raw
 SQL instead, for speed. What both decide the same way (how many rows a
-framework model gets) comes from seeding.
+framework model gets) comes from the drill's seeder.
 """
 import datetime as dt
 import json
@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from anthias_rollback.seeding import FRAMEWORK_ROWS
+from anthias_rollback.drill.seeder import FRAMEWORK_ROWS
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / 'bench' / 'out'

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from anthias_rollback import conf, models_graph, profiles, swap
+from anthias_rollback import conf, models_graph, profiles
 from anthias_rollback.exceptions import ConfigError
+from anthias_rollback.rollback import swap
 from tests.conftest import run_manage
 
 DB = pytest.mark.django_db(databases=['sqlite', 'postgres'],

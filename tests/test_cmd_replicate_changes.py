@@ -24,11 +24,14 @@ from anthias_rollback.window import standby as window_standby
 from tests.conftest import ROOT, postgres_killed, run_manage
 from tests.helpers.factories import AssetFactory
 from tests.helpers.rollback import seed_device
-from tests.test_replication import assert_standby_equals_postgres, pg_session
 from tests.test_rollback_fence import (
     read_log,
     sqlite_asset_ids,
     start_writers,
+)
+from tests.test_window_replicator import (
+    assert_standby_equals_postgres,
+    pg_session,
 )
 
 ALL = ['default', 'sqlite', 'postgres']

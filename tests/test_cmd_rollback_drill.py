@@ -6,9 +6,13 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from anthias_rollback import drill_history
+from anthias_rollback.drill import history as drill_history
 from tests.conftest import postgres_url_for, run_manage
-from tests.test_drill import closed_port, fingerprint_dir, make_live_database
+from tests.test_drill_run import (
+    closed_port,
+    fingerprint_dir,
+    make_live_database,
+)
 
 ALL = ['default', 'sqlite', 'postgres']
 

@@ -4,8 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from anthias_rollback import backup, locking, preserve, profiles, readiness
+from anthias_rollback import backup, locking, profiles, readiness
 from anthias_rollback.exceptions import ConfigError
+from anthias_rollback.rollback import preserve
 from tests.helpers import backup as bh
 from tests.helpers import pgserver
 

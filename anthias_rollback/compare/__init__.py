@@ -29,7 +29,7 @@ the lists of differing keys, which the report must carry).
 Modules: results (what is returned), algorithms (merge, bisection,
 bucket ranges; no Django), streams (canonical rows of one alias),
 readers (in-process or forked), orchestrator (compare_aliases and
-friends). Query timings live in anthias_rollback.query_timing.
+friends). Query timings live in compare.timing.
 """
 from anthias_rollback.compare.algorithms import (
     checksum_rows,
@@ -58,7 +58,7 @@ from anthias_rollback.compare.streams import (
     stream_canonical_columns,
     stream_canonical_rows,
 )
-from anthias_rollback.query_timing import (
+from anthias_rollback.compare.timing import (
     DEGRADED_RATIO,
     PerformanceReport,
     QueryTiming,

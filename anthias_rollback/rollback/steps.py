@@ -19,12 +19,12 @@ from django.core import checks as django_checks
 from django.db import DatabaseError, connections
 from django.test import Client
 
-from anthias_rollback import conf, engines, preserve, profiles, swap, switch
+from anthias_rollback import conf, engines, profiles, switch
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.health import client_host
 from anthias_rollback.report import first_line
-from anthias_rollback.rollback import state
+from anthias_rollback.rollback import preserve, state, swap
 from anthias_rollback.rollback.sources import (
     build_from_backup,
     build_from_postgres,

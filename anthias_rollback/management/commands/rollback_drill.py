@@ -18,7 +18,9 @@ name clash, bad sandbox; nothing live touched); 2 usage error; 3 FAIL
 import argparse
 from pathlib import Path
 
-from anthias_rollback import drill, events, exit_codes, phases, transfer
+from anthias_rollback import events, exit_codes, phases, transfer
+from anthias_rollback.drill import history as drill_history
+from anthias_rollback.drill import run as drill_run
 from anthias_rollback.management.base import (
     RollbackCommand,
     batch_size,
@@ -33,20 +35,20 @@ def render_step(step: phases.PhaseResult) -> str:
             f'{step.detail}').rstrip()
 
 
-def verdict_line(result: drill.DrillResult) -> str:
+def verdict_line(result: drill_history.DrillResult) -> str:
     if result.passed:
         return (f'PASS: rollback drill passed in {result.seconds:.1f}s; '
                 f'rollback took {result.rollback_seconds:.2f}s (downtime '
                 f'{result.downtime_seconds:.2f}s), '
                 f'{sum(result.rows.values())} rows, nothing lost')
-    if result.outcome == drill.FAIL:
+    if result.outcome == drill_history.FAIL:
         return (f'FAIL: rollback drill failed at step {result.failed_step}: '
                 f'{result.error}')
     return (f'ERROR: the drill could not run (step {result.failed_step}): '
             f'{result.error}')
 
 
-def render_summary(result: drill.DrillResult) -> str:
+def render_summary(result: drill_history.DrillResult) -> str:
     lines = [f'Rollback drill {result.outcome} in {result.seconds:.2f}s',
              f'  sandbox:     {result.sandbox}'
              + (' (kept)' if result.kept else ' (deleted)'),
@@ -93,13 +95,13 @@ class Command(RollbackCommand):
                             default=transfer.DEFAULT_BATCH_SIZE,
                             help='rows per batch (default %(default)s)')
         parser.add_argument('--timeout-minutes', type=positive_minutes,
-                            default=drill.DEFAULT_TIMEOUT_SECONDS / 60,
+                            default=drill_run.DEFAULT_TIMEOUT_SECONDS / 60,
                             help='limit for the whole drill (default '
                                  '%(default)g)')
 
     def run(self, *args, **options):
         as_json = options['json']
-        opts = drill.DrillOptions(
+        opts = drill_run.DrillOptions(
             seed_rows=options['seed'],
             embedded=options['embedded_postgres'],
             workdir=Path(options['workdir']) if options['workdir']
@@ -110,7 +112,7 @@ class Command(RollbackCommand):
             live_path=Path(options['original_db_path'])
             if options['original_db_path'] else None)
         verbosity = 0 if as_json else options['verbosity']
-        result = drill.run_drill(opts, progress=self.render_progress(
+        result = drill_run.run_drill(opts, progress=self.render_progress(
             verbosity))
         self.set_json(result.as_dict())
         if not as_json:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from anthias_rollback import swap
 from anthias_rollback.exceptions import SwapError
+from anthias_rollback.rollback import swap
 from tests.conftest import ROOT
 
 
@@ -90,7 +90,7 @@ def test_refuses_other_directory(tmp_path):
 
 SCRIPT = '''
 import sys
-from anthias_rollback import swap
+from anthias_rollback.rollback import swap
 swap.swap_in(sys.argv[1], sys.argv[2])
 '''
 

@@ -23,17 +23,18 @@ not run, exit 1; loop steps failing = FAIL, exit 3):
 
 Nothing live is written: the live SQLite file is only read, the live
 profile, lock, backups and reports are never touched. The drill's own
-report and history go to <data dir>/drills/ (drill_history). The module
-never prints; the command renders the returned DrillResult. Generated
-rows come from `seeding`, the server from `engines.postgres_server`, the
-sandbox copy from `engines.sqlite_file`; the run scaffold is `phases`.
+report and history go to <data dir>/drills/ (drill.history, which also
+defines the returned DrillResult). The module never prints; the command
+renders the result. Generated rows come from `drill.seeder`, the server
+from `engines.postgres_server`, the sandbox copy from
+`engines.sqlite_file`; the run scaffold is `phases`.
 """
 import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,14 @@ from anthias_rollback import (
     profiles,
     rollback,
     schema,
-    seeding,
     transfer,
 )
-from anthias_rollback.drill_history import (
+from anthias_rollback.drill import seeder as drill_seeder
+from anthias_rollback.drill.history import (
     ERROR,
     FAIL,
     PASS,
+    DrillResult,
     drills_dir,
     record_drill,
 )
@@ -103,44 +105,12 @@ class DrillOptions:
     data_dir: Path | None = None      # None: conf.data_dir()
 
 
-@dataclass(frozen=True)
-class DrillResult:
-    outcome: str              # PASS | FAIL | ERROR
-    exit_code: int            # 0 | 3 | 1
-    failed_step: str | None
-    error: str | None
-    steps: tuple[phases.PhaseResult, ...]   # group: setup | loop
-    source: str               # what the sandbox was made from
-    rows: dict[str, int]      # rows per model in the sandbox
-    server: str               # configured | embedded | ''
-    postgres: str             # describe_alias() of the scratch database
-    scratch_database: str
-    writes: dict[str, dict[str, int]]
-    rollback_seconds: float | None
-    downtime_seconds: float | None
-    rollback: dict[str, Any] | None
-    sandbox: str
-    kept: bool
-    warnings: tuple[str, ...]
-    started_at: str
-    finished_at: str
-    seconds: float
-    report_path: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.outcome == PASS
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class _StepFailed(Exception):
     """Raised by a failed step to skip the rest of the loop."""
 
 
 @dataclass
-class _Run:
+class DrillRun:
     """One drill's state; `runner` times the steps and sends the events."""
     options: DrillOptions
     data_dir: Path
@@ -286,7 +256,7 @@ def run_drill(options: DrillOptions,
     runner = phases.PhaseRunner(
         phases.Deadline(options.timeout_seconds, expired=EXPIRED),
         progress=progress, name='drill')
-    run = _Run(options, data_dir, runner)
+    run = DrillRun(options, data_dir, runner)
     with locking.operation_lock(drills, 'rollback_drill'):
         try:
             _execute(run)
@@ -297,7 +267,7 @@ def run_drill(options: DrillOptions,
         return _finish(run)
 
 
-def _execute(run: _Run) -> None:
+def _execute(run: DrillRun) -> None:
     opts = run.options
     with run.step('preflight', SETUP) as record:
         check_no_live_operation(run.data_dir)
@@ -336,7 +306,7 @@ def _execute(run: _Run) -> None:
         run.postgres = describe_alias(scratch)
         migrate_and_compare(run, sandbox_db, scratch)
         with run.step('writes', LOOP) as record:
-            run.writes = seeding.simulate_writes(scratch)
+            run.writes = drill_seeder.simulate_writes(scratch)
             totals = {k: sum(len(w[k]) for w in run.writes.values())
                       for k in ('created', 'edited', 'deleted')}
             if not any(totals.values()):
@@ -365,12 +335,12 @@ def _execute(run: _Run) -> None:
             report = compare.compare_aliases(restored, scratch,
                                              timeout=run.remaining())
             detail = require_identical(report, 'restored file vs PostgreSQL')
-            checked = seeding.check_writes_kept(restored, scratch,
-                                                run.writes)
+            checked = drill_seeder.check_writes_kept(restored, scratch,
+                                                     run.writes)
             record['detail'] = f'{detail}; {checked} simulated writes kept'
 
 
-def make_sandbox_database(run: _Run, sandbox_db: Path) -> None:
+def make_sandbox_database(run: DrillRun, sandbox_db: Path) -> None:
     opts = run.options
     live = Path(opts.live_path or profiles.sqlite_alias_path(profiles.SQLITE))
     rows = opts.seed_rows
@@ -382,7 +352,7 @@ def make_sandbox_database(run: _Run, sandbox_db: Path) -> None:
         with run.step('seed', SETUP) as record, \
                 profiles.sqlite_file_alias(sandbox_db) as alias:
             schema.ensure_schema(alias)
-            made = seeding.seed_database(alias, rows)
+            made = drill_seeder.seed_database(alias, rows)
             run.rows = count_model_rows(alias)
             run.source = f'generated: {rows} rows per model'
             record['detail'] = (f'{sum(made.values())} generated rows in '
@@ -401,7 +371,7 @@ def make_sandbox_database(run: _Run, sandbox_db: Path) -> None:
                             f'{sum(run.rows.values())} rows')
 
 
-def migrate_and_compare(run: _Run, sandbox_db: Path, scratch: str) -> None:
+def migrate_and_compare(run: DrillRun, sandbox_db: Path, scratch: str) -> None:
     """schema, transfer and validate: the forward move, checked."""
     opts = run.options
     with profiles.sqlite_file_alias(sandbox_db) as source:
@@ -433,7 +403,7 @@ def migrate_and_compare(run: _Run, sandbox_db: Path, scratch: str) -> None:
                                 'back')
 
 
-def sandbox_rollback(run: _Run, sandbox_db: Path,
+def sandbox_rollback(run: DrillRun, sandbox_db: Path,
                      scratch: str) -> rollback.RollbackResult:
     """The real rollback_migration --emergency, aimed at the sandbox."""
     progress = run.runner.progress
@@ -454,7 +424,7 @@ def sandbox_rollback(run: _Run, sandbox_db: Path,
         options, progress=forward if progress is not None else None)
 
 
-def _cleanup(run: _Run) -> None:
+def _cleanup(run: DrillRun) -> None:
     """Always runs: drop the scratch database, stop the embedded server,
     delete the sandbox unless asked to keep it."""
     if run.server is None and run.sandbox is None:
@@ -487,7 +457,7 @@ def _cleanup(run: _Run) -> None:
         pass
 
 
-def _finish(run: _Run) -> DrillResult:
+def _finish(run: DrillRun) -> DrillResult:
     code = {PASS: exit_codes.OK, FAIL: exit_codes.NO,
             ERROR: exit_codes.FAILED}[run.outcome]
     rb = run.rollback_result

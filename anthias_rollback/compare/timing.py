@@ -12,6 +12,7 @@ from typing import Any
 from django.db import DatabaseError, models
 
 from anthias_rollback import events
+from anthias_rollback.compare.orchestrator import resolve_models
 from anthias_rollback.exceptions import CompareError
 from anthias_rollback.report import first_line
 
@@ -106,10 +107,6 @@ def measure_query_performance(left_alias: str, right_alias: str, *,
     three): count, pk lookup, filter on an indexed field, ORDER BY pk
     LIMIT. Reads only, outside any explicit transaction. Raises
     CompareError if a query fails or a model label is unknown."""
-    # Imported here: anthias_rollback.compare re-exports this module's
-    # names, so a module-level import would be circular.
-    from anthias_rollback.compare.orchestrator import resolve_models
-
     if max_query_ms is not None and max_query_ms <= 0:
         raise CompareError(f'max query time must be > 0 ms, not '
                            f'{max_query_ms}')

@@ -1,26 +1,58 @@
 """The drill's records: its JSON report, one history line per drill, and
 the newest line read back (what readiness reports).
 
-Kept apart from `drill` so that readiness, which only reads the history,
-does not import the drill and everything it runs.
+The drill's result (DrillResult) is defined here, beside the records it
+becomes, so that drill.run imports this module and not the other way
+round; readiness, which only reads the history, does not import the
+drill and everything it runs.
 """
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from anthias_rollback import fsutil
 from anthias_rollback.exceptions import DrillError
+from anthias_rollback.phases import PhaseResult
 from anthias_rollback.report import redact, write_json_report
-
-if TYPE_CHECKING:   # drill imports this module; no cycle at runtime
-    from anthias_rollback.drill import DrillResult
 
 DRILLS_DIR_NAME = 'drills'
 HISTORY_NAME = 'history.jsonl'
 PASS, FAIL, ERROR = 'PASS', 'FAIL', 'ERROR'
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    outcome: str              # PASS | FAIL | ERROR
+    exit_code: int            # 0 | 3 | 1
+    failed_step: str | None
+    error: str | None
+    steps: tuple[PhaseResult, ...]   # group: setup | loop
+    source: str               # what the sandbox was made from
+    rows: dict[str, int]      # rows per model in the sandbox
+    server: str               # configured | embedded | ''
+    postgres: str             # describe_alias() of the scratch database
+    scratch_database: str
+    writes: dict[str, dict[str, int]]
+    rollback_seconds: float | None
+    downtime_seconds: float | None
+    rollback: dict[str, Any] | None
+    sandbox: str
+    kept: bool
+    warnings: tuple[str, ...]
+    started_at: str
+    finished_at: str
+    seconds: float
+    report_path: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == PASS
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -51,7 +83,7 @@ def history_path(data_dir: Path) -> Path:
     return drills_dir(data_dir) / HISTORY_NAME
 
 
-def append_history(data_dir: Path, result: 'DrillResult') -> Path:
+def append_history(data_dir: Path, result: DrillResult) -> Path:
     """One JSON line per drill in <data dir>/drills/history.jsonl (0600).
 
     Appended with O_APPEND and fsync'd: a crash leaves at worst a torn
@@ -76,7 +108,7 @@ def append_history(data_dir: Path, result: 'DrillResult') -> Path:
     return path
 
 
-def record_drill(data_dir: Path, result: 'DrillResult') -> 'DrillResult':
+def record_drill(data_dir: Path, result: DrillResult) -> DrillResult:
     """Write *result* as <data dir>/drills/drill_<stamp>.json (0600) and
     append it to the history; returns it with its report_path."""
     stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S_%f')

@@ -15,13 +15,10 @@ import pytest
 from django.db import connections
 
 from anthias_app.models import Asset
-from anthias_rollback import (
-    drill,
-    drill_history,
-    profiles,
-    schema,
-    seeding,
-)
+from anthias_rollback import profiles, schema
+from anthias_rollback.drill import history as drill_history
+from anthias_rollback.drill import run as drill_run
+from anthias_rollback.drill import seeder as drill_seeder
 from anthias_rollback.exceptions import ConfigError
 from tests.helpers.factories import AssetFactory, UserFactory
 from tests.kitchensink.models import Category, Item, Membership, Person
@@ -88,7 +85,8 @@ LOOP_STEPS = ['backup', 'create-db', 'schema', 'transfer', 'validate',
 def run(data_dir, **kwargs):
     kwargs.setdefault('embedded', False)
     kwargs.setdefault('live_path', data_dir / 'anthias.db')
-    return drill.run_drill(drill.DrillOptions(data_dir=data_dir, **kwargs))
+    return drill_run.run_drill(drill_run.DrillOptions(data_dir=data_dir,
+                                                      **kwargs))
 
 
 def steps(result):
@@ -256,7 +254,7 @@ def test_last_drill_skips_a_torn_line(data_dir):
 def test_seed_database_fills_every_model(tmp_path):
     with profiles.sqlite_file_alias(tmp_path / 'seeded.db') as alias:
         schema.ensure_schema(alias)
-        made = seeding.seed_database(alias, 30)
+        made = drill_seeder.seed_database(alias, 30)
         assert made['anthias_app.Asset'] == 30
         assert made['auth.User'] == 20   # Django's own apps: capped
         for label in ('kitchensink.Category', 'kitchensink.Tag',
