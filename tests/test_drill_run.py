@@ -8,6 +8,7 @@ import hashlib
 import json
 import socket
 import sqlite3
+import stat
 import sys
 from pathlib import Path
 
@@ -144,6 +145,10 @@ def test_drill_copies_the_live_database_reading_only(data_dir):
     assert summary.passed and summary.rows == sum(result.rows.values())
     assert summary.rollback_seconds == result.rollback_seconds
     assert summary.report_path == result.report_path
+    # Files the tool creates are its owner's alone.
+    for made in (drill_history.history_path(data_dir),
+                 Path(result.report_path)):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
