@@ -1,7 +1,7 @@
 """One progress vocabulary for every long operation.
 
 Core functions take an optional `progress` callable and give it
-`ProgressEvent`s; commands render them (`management.base.render_events`).
+`ProgressEvent`s; commands render them (`management.render`).
 One type, one set of kinds: the rollback's per-model line once went
 missing because the copy said 'model_done' and the command listened for
 'model-done'.

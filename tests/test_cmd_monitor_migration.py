@@ -11,7 +11,8 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from anthias_rollback import conf, locking, monitor, profiles, rollback
+from anthias_rollback import conf, locking, profiles, rollback
+from anthias_rollback.monitor import loop as monitor_loop
 from anthias_rollback.window import replicator as window_replicator
 from tests import monitor_views
 from tests.conftest import run_manage
@@ -167,7 +168,7 @@ def test_unknown_verify_url_refused(data_dir, settings):
 @pytest.mark.django_db(**DB)
 def test_record_baseline_then_run_reads_it(data_dir, flaky):
     out, _ = watch(*FAST, '--record-baseline', '--baseline-probes', '2')
-    path = data_dir / monitor.BASELINE_FILE_NAME
+    path = data_dir / monitor_loop.BASELINE_FILE_NAME
     assert out.splitlines()[-1].startswith(
         'baseline recorded (2 rounds on sqlite): /health ')
     assert str(path) in out.splitlines()[-1]
@@ -188,7 +189,7 @@ def test_record_baseline_refused_on_postgres(data_dir, flaky):
     profiles.write_active_profile(data_dir, 'postgres')
     message, _ = refused(*FAST, '--record-baseline')
     assert 'recorded on SQLite' in message and 'runs on postgres' in message
-    assert not (data_dir / monitor.BASELINE_FILE_NAME).exists()
+    assert not (data_dir / monitor_loop.BASELINE_FILE_NAME).exists()
 
 
 @pytest.mark.django_db(**DB)

@@ -1,8 +1,9 @@
-"""monitor.py: the probers, the window, the baseline and the trigger rules,
-driven through the real Django stack (a real slow/failing view, the real
-/health view on the real test databases). Sleep and clock are fake, so
-no test waits for an interval. The standby rule runs on a real standby
-file kept by the real replicator, aged by editing its position."""
+"""The monitor package: the probers, the window, the baseline and the
+trigger rules, driven through the real Django stack (a real slow/failing
+view, the real /health view on the real test databases). Sleep and
+clock are fake, so no test waits for an interval. The standby rule
+runs on a real standby file kept by the real replicator, aged by
+editing its position."""
 import os
 import stat
 
@@ -10,13 +11,16 @@ import pytest
 from django.db import connections
 from django.db.backends.postgresql.base import DatabaseWrapper
 
-from anthias_rollback import monitor, profiles
+from anthias_rollback import profiles
 from anthias_rollback.exceptions import (
     BaselineError,
     ConfigError,
     MonitorInputError,
 )
-from anthias_rollback.monitor import (
+from anthias_rollback.monitor import loop as monitor_loop
+from anthias_rollback.monitor import probes as monitor_probes
+from anthias_rollback.monitor import rules as monitor_rules
+from anthias_rollback.monitor.rules import (
     Baseline,
     MonitorConfig,
     Probe,
@@ -63,9 +67,9 @@ def config(urls=(HEALTH, FLAKY), **kwargs) -> MonitorConfig:
 def watch(cfg: MonitorConfig, **kwargs):
     rounds = []
     fake = FakeTime()
-    result = monitor.run_monitor(cfg, on_probe=rounds.append,
-                                 sleep=fake.sleep, clock=fake.clock,
-                                 **kwargs)
+    result = monitor_loop.run_monitor(cfg, on_probe=rounds.append,
+                                      sleep=fake.sleep, clock=fake.clock,
+                                      **kwargs)
     return result, rounds
 
 
@@ -100,9 +104,9 @@ def test_single_slow_spike_never_triggers(data_dir, flaky):
     flaky.queue(OK, monitor_views.slow(0.12), OK, OK, OK, OK)
     result, rounds = watch(config(thresholds=Thresholds(100, 5, 300, 50)))
     assert not result.triggered
-    assert result.stopped == monitor.STOP_MAX_PROBES
+    assert result.stopped == monitor_rules.STOP_MAX_PROBES
     assert [r.streak for r in rounds] == [0, 1, 0, 0, 0, 0]
-    assert monitor.RESPONSE_TIME in kinds(rounds[1])
+    assert monitor_rules.RESPONSE_TIME in kinds(rounds[1])
     assert rounds[1].probes[1].status == 200
     assert rounds[1].probes[1].ms >= 120
 
@@ -113,11 +117,11 @@ def test_trigger_after_k_consecutive_slow_rounds(data_dir, flaky):
     flaky.set_behaviour(sleep=0.12)
     result, rounds = watch(config(thresholds=Thresholds(100, 5, 300, 50),
                                   consecutive=3))
-    assert result.triggered and result.stopped == monitor.STOP_TRIGGER
+    assert result.triggered and result.stopped == monitor_rules.STOP_TRIGGER
     assert len(rounds) == result.rounds == 3
     assert [r.triggered for r in rounds] == [False, False, True]
     assert [r.streak for r in rounds] == [1, 2, 3]
-    assert {b.kind for b in result.reasons} == {monitor.RESPONSE_TIME}
+    assert {b.kind for b in result.reasons} == {monitor_rules.RESPONSE_TIME}
     assert FLAKY in result.reasons[0].message
 
 
@@ -138,7 +142,7 @@ def test_error_rate_trigger(data_dir, flaky):
     result, rounds = watch(config(window=4, consecutive=3))
     assert result.triggered and len(rounds) == 3
     assert [r.error_rate for r in rounds] == [12.5, 25.0, 37.5]
-    assert all(kinds(r) == {monitor.ERROR_RATE} for r in rounds)
+    assert all(kinds(r) == {monitor_rules.ERROR_RATE} for r in rounds)
     failed = rounds[0].probes[1]
     assert failed.status == 500 and failed.error == 'HTTP 500'
     assert rounds[0].probes[0].status == 200
@@ -163,7 +167,7 @@ def test_degradation_against_baseline_of_first_probes(data_dir, flaky):
                                   max_probes=5))
     assert [r.bad for r in rounds] == [False, False, True, True]
     assert result.triggered and len(rounds) == 4
-    assert kinds(rounds[2]) == {monitor.DEGRADATION}
+    assert kinds(rounds[2]) == {monitor_rules.DEGRADATION}
     assert 'slower than baseline' in result.reasons[0].message
     assert result.baseline_source == 'probes'
     assert result.baseline.ms[FLAKY] < 50
@@ -172,11 +176,11 @@ def test_degradation_against_baseline_of_first_probes(data_dir, flaky):
 @pytest.mark.django_db(**DB)
 def test_degradation_against_a_stored_baseline_counts_at_once(data_dir,
                                                               flaky):
-    stored = Baseline(monitor.IN_PROCESS, 'sqlite', 5, {FLAKY: 1.0})
+    stored = Baseline(monitor_rules.IN_PROCESS, 'sqlite', 5, {FLAKY: 1.0})
     flaky.set_behaviour(sleep=0.08)
     result, rounds = watch(config(urls=(FLAKY,), baseline=stored,
                                   consecutive=2))
-    assert [kinds(r) for r in rounds] == [{monitor.DEGRADATION}] * 2
+    assert [kinds(r) for r in rounds] == [{monitor_rules.DEGRADATION}] * 2
     assert result.triggered and result.baseline_source == 'file'
 
 
@@ -188,7 +192,7 @@ def test_degradation_needs_a_real_slowdown_not_jitter():
     assert not result.triggered
     result, rounds = watch(cfg, prober=ScriptedProber(2, 2, 60))
     assert result.triggered
-    assert kinds(rounds[-1]) == {monitor.DEGRADATION}
+    assert kinds(rounds[-1]) == {monitor_rules.DEGRADATION}
 
 
 @pytest.mark.django_db(databases=['default', 'sqlite', 'postgres'],
@@ -210,7 +214,7 @@ def test_database_unreachable_triggers(data_dir):
     assert result.triggered and len(rounds) == 2
     probe = rounds[0].probes[0]
     assert probe.status == 503 and probe.database_ok is False
-    assert monitor.DATABASE_UNREACHABLE in kinds(rounds[0])
+    assert monitor_rules.DATABASE_UNREACHABLE in kinds(rounds[0])
     assert 'hunter2' not in repr(result)
 
 
@@ -218,11 +222,11 @@ def test_database_unreachable_triggers(data_dir):
 
 def test_max_duration_bounds_the_run_and_keeps_the_cadence():
     fake = FakeTime()
-    result = monitor.run_monitor(
+    result = monitor_loop.run_monitor(
         config(urls=(HEALTH,), interval=1.0, max_duration=3.5,
                max_probes=None),
         sleep=fake.sleep, clock=fake.clock, prober=ScriptedProber(1))
-    assert result.stopped == monitor.STOP_MAX_DURATION
+    assert result.stopped == monitor_rules.STOP_MAX_DURATION
     assert result.rounds == 4 and not result.triggered
     assert fake.sleeps == [1.0, 1.0, 1.0, 0.5]
     assert result.seconds == 3.5
@@ -234,10 +238,11 @@ def test_ctrl_c_stops_cleanly():
             raise KeyboardInterrupt
 
     fake = FakeTime()
-    result = monitor.run_monitor(config(max_probes=None), on_probe=on_probe,
-                                 sleep=fake.sleep, clock=fake.clock,
-                                 prober=ScriptedProber(1))
-    assert result.stopped == monitor.STOP_INTERRUPTED
+    result = monitor_loop.run_monitor(config(max_probes=None),
+                                      on_probe=on_probe,
+                                      sleep=fake.sleep, clock=fake.clock,
+                                      prober=ScriptedProber(1))
+    assert result.stopped == monitor_rules.STOP_INTERRUPTED
     assert result.rounds == 2 and not result.triggered
 
 
@@ -266,31 +271,31 @@ def test_bad_config_is_refused(kwargs, match):
                                    'max_degradation_pct'])
 def test_non_positive_thresholds_are_refused(field):
     with pytest.raises(MonitorInputError, match=field):
-        monitor.default_thresholds(**{field: 0})
+        monitor_rules.default_thresholds(**{field: 0})
 
 
 def test_thresholds_come_from_settings(settings):
-    assert monitor.default_thresholds() == Thresholds(1000, 5, 300, 50)
+    assert monitor_rules.default_thresholds() == Thresholds(1000, 5, 300, 50)
     settings.ANTHIAS_ROLLBACK_MONITOR_MAX_RESPONSE_MS = '250'
-    assert monitor.default_thresholds().max_response_ms == 250
-    assert monitor.default_thresholds(max_response_ms=9).max_response_ms \
-        == 9
+    assert monitor_rules.default_thresholds().max_response_ms == 250
+    assert monitor_rules.default_thresholds(
+        max_response_ms=9).max_response_ms == 9
     settings.ANTHIAS_ROLLBACK_MONITOR_MAX_ERROR_RATE = 'lots'
     with pytest.raises(ConfigError,
                        match='ANTHIAS_ROLLBACK_MONITOR_MAX_ERROR_RATE'):
-        monitor.default_thresholds()
+        monitor_rules.default_thresholds()
 
 
 def test_monitored_urls_are_health_then_verify_urls(settings):
     settings.ANTHIAS_ROLLBACK_VERIFY_URLS = \
         '/api/v1/assets/count, /health /monitor-test/flaky'
-    assert monitor.monitored_urls() == (
+    assert monitor_probes.monitored_urls() == (
         '/health', '/api/v1/assets/count', '/monitor-test/flaky')
 
 
 def test_unknown_url_refused_in_process(data_dir):
     with pytest.raises(MonitorInputError, match='/no/such/page'):
-        monitor.check_target(config(urls=(HEALTH, '/no/such/page')))
+        monitor_probes.check_target(config(urls=(HEALTH, '/no/such/page')))
 
 
 # --- baseline file --------------------------------------------------------
@@ -299,16 +304,16 @@ def test_unknown_url_refused_in_process(data_dir):
 def test_record_baseline_then_a_run_reads_it(data_dir, flaky):
     fake = FakeTime()
     seen = []
-    baseline, path = monitor.record_baseline(
+    baseline, path = monitor_loop.record_baseline(
         config(baseline_probes=3), on_probe=seen.append, sleep=fake.sleep)
-    assert path == data_dir / monitor.BASELINE_FILE_NAME
+    assert path == data_dir / monitor_loop.BASELINE_FILE_NAME
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert len(seen) == 3 and fake.sleeps == [5.0, 5.0]
     assert baseline.profile == 'sqlite' and baseline.rounds == 3
     assert set(baseline.ms) == {HEALTH, FLAKY}
-    assert monitor.load_baseline() == baseline
+    assert monitor_loop.load_baseline() == baseline
 
-    stored, warning = monitor.select_baseline(config())
+    stored, warning = monitor_loop.select_baseline(config())
     assert stored == baseline and warning is None
     flaky.set_behaviour(sleep=0.08)
     result, rounds = watch(config(baseline=stored, consecutive=2))
@@ -320,23 +325,23 @@ def test_record_baseline_then_a_run_reads_it(data_dir, flaky):
 def test_record_baseline_refused_off_sqlite_and_on_errors(data_dir, flaky):
     profiles.write_active_profile(data_dir, 'postgres')
     with pytest.raises(BaselineError, match='recorded on SQLite'):
-        monitor.record_baseline(config(), sleep=FakeTime().sleep)
+        monitor_loop.record_baseline(config(), sleep=FakeTime().sleep)
     profiles.write_active_profile(data_dir, 'sqlite')
     flaky.queue(OK, FAIL)
     with pytest.raises(BaselineError, match=f'{FLAKY} failed .HTTP 500'):
-        monitor.record_baseline(config(), sleep=FakeTime().sleep)
-    assert not (data_dir / monitor.BASELINE_FILE_NAME).exists()
+        monitor_loop.record_baseline(config(), sleep=FakeTime().sleep)
+    assert not (data_dir / monitor_loop.BASELINE_FILE_NAME).exists()
 
 
 def test_baseline_file_checks(data_dir):
-    assert monitor.load_baseline() is None
-    path = data_dir / monitor.BASELINE_FILE_NAME
+    assert monitor_loop.load_baseline() is None
+    path = data_dir / monitor_loop.BASELINE_FILE_NAME
     path.write_text('{"target": "in-process"}')
     with pytest.raises(BaselineError, match='record it again'):
-        monitor.load_baseline()
+        monitor_loop.load_baseline()
     path.write_text('{"target": "http://10.0.0.9", "profile": "sqlite", '
                     '"rounds": 5, "ms": {"/health": 3.5}}')
-    stored, warning = monitor.select_baseline(config())
+    stored, warning = monitor_loop.select_baseline(config())
     assert stored is None
     assert 'http://10.0.0.9' in warning and 'in-process' in warning
 
@@ -347,7 +352,7 @@ def test_baseline_file_checks(data_dir):
 def test_http_mode_against_a_real_server(data_dir, flaky):
     with serve_test_app() as base_url:
         cfg = config(base_url=base_url + '/', window=4, timeout=5)
-        info = monitor.check_target(cfg)
+        info = monitor_probes.check_target(cfg)
         assert info.target == base_url and info.profile == 'sqlite'
         flaky.queue(OK, FAIL, FAIL, FAIL)
         result, rounds = watch(cfg)
@@ -362,7 +367,7 @@ def test_http_mode_against_a_real_server(data_dir, flaky):
 def test_http_timeout_is_a_failed_probe(data_dir, flaky):
     flaky.set_behaviour(sleep=0.6)
     with serve_test_app() as base_url:
-        probe = monitor.HttpProber(base_url, timeout=0.2)(FLAKY)
+        probe = monitor_probes.HttpProber(base_url, timeout=0.2)(FLAKY)
     assert probe.status is None and not probe.ok
     assert 'timed out' in probe.error
 
@@ -370,7 +375,7 @@ def test_http_timeout_is_a_failed_probe(data_dir, flaky):
 def test_base_url_not_answering_is_refused():
     url = closed_port_url()
     with pytest.raises(MonitorInputError) as excinfo:
-        monitor.check_target(config(base_url=url, timeout=2))
+        monitor_probes.check_target(config(base_url=url, timeout=2))
     message = str(excinfo.value)
     assert f'base URL {url} does not answer' in message
     assert '\n' not in message
@@ -380,8 +385,8 @@ def test_base_url_not_answering_is_refused():
 def test_base_url_of_another_app_is_refused(data_dir):
     with (serve_test_app() as base_url,
           pytest.raises(MonitorInputError, match='answers 404')):
-        monitor.check_target(config(urls=('/not-health', FLAKY),
-                                    base_url=base_url))
+        monitor_probes.check_target(config(urls=('/not-health', FLAKY),
+                                           base_url=base_url))
 
 
 # --- the standby rule: alerts, never a trigger ----------------------------
@@ -416,17 +421,18 @@ def test_lagging_standby_is_one_alert_and_never_a_trigger(data_dir,
     age_standby(data_dir, 120)
     result, rounds = watch(standby_config(data_dir),
                            prober=ScriptedProber(1))
-    assert not result.triggered and result.stopped == monitor.STOP_MAX_PROBES
+    assert not result.triggered
+    assert result.stopped == monitor_rules.STOP_MAX_PROBES
     assert all(not r.bad and r.streak == 0 for r in rounds)
     # Raised once, not once per round.
-    assert alert_kinds(rounds) == [[(monitor.STANDBY_LAG, False)], [], [],
-                                   []]
+    assert alert_kinds(rounds) == [[(monitor_rules.STANDBY_LAG, False)],
+                                   [], [], []]
     alert = rounds[0].alerts[0]
     assert 'standby 120.' in alert.message and '> 30 s' in alert.message
     assert '1 journal entries not applied' in alert.message
     assert result.alerts == (alert,)
     reading = rounds[-1].standby
-    assert reading.state == monitor.STANDBY_LAGGING
+    assert reading.state == monitor_rules.STANDBY_LAGGING
     assert 120 <= reading.lag_seconds < 180 and reading.pending == 1
     assert result.as_dict()['alerts'] == [
         {'kind': 'standby_lag', 'message': alert.message, 'cleared': False}]
@@ -449,12 +455,14 @@ def test_standby_catching_up_clears_the_alert_and_a_new_lag_raises_again(
             age_standby(data_dir, 45)     # ...and stopped again
 
     fake = FakeTime()
-    result = monitor.run_monitor(standby_config(data_dir, max_probes=6),
-                                 on_probe=on_probe, sleep=fake.sleep,
-                                 clock=fake.clock, prober=ScriptedProber(1))
+    result = monitor_loop.run_monitor(standby_config(data_dir, max_probes=6),
+                                      on_probe=on_probe, sleep=fake.sleep,
+                                      clock=fake.clock,
+                                      prober=ScriptedProber(1))
     assert alert_kinds(seen) == [
-        [(monitor.STANDBY_LAG, False)], [], [(monitor.STANDBY_LAG, True)],
-        [], [(monitor.STANDBY_LAG, False)], []]
+        [(monitor_rules.STANDBY_LAG, False)], [],
+        [(monitor_rules.STANDBY_LAG, True)],
+        [], [(monitor_rules.STANDBY_LAG, False)], []]
     assert seen[2].alerts[0].message.startswith('standby caught up: ')
     assert [a.cleared for a in result.alerts] == [False, False]
     assert not result.triggered
@@ -468,7 +476,7 @@ def test_standby_below_the_threshold_says_nothing(data_dir, settings):
     result, rounds = watch(standby_config(data_dir),
                            prober=ScriptedProber(1))
     assert alert_kinds(rounds) == [[]] * 4 and result.alerts == ()
-    assert {r.standby.state for r in rounds} == {monitor.STANDBY_OK}
+    assert {r.standby.state for r in rounds} == {monitor_rules.STANDBY_OK}
     assert all(20 <= r.standby.lag_seconds < 30 for r in rounds)
     assert rounds[0].standby.pending == 0
 
@@ -479,12 +487,12 @@ def test_missing_standby_in_an_open_window_is_reported_once(data_dir,
     seed_device(settings, n_assets=5)   # window open, no replicator
     result, rounds = watch(standby_config(data_dir),
                            prober=ScriptedProber(1))
-    assert alert_kinds(rounds) == [[(monitor.STANDBY_MISSING, False)], [],
-                                   [], []]
+    assert alert_kinds(rounds) == [[(monitor_rules.STANDBY_MISSING, False)],
+                                   [], [], []]
     assert 'replicate_changes not run' in result.alerts[0].message
     assert str(window_standby.standby_path(data_dir)) in \
         result.alerts[0].message
-    assert rounds[-1].standby.state == monitor.STANDBY_ABSENT
+    assert rounds[-1].standby.state == monitor_rules.STANDBY_ABSENT
     assert not result.triggered
 
 
@@ -493,8 +501,8 @@ def test_no_standby_expected_without_a_window_or_off_postgres(data_dir,
                                                               settings):
     result, rounds = watch(standby_config(data_dir),
                            prober=ScriptedProber(1))
-    assert rounds[0].standby == monitor.StandbyResult(
-        monitor.STANDBY_NOT_EXPECTED, None, None, 'profile sqlite')
+    assert rounds[0].standby == monitor_rules.StandbyResult(
+        monitor_rules.STANDBY_NOT_EXPECTED, None, None, 'profile sqlite')
     assert result.alerts == ()
     seed_device(settings, n_assets=5)
     window_journal.end_window('postgres')
@@ -517,18 +525,19 @@ def test_postgres_down_is_not_a_standby_alert(data_dir, settings):
     with postgres_stopped():
         result, rounds = watch(standby_config(data_dir, max_probes=2),
                                prober=ScriptedProber(1))
-    assert [r.standby.state for r in rounds] == [monitor.STANDBY_UNKNOWN] * 2
+    assert [r.standby.state for r in rounds] == \
+        [monitor_rules.STANDBY_UNKNOWN] * 2
     assert 'PostgreSQL not answering' in rounds[0].standby.detail
     assert result.alerts == ()
 
 
 def test_standby_lag_threshold_comes_from_settings(settings):
-    assert monitor.default_max_standby_lag() == 30
-    assert monitor.default_max_standby_lag(5.5) == 5.5
+    assert monitor_rules.default_max_standby_lag() == 30
+    assert monitor_rules.default_max_standby_lag(5.5) == 5.5
     settings.ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG = '0'
-    assert monitor.default_max_standby_lag() == 0
+    assert monitor_rules.default_max_standby_lag() == 0
     for bad in ('soon', '-1', 'nan'):
         settings.ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG = bad
         with pytest.raises(ConfigError,
                            match='ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG'):
-            monitor.default_max_standby_lag()
+            monitor_rules.default_max_standby_lag()

@@ -20,10 +20,13 @@ the returned RollbackResult.
 
 Modules, each importing only those before it: state (options, result,
 the per-run state and the run-state file), render (reports read back
-and rendered as text), sources (choosing the source and filling the new
-file from it, at-risk rows), steps (the other phase bodies, scratch
-files), plan (run_rollback, the order of the phases, the report). This
-package re-exports their public names, so `rollback.X` keeps working.
+and rendered as text, the verdicts), sources (choosing the source and
+filling the new file from it, at-risk rows; incremental for the journal
+tail on a base), steps (the other phase bodies, scratch files; swap for
+the atomic swap, preserve for the pg_dump), plan (run_rollback, the
+order of the phases, the report). preview (the prompt's facts) and
+unapplied (export_unapplied_writes) sit beside them. This package
+re-exports the public names of the main five, so `rollback.X` works.
 """
 from anthias_rollback.rollback.plan import (
     already_rolled_back,

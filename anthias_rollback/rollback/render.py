@@ -1,8 +1,8 @@
 """Reading and rendering results, plain text (commands add colour): the
 newest report and a result loaded back from its JSON, the data-loss line
 as measured by the run (never assumed), the summary written beside each
-report and printed by rollback_migration, and the URGENT / RESOLVED
-notices an operator forwards.
+report and printed by rollback_migration, its verdict lines and JSON
+`data_loss`, and the URGENT / RESOLVED notices an operator forwards.
 """
 import json
 from pathlib import Path
@@ -37,6 +37,55 @@ def data_loss_line(result: RollbackResult) -> str:
     where = f', saved in {result.at_risk_file}' if result.at_risk_file \
         else ''
     return f'{total} rows at risk (written after the backup{where})'
+
+
+# The data_loss of a run that never started (refused before it): nothing
+# was touched, and no loss was measured either.
+NOT_RUN = {'status': 'not-run',
+           'detail': 'no rollback ran: the live database and the profile '
+                     'are unchanged', 'lost_writes': []}
+
+
+def data_loss(result: RollbackResult) -> dict:
+    """The `data_loss` of rollback_migration's JSON document."""
+    return {'status': result.loss, 'detail': data_loss_line(result),
+            'lost_writes': list(result.lost_writes)}
+
+
+def verdict_line(result: RollbackResult) -> str:
+    """rollback_migration's last stdout line for a finished run."""
+    return {
+        'rolled back': 'ROLLED BACK: profile sqlite, data loss: '
+                       + data_loss_line(result),
+        'rolled back with a loss': 'ROLLED BACK: profile sqlite, '
+                                   'data loss: '
+                                   + data_loss_line(result),
+        'dry run': 'DRY RUN OK: nothing changed; a rollback from '
+                   f'{result.source} would succeed',
+    }.get(result.outcome, 'ROLLED BACK WITH PROBLEMS: the SQLite '
+                          'database is live; check the warnings '
+                          'above')
+
+
+def verdict_ok(result: RollbackResult) -> bool:
+    """Is the verdict line a success (green)?"""
+    return result.outcome in ('rolled back', 'dry run')
+
+
+def problems_line(result: RollbackResult) -> str:
+    """The error line of a run that swapped but ended with exit 4."""
+    what = (data_loss_line(result)
+            if result.outcome == 'rolled back with a loss' else
+            '; '.join(result.warnings) or result.error)
+    return (f'rolled back, but not without problems: {what} '
+            f'(report: {result.report_path})')
+
+
+def already_line(result: RollbackResult) -> str:
+    """The answer to a rerun after a finished rollback."""
+    return (f'already on SQLite since {result.finished_at} (report '
+            f'{result.report_path}); data loss: '
+            f'{data_loss_line(result)}')
 
 
 def standby_loss_line(bound: dict) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from anthias_rollback import backup, conf, events, exit_codes, profiles
 from anthias_rollback.exceptions import BackupError
-from anthias_rollback.management.base import (
-    RollbackCommand,
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import (
     non_negative_days,
     non_negative_float,
     path_arg,

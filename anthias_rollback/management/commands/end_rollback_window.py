@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 from anthias_rollback import conf, profiles
 from anthias_rollback.exceptions import ConfigError
-from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.management.contract import RollbackCommand
 from anthias_rollback.window import cutover as window_cutover
 from anthias_rollback.window import journal as window_journal
 

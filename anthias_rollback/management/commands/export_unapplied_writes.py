@@ -23,7 +23,8 @@ not answering, the window's journal gone); 2 usage error.
 from dataclasses import asdict
 
 from anthias_rollback import conf, exit_codes, profiles
-from anthias_rollback.management.base import RollbackCommand, path_arg
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import path_arg
 from anthias_rollback.rollback import unapplied
 
 

@@ -21,11 +21,8 @@ from pathlib import Path
 from anthias_rollback import conf, exit_codes, profiles, transfer
 from anthias_rollback.engines.sqlite import sqlite_file_problem
 from anthias_rollback.exceptions import TransferError
-from anthias_rollback.management.base import (
-    RollbackCommand,
-    batch_size,
-    path_arg,
-)
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import batch_size, path_arg
 
 
 class Command(RollbackCommand):

@@ -30,9 +30,9 @@ from typing import Any
 from django.core.management import call_command, get_commands
 from django.core.management.base import CommandError
 
-from anthias_rollback import conf, exit_codes, monitor, profiles
-from anthias_rollback.management.base import (
-    RollbackCommand,
+from anthias_rollback import conf, exit_codes, profiles
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import (
     http_url,
     non_negative_float,
     number,
@@ -41,6 +41,9 @@ from anthias_rollback.management.base import (
     positive_int,
     positive_ms,
 )
+from anthias_rollback.monitor import loop as monitor_loop
+from anthias_rollback.monitor import probes as monitor_probes
+from anthias_rollback.monitor import rules as monitor_rules
 from anthias_rollback.report import redact
 
 ROLLBACK_COMMAND = 'rollback_migration'
@@ -135,14 +138,14 @@ class Command(RollbackCommand):
             self.json_lines = False
             self.fail('--json prints one document, --json-lines a stream: '
                       'choose one', exit_codes.USAGE)
-        thresholds = monitor.default_thresholds(
+        thresholds = monitor_rules.default_thresholds(
             max_response_ms=options['max_response_ms'],
             max_error_rate=options['max_error_rate'],
             max_degradation_pct=options['max_degradation_pct'])
-        max_lag = monitor.default_max_standby_lag(
+        max_lag = monitor_rules.default_max_standby_lag(
             options['max_standby_lag'])
-        config = monitor.MonitorConfig(
-            urls=monitor.monitored_urls(), thresholds=thresholds,
+        config = monitor_rules.MonitorConfig(
+            urls=monitor_probes.monitored_urls(), thresholds=thresholds,
             interval=options['interval'], window=options['window'],
             baseline_probes=options['baseline_probes'],
             consecutive=options['consecutive'],
@@ -152,10 +155,10 @@ class Command(RollbackCommand):
             data_dir=conf.data_dir(), postgres_alias=profiles.POSTGRES)
         if options['record_baseline']:
             return self.record(config)
-        info = monitor.check_target(config)
+        info = monitor_probes.check_target(config)
         if options['auto_rollback']:
             self.check_can_roll_back()
-        baseline, warning = monitor.select_baseline(config)
+        baseline, warning = monitor_loop.select_baseline(config)
         if warning:
             self.stderr.write(self.style.WARNING(warning))
         config = dataclasses.replace(config, baseline=baseline)
@@ -168,7 +171,7 @@ class Command(RollbackCommand):
                 + ('; baseline from file' if baseline else '')
                 + (f'; standby alert past {max_lag:g}s behind' if max_lag
                    else '; standby not checked'))
-        result = monitor.run_monitor(config, on_probe=self.show_round)
+        result = monitor_loop.run_monitor(config, on_probe=self.show_round)
         self.finish(result, options['auto_rollback'])
 
     def check_can_roll_back(self) -> None:
@@ -182,9 +185,9 @@ class Command(RollbackCommand):
                       f'the active profile is {active.name} (from '
                       f'{active.source}); nothing to roll back')
 
-    def record(self, config: monitor.MonitorConfig) -> None:
-        baseline, path = monitor.record_baseline(config,
-                                                 on_probe=self.show_round)
+    def record(self, config: monitor_rules.MonitorConfig) -> None:
+        baseline, path = monitor_loop.record_baseline(config,
+                                                      on_probe=self.show_round)
         self.set_json({'event': 'baseline', 'path': str(path),
                        **baseline.as_dict()})
         if self.json_lines:
@@ -197,7 +200,7 @@ class Command(RollbackCommand):
             f'baseline recorded ({baseline.rounds} rounds on '
             f'{baseline.profile}): {values}; saved to {path}')
 
-    def finish(self, result: monitor.MonitorResult,
+    def finish(self, result: monitor_rules.MonitorResult,
                auto_rollback: bool) -> None:
         self.set_json({'event': 'result', **result.as_dict(),
                        'rollback': None})
@@ -260,7 +263,7 @@ class Command(RollbackCommand):
             self.verdict_written = True
         super().conclude(code, error)
 
-    def show_round(self, rnd: monitor.RoundResult) -> None:
+    def show_round(self, rnd: monitor_rules.RoundResult) -> None:
         if self.json_lines:
             self.write_line({'event': 'probe', **rnd.as_dict()})
             for alert in rnd.alerts:
@@ -286,7 +289,7 @@ class Command(RollbackCommand):
         if rnd.standby is not None and rnd.standby.lag_seconds is not None:
             line += f' | standby {rnd.standby.lag_seconds:.1f}s behind'
         elif rnd.standby is not None \
-                and rnd.standby.state != monitor.STANDBY_NOT_EXPECTED:
+                and rnd.standby.state != monitor_rules.STANDBY_NOT_EXPECTED:
             line += f' | standby {rnd.standby.state}'
         if rnd.bad:
             line += (f' | bad {rnd.streak}/{rnd.consecutive}: '

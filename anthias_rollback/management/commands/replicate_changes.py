@@ -22,7 +22,8 @@ import threading
 from dataclasses import asdict
 
 from anthias_rollback import events, profiles
-from anthias_rollback.management.base import RollbackCommand, positive_float
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import positive_float
 from anthias_rollback.window import replicator as window_replicator
 
 

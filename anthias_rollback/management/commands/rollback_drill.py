@@ -21,8 +21,8 @@ from pathlib import Path
 from anthias_rollback import events, exit_codes, phases, transfer
 from anthias_rollback.drill import history as drill_history
 from anthias_rollback.drill import run as drill_run
-from anthias_rollback.management.base import (
-    RollbackCommand,
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import (
     batch_size,
     path_arg,
     positive_int,

@@ -21,8 +21,8 @@ from django.core.management.base import CommandError
 
 from anthias_rollback import conf, exit_codes, profiles, rollback
 from anthias_rollback.exceptions import RollbackError
-from anthias_rollback.management.base import (
-    RollbackCommand,
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import (
     batch_size,
     path_arg,
     positive_minutes,
@@ -30,17 +30,7 @@ from anthias_rollback.management.base import (
 )
 from anthias_rollback.report import redact
 from anthias_rollback.rollback import preview
-
-# The data_loss of a run that never started (refused before it): nothing
-# was touched, and no loss was measured either.
-NOT_RUN = {'status': 'not-run',
-           'detail': 'no rollback ran: the live database and the profile '
-                     'are unchanged', 'lost_writes': []}
-
-
-def data_loss(result: rollback.RollbackResult) -> dict:
-    return {'status': result.loss, 'detail': rollback.data_loss_line(result),
-            'lost_writes': list(result.lost_writes)}
+from anthias_rollback.rollback import render as rollback_render
 
 
 class Command(RollbackCommand):
@@ -104,7 +94,7 @@ class Command(RollbackCommand):
                                      f'{name} (runbook compatibility)')
 
     def run(self, *args, **options):
-        self.set_json({'data_loss': NOT_RUN})
+        self.set_json({'data_loss': rollback_render.NOT_RUN})
         if options['generate_report']:
             return self.show_latest(options['json'])
         overrides = {k: options[f'postgres_{k}'] for k in
@@ -165,7 +155,7 @@ class Command(RollbackCommand):
         with contextlib.suppress(OSError, ValueError, TypeError):
             result = rollback.load_result(report_path)
             self.set_json({**result.as_dict(), 'data_loss':
-                           data_loss(result)})
+                           rollback_render.data_loss(result)})
 
     def confirm(self, opts, options) -> None:
         if options['yes'] or opts.emergency or opts.dry_run:
@@ -190,42 +180,26 @@ class Command(RollbackCommand):
         return self.render_events(options['verbosity'])
 
     def render(self, result, options) -> None:
-        self.set_json({**result.as_dict(), 'data_loss': data_loss(result)})
+        self.set_json({**result.as_dict(),
+                       'data_loss': rollback_render.data_loss(result)})
         if not options['json']:
             if options['verbosity'] >= 1:
                 self.stdout.write(rollback.render_summary(result))
                 if result.outcome != 'dry run':
                     self.stdout.write(rollback.resolved_notice(result))
-            verdict = {
-                'rolled back': 'ROLLED BACK: profile sqlite, data loss: '
-                               + rollback.data_loss_line(result),
-                'rolled back with a loss': 'ROLLED BACK: profile sqlite, '
-                                           'data loss: '
-                                           + rollback.data_loss_line(result),
-                'dry run': 'DRY RUN OK: nothing changed; a rollback from '
-                           f'{result.source} would succeed',
-            }.get(result.outcome, 'ROLLED BACK WITH PROBLEMS: the SQLite '
-                                  'database is live; check the warnings '
-                                  'above')
-            self.write_verdict(verdict, ok=result.outcome in (
-                'rolled back', 'dry run'))
+            self.write_verdict(rollback_render.verdict_line(result),
+                               ok=rollback_render.verdict_ok(result))
         if result.exit_code != exit_codes.OK:
-            what = (rollback.data_loss_line(result)
-                    if result.outcome == 'rolled back with a loss' else
-                    '; '.join(result.warnings) or result.error)
-            raise CommandError(
-                f'rolled back, but not without problems: {what} '
-                f'(report: {result.report_path})',
-                returncode=result.exit_code)
+            raise CommandError(rollback_render.problems_line(result),
+                               returncode=result.exit_code)
 
     def already_done(self, result) -> None:
         """A rerun after a finished rollback: the same answer, one line,
         no banner (deploy hooks retry; a second operator looks)."""
-        self.set_json({**result.as_dict(), 'data_loss': data_loss(result),
+        self.set_json({**result.as_dict(),
+                       'data_loss': rollback_render.data_loss(result),
                        'already': True})
-        line = (f'already on SQLite since {result.finished_at} (report '
-                f'{result.report_path}); data loss: '
-                f'{rollback.data_loss_line(result)}')
+        line = rollback_render.already_line(result)
         self.write_verdict(line, ok=result.exit_code == exit_codes.OK)
         if result.exit_code != exit_codes.OK:
             self.fail(line, result.exit_code)
@@ -235,7 +209,8 @@ class Command(RollbackCommand):
         if path is None:
             self.fail(f'no rollback report in {conf.reports_dir()}')
         result = rollback.load_result(path)
-        self.set_json({**result.as_dict(), 'data_loss': data_loss(result)})
+        self.set_json({**result.as_dict(),
+                       'data_loss': rollback_render.data_loss(result)})
         if not as_json:
             self.stdout.write(rollback.render_summary(result))
             self.stdout.write(

@@ -16,11 +16,8 @@ Exit codes: 0 ready; 1 the check itself could not run; 2 usage error;
 from dataclasses import asdict
 
 from anthias_rollback import conf, exit_codes, profiles, readiness
-from anthias_rollback.management.base import (
-    RollbackCommand,
-    path_arg,
-    positive_hours,
-)
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import path_arg, positive_hours
 
 
 class Command(RollbackCommand):

@@ -17,7 +17,7 @@ Exit codes: 0 switched (or shown); 1 refused, nothing changed;
 from dataclasses import asdict
 
 from anthias_rollback import conf, exit_codes, profiles, switch
-from anthias_rollback.management.base import RollbackCommand
+from anthias_rollback.management.contract import RollbackCommand
 from anthias_rollback.report import first_line
 from anthias_rollback.window import journal as window_journal
 from anthias_rollback.window import standby as window_standby

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from anthias_rollback import compare, events, exit_codes, profiles
-from anthias_rollback.management.base import (
-    RollbackCommand,
+from anthias_rollback.management.contract import RollbackCommand
+from anthias_rollback.management.types import (
     non_negative_int,
     path_arg,
     percent,

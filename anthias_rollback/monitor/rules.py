@@ -1,54 +1,39 @@
-"""Watch the app after a cutover and decide when a rollback is due.
+"""The monitor's decisions: what it watches for (Thresholds, the
+baseline, MonitorConfig), what a round found (Probe, Breach, Alert,
+RoundResult, MonitorResult), and the rules that judge it: the sliding
+window and the trigger rules (`Evaluator`), the standby rule
+(`StandbyWatch`: warning-level alerts, never a trigger).
 
-Plain parts, each testable alone:
-
-- probers: `ClientProber` (in-process, Django's test client) and
-  `HttpProber` (a running server at a base URL); both return `Probe`s;
-- `Evaluator`: the sliding window, the baseline and the trigger rules;
-- `StandbyWatch`: the standby rule (warning-level alerts, never a
-  trigger);
-- `run_monitor()`: the loop, bounded by time and probe count;
-- `record_baseline()` / `load_baseline()`: a baseline measured on SQLite.
-
-A round probes the health URL and every ANTHIAS_ROLLBACK_VERIFY_URLS path
-once. A round is *bad* when it breaches a threshold; the trigger fires only
+A round is *bad* when it breaches a threshold; the trigger fires only
 after `consecutive` bad rounds in a row. An *alert* (the standby lagging
 or missing while a rollback window is open) is reported but never counts
 towards a trigger: a lagging standby is a reason to look, not to roll
-back. Nothing here prints or rolls back: the command owns both.
+back. Reads settings, the state file, the standby and two catalog or
+journal queries on PostgreSQL (StandbyWatch); never prints.
 """
-import http.client
-import json
 import math
 import sqlite3
 import statistics
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from django.db import DatabaseError, connections
 
-from anthias_rollback import conf, fsutil, profiles
+from anthias_rollback import conf, profiles
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import (
-    BaselineError,
     ConfigError,
     MonitorInputError,
     RollbackError,
 )
-from anthias_rollback.health import client_host
-from anthias_rollback.report import first_line, write_json_report
+from anthias_rollback.report import first_line
+from anthias_rollback.window import standby as window_standby
 
 IN_PROCESS = 'in-process'
-BASELINE_FILE_NAME = 'monitor_baseline.json'
-FALLBACK_HEALTH_PATH = '/health'
 
 RESPONSE_TIME = 'response_time'
 ERROR_RATE = 'error_rate'
@@ -309,154 +294,6 @@ def default_max_standby_lag(override: float | None = None) -> float:
     return value
 
 
-def health_path() -> str:
-    """The path of this app's /health view in the host's URLconf."""
-    from django.urls import NoReverseMatch, reverse
-
-    try:
-        return reverse('anthias_rollback:health')
-    except NoReverseMatch:
-        return FALLBACK_HEALTH_PATH
-
-
-def monitored_urls(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The health path, then ANTHIAS_ROLLBACK_VERIFY_URLS, then *extra*,
-    without duplicates."""
-    urls = [health_path(), *conf.get_list_setting(
-        'ANTHIAS_ROLLBACK_VERIFY_URLS'), *extra]
-    return tuple(dict.fromkeys(urls))
-
-
-def _health_fields(url: str, body: bytes) -> dict[str, Any]:
-    """database_ok and profile from a /health JSON body, if it is one."""
-    if urllib.parse.urlsplit(url).path.rstrip('/') \
-            != health_path().rstrip('/'):
-        return {}
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    ok = data.get('database_ok')
-    profile = data.get('profile')
-    problems = data.get('problems')
-    return {'database_ok': ok if isinstance(ok, bool) else None,
-            'profile': profile if isinstance(profile, str) else None,
-            'problem': str(problems[0]) if isinstance(problems, list)
-            and problems else None}
-
-
-def _answered(url: str, status: int, ms: float, body: bytes) -> Probe:
-    fields = _health_fields(url, body)
-    problem = fields.pop('problem', None)
-    error = None
-    if status >= 400:
-        # /health says why (already redacted by the view): name it.
-        error = f'HTTP {status}' + (f': {problem}' if problem else '')
-    return Probe(url, status, ms, error, **fields)
-
-
-class ClientProber:
-    """Probes through the whole Django stack in this process (middleware,
-    URLconf, views, the `default` database), with no server running."""
-
-    def __init__(self) -> None:
-        from django.test import Client
-
-        # A crashing view must become a 500 probe, not stop the monitor.
-        self.client = Client(raise_request_exception=False,
-                             HTTP_HOST=client_host())
-
-    def __call__(self, url: str) -> Probe:
-        start = time.perf_counter()
-        try:
-            response = self.client.get(url)
-        except Exception as err:  # noqa: BLE001 a failed probe is data
-            ms = (time.perf_counter() - start) * 1000
-            return Probe(url, None, ms, first_line(err))
-        ms = (time.perf_counter() - start) * 1000
-        return _answered(url, response.status_code, ms, response.content)
-
-
-class HttpProber:
-    """Probes a running server at *base_url* over HTTP."""
-
-    def __init__(self, base_url: str, timeout: float) -> None:
-        self.base_url = base_url.rstrip('/')
-        self.timeout = timeout
-        # No proxy: http_proxy in a device's environment must not route a
-        # probe of 127.0.0.1 elsewhere.
-        self.opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}))
-
-    def full_url(self, url: str) -> str:
-        if urllib.parse.urlsplit(url).scheme:
-            return url
-        return self.base_url + '/' + url.lstrip('/')
-
-    def __call__(self, url: str) -> Probe:
-        request = urllib.request.Request(
-            self.full_url(url), headers={'Accept': 'application/json'})
-        start = time.perf_counter()
-        try:
-            with self.opener.open(request, timeout=self.timeout) as resp:
-                body = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as err:
-            body = err.read()
-            status = err.code
-        except (urllib.error.URLError, OSError,
-                http.client.HTTPException) as err:
-            ms = (time.perf_counter() - start) * 1000
-            reason = getattr(err, 'reason', err)
-            return Probe(url, None, ms, f'no answer: {reason}')
-        ms = (time.perf_counter() - start) * 1000
-        return _answered(url, status, ms, body)
-
-
-Prober = Callable[[str], Probe]
-
-
-def make_prober(config: MonitorConfig) -> Prober:
-    if config.base_url is None:
-        return ClientProber()
-    return HttpProber(config.base_url, config.timeout)
-
-
-def check_target(config: MonitorConfig,
-                 prober: Prober | None = None) -> TargetInfo:
-    """Refuse before watching: a base URL must answer its health URL, and
-    in-process every URL must match the URLconf. Reads only; raises
-    MonitorInputError naming the URL."""
-    if config.base_url is None:
-        from django.urls import Resolver404, resolve
-
-        for url in config.urls:
-            try:
-                resolve(urllib.parse.urlsplit(url).path)
-            except Resolver404:
-                raise MonitorInputError(
-                    f'URL {url} matches no URL pattern of this project; '
-                    f'check ANTHIAS_ROLLBACK_VERIFY_URLS') from None
-        try:
-            profile = conf.current_profile().name
-        except RollbackError:
-            profile = None
-        return TargetInfo(IN_PROCESS, profile)
-    prober = prober or make_prober(config)
-    probe = prober(config.urls[0])
-    if probe.status is None:
-        raise MonitorInputError(
-            f'base URL {config.target} does not answer ({config.urls[0]}: '
-            f'{probe.error}); is the app running there?')
-    if probe.status == 404:
-        raise MonitorInputError(
-            f'base URL {config.target} answers 404 for {config.urls[0]}; '
-            f'is it this project, with anthias_rollback.urls included?')
-    return TargetInfo(config.target, probe.profile)
-
-
 class Evaluator:
     """The sliding window and the trigger rules (state between rounds)."""
 
@@ -565,8 +402,6 @@ class StandbyWatch:
         self.active: str | None = None   # the alert raised, not cleared
 
     def read(self) -> StandbyResult:
-        from anthias_rollback.window import standby as window_standby
-
         try:
             active = profiles.resolve_active_profile(self.data_dir)
         except RollbackError as err:
@@ -630,145 +465,3 @@ class StandbyWatch:
         return (f'standby {reading.lag_seconds:.1f} s behind > '
                 f'{self.max_lag:g} s ({reading.detail}{pending}); is '
                 f'replicate_changes running?')
-
-
-def probe_round(prober: Prober, urls: tuple[str, ...]) -> tuple[Probe, ...]:
-    return tuple(prober(url) for url in urls)
-
-
-def run_monitor(config: MonitorConfig,
-                on_probe: Callable[[RoundResult], None] | None = None,
-                sleep: Callable[[float], None] = time.sleep,
-                clock: Callable[[], float] = time.monotonic,
-                prober: Prober | None = None) -> MonitorResult:
-    """Probe every `interval` seconds until a trigger, `max_duration`,
-    `max_probes` or Ctrl-C. Reads only (through the probed views, and
-    with `max_standby_lag` the standby rule's reads); calls *on_probe*
-    after each round. Never raises for a failing probe: that is data.
-    An alert never stops the run. A KeyboardInterrupt ends it cleanly."""
-    prober = prober or make_prober(config)
-    evaluator = Evaluator(config)
-    watch = StandbyWatch(config) if config.max_standby_lag else None
-    raised: list[Alert] = []
-    start = clock()
-    number = 0
-    last: RoundResult | None = None
-    stopped = STOP_INTERRUPTED
-    try:
-        while True:
-            if config.max_probes is not None \
-                    and number >= config.max_probes:
-                stopped = STOP_MAX_PROBES
-                break
-            if config.max_duration is not None \
-                    and clock() - start >= config.max_duration:
-                stopped = STOP_MAX_DURATION
-                break
-            number += 1
-            probes = probe_round(prober, config.urls)
-            reading, alerts = watch.check() if watch else (None, ())
-            raised.extend(a for a in alerts if not a.cleared)
-            last = evaluator.evaluate(number, clock() - start, probes,
-                                      reading, alerts)
-            if on_probe is not None:
-                on_probe(last)
-            if last.triggered:
-                stopped = STOP_TRIGGER
-                break
-            # Keep the cadence (round n starts at n * interval) but never
-            # sleep past --max-duration.
-            wake = start + number * config.interval
-            if config.max_duration is not None:
-                wake = min(wake, start + config.max_duration)
-            wait = wake - clock()
-            if wait > 0:
-                sleep(wait)
-    except KeyboardInterrupt:
-        stopped = STOP_INTERRUPTED
-    baseline, source = evaluator.current_baseline()
-    triggered = stopped == STOP_TRIGGER
-    return MonitorResult(stopped, number, clock() - start, triggered,
-                         last.breaches if triggered and last else (),
-                         last, baseline, source, tuple(raised))
-
-
-def baseline_path() -> Path:
-    return conf.data_dir() / BASELINE_FILE_NAME
-
-
-def record_baseline(config: MonitorConfig,
-                    on_probe: Callable[[RoundResult], None] | None = None,
-                    sleep: Callable[[float], None] = time.sleep,
-                    path: Path | None = None,
-                    prober: Prober | None = None) -> tuple[Baseline, Path]:
-    """Probe `baseline_probes` rounds on SQLite and save the per-URL median
-    latency as JSON (0600) in the data dir. Refuses (BaselineError) when the
-    target's profile is not SQLite or any probe fails; then nothing is
-    written. Raises MonitorInputError when the target does not answer."""
-    prober = prober or make_prober(config)
-    info = check_target(config, prober)
-    if info.profile != profiles.SQLITE:
-        raise BaselineError(
-            f'a baseline is recorded on SQLite, before the cutover; '
-            f'{info.target} runs on {info.profile or "an unknown profile"}')
-    samples: dict[str, list[float]] = {url: [] for url in config.urls}
-    evaluator = Evaluator(config)
-    start = time.monotonic()
-    for number in range(1, config.baseline_probes + 1):
-        probes = probe_round(prober, config.urls)
-        result = evaluator.evaluate(number, time.monotonic() - start,
-                                    probes)
-        if on_probe is not None:
-            on_probe(result)
-        for probe in probes:
-            if not probe.ok:
-                raise BaselineError(
-                    f'baseline not recorded: {probe.url} failed '
-                    f'({probe.error}); fix the app first')
-            samples[probe.url].append(probe.ms)
-        if number < config.baseline_probes:
-            sleep(config.interval)
-    baseline = Baseline(
-        config.target, info.profile, config.baseline_probes,
-        {url: round(statistics.median(ms), 3) for url, ms in samples.items()},
-        datetime.now(UTC).isoformat())
-    path = Path(path or baseline_path())
-    try:
-        write_json_report(path, baseline.as_dict())
-    except OSError as err:
-        raise BaselineError(f'cannot write baseline file {path}: '
-                            f'{err.strerror}') from None
-    return baseline, path
-
-
-def load_baseline(path: Path | None = None) -> Baseline | None:
-    """The stored baseline, None if there is none; BaselineError if the
-    file is unreadable or malformed."""
-    path = Path(path or baseline_path())
-    fix = 'record it again with --record-baseline'
-    data = fsutil.read_json(path, 'baseline file', BaselineError, fix)
-    if data is None:
-        return None
-    try:
-        ms = {str(url): float(value) for url, value in data['ms'].items()}
-        return Baseline(str(data['target']), str(data['profile']),
-                        int(data['rounds']), ms,
-                        str(data.get('recorded_at', '')))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise BaselineError(f'baseline file {path} is not valid; {fix}'
-                            ) from None
-
-
-def select_baseline(config: MonitorConfig, path: Path | None = None
-                    ) -> tuple[Baseline | None, str | None]:
-    """The stored baseline if it was recorded against the same target
-    (in-process and HTTP latencies differ), plus a warning otherwise."""
-    baseline = load_baseline(path)
-    if baseline is None:
-        return None, None
-    if baseline.target != config.target:
-        return None, (f'stored baseline was recorded for '
-                      f'{baseline.target}, not {config.target}; using the '
-                      f'first {config.baseline_probes} probes instead')
-    return baseline, None
-

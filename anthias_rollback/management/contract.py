@@ -1,0 +1,177 @@
+"""The operator's contract every command keeps, in one place.
+
+Commands subclass `RollbackCommand` and implement `run()`. Around it,
+`handle()` keeps the promises every command makes:
+- any RollbackError becomes one line on stderr and exit code 1 (or the
+  code the CommandError carries), never a traceback;
+- `--json` prints exactly one JSON document on stdout for every outcome
+  (schema_version, ok, exit_code, error, then the command's data from
+  `set_json()`), `--report PATH` writes the same document (0600);
+- without --json the last stdout line is the verdict, also on failure
+  (the CommandError line still goes to stderr for scripts);
+- -v3 adds every record of the `anthias_rollback` loggers and every SQL
+  statement on stderr.
+Progress events are drawn by management.render; the argparse types of
+the options are in management.types.
+"""
+import argparse
+import functools
+import json
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from anthias_rollback import exit_codes, logs
+from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.management.render import EventRenderer
+from anthias_rollback.management.types import path_arg
+from anthias_rollback.report import first_line, redact, write_json_report
+
+SCHEMA_VERSION = 1
+JSON_STDOUT = '-'
+
+
+class RollbackCommand(BaseCommand):
+    # Checks need no database; our own warnings still show under `check`.
+    requires_system_checks: tuple = ()
+
+    def create_parser(self, prog_name: str, subcommand: str,
+                      **kwargs: Any) -> argparse.ArgumentParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parser.add_argument(
+            '--json', nargs='?', const=JSON_STDOUT, default=None,
+            metavar='PATH', type=path_arg,
+            help='print one JSON document on stdout and nothing else, for '
+                 'every outcome (schema_version, ok, exit_code, error and '
+                 'the data); a PATH after it is deprecated: use --report')
+        parser.add_argument(
+            '--report', metavar='PATH', type=path_arg,
+            help='also write that JSON document to PATH (0600), for '
+                 'every outcome')
+        parser.error = functools.partial(usage_error, parser)
+        return parser
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.as_json, self.report_path = self.output_mode(options)
+        options.update(json=self.as_json, report=self.report_path)
+        self.json_data: dict[str, Any] = {}
+        self.verdict_written = False
+        with logs.command_logging(self.stderr, options['verbosity']):
+            try:
+                self.run_reporting_errors(*args, **options)
+            except CommandError as err:
+                self.conclude(err.returncode, one_line(err))
+                raise
+            except Exception as err:
+                # A crash (a bug) still leaves one document on stdout;
+                # the traceback follows on stderr.
+                self.conclude(exit_codes.FAILED, first_line(err))
+                raise
+            self.conclude(exit_codes.OK, None)
+
+    def run_reporting_errors(self, *args: Any, **options: Any) -> None:
+        try:
+            self.run(*args, **options)
+        except RollbackError as err:
+            raise CommandError(redact(str(err)),
+                               returncode=exit_codes.FAILED) from err
+        except KeyboardInterrupt:
+            raise CommandError('interrupted; nothing was changed unless '
+                               'reported above',
+                               returncode=exit_codes.FAILED) from None
+
+    def run(self, *args: Any, **options: Any) -> None:
+        raise NotImplementedError
+
+    def output_mode(self, options: dict[str, Any]) -> tuple[bool, Any]:
+        """(JSON on stdout?, report path or None) from --json/--report."""
+        value, report = options.get('json'), options.get('report')
+        if value in (None, False):
+            return False, report
+        if value is True or value == JSON_STDOUT:
+            return True, report
+        # `--json PATH` (migrate_to_postgres, validate_migration before
+        # --report existed) keeps working for one release.
+        self.stderr.write(self.style.WARNING(
+            'warning: --json PATH is deprecated and will be removed in the '
+            'next release: use --report PATH (--json alone prints the JSON '
+            'document on stdout)'))
+        return False, report or value
+
+    def set_json(self, data: dict[str, Any]) -> None:
+        """The command's data for the JSON document, which handle()
+        prints (--json) and writes (--report) once, at the end."""
+        self.json_data = dict(data)
+
+    def document(self, code: int, error: str | None) -> dict[str, Any]:
+        return {**self.json_data, 'schema_version': SCHEMA_VERSION,
+                'ok': code == exit_codes.OK, 'exit_code': code,
+                'error': error}
+
+    def conclude(self, code: int, error: str | None) -> None:
+        """Write the report, then the JSON document or the verdict line.
+
+        A report that cannot be written turns a success into exit 1 (the
+        caller asked for the file); after a failure it is one more line
+        on stderr and the failure's code stands."""
+        unwritten = self.write_report(code, error)
+        if unwritten and code != exit_codes.OK:
+            self.stderr.write(self.style.ERROR(unwritten))
+            unwritten = None
+        elif unwritten:
+            code, error = exit_codes.FAILED, unwritten
+        if self.as_json:
+            self.stdout.write(json.dumps(redact(self.document(code, error)),
+                                         indent=2, default=str,
+                                         sort_keys=True))
+        elif code != exit_codes.OK and not self.verdict_written:
+            self.write_verdict(error or 'failed', ok=False)
+        if unwritten:
+            raise CommandError(unwritten, returncode=code)
+
+    def write_report(self, code: int, error: str | None) -> str | None:
+        """--report PATH: the document (0600); the error line if not."""
+        if not self.report_path:
+            return None
+        try:
+            write_json_report(self.report_path, self.document(code, error))
+        except (OSError, RollbackError) as err:
+            return redact(f'could not write the report {self.report_path}: '
+                          f'{first_line(err)}')
+        return None
+
+    def write_verdict(self, line: str, ok: bool = True) -> None:
+        """The final stdout line (the verdict); handle() adds none after
+        it when the command then fails."""
+        style = self.style.SUCCESS if ok else self.style.ERROR
+        self.stdout.write(style(redact(line)))
+        self.verdict_written = True
+
+    def is_tty(self) -> bool:
+        stream = getattr(self.stdout, '_out', sys.stdout)
+        return hasattr(stream, 'isatty') and stream.isatty()
+
+    def fail(self, message: str, code: int = exit_codes.FAILED) -> None:
+        raise CommandError(redact(message), returncode=code)
+
+    def render_events(self, verbosity: int) -> EventRenderer | None:
+        """The progress callable for a core function (None below -v1)."""
+        if verbosity < 1:
+            return None
+        return EventRenderer(self, verbosity, bars=self.is_tty())
+
+
+def one_line(err: BaseException) -> str:
+    """A CommandError's message as the one line scripts read."""
+    text = str(err).strip()
+    return text if '\n' not in text else first_line(err)
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exit 2 with one line (argparse would print the usage first); under
+    call_command a CommandError carrying the same code 2."""
+    if not getattr(parser, 'called_from_command_line', False):
+        raise CommandError(f'Error: {message}', returncode=exit_codes.USAGE)
+    parser.exit(exit_codes.USAGE, f'{parser.prog}: error: {message} (see '
+                                  f'--help)\n')
