@@ -426,7 +426,10 @@ def older_pg_dump() -> str:
         found = pg_dump_major(path)
         if found is not None and found < major:
             return path
-    pytest.skip(f'no pg_dump older than the server ({major}) here')
+    # Never a silent skip: these machines carry Debian's client tools
+    # (postgresql-client, 15), older than the embedded server.
+    pytest.fail(f'no pg_dump older than the server ({major}) here; '
+                'install postgresql-client')
 
 
 @pytest.mark.slow

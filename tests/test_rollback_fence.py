@@ -70,7 +70,12 @@ def test_writers_and_another_roles_open_session_lose_nothing(
     log = tmp_path / 'writes.log'
     writers = start_writers(host_env, log, seconds=12)
     try:
-        time.sleep(2.0)   # writers are acknowledged on PostgreSQL
+        # Wait for the writers to be acknowledged on PostgreSQL (a
+        # condition, not a guessed time: a loaded machine is slow).
+        deadline = time.monotonic() + 60
+        while len(read_log(log)[0] if log.exists() else ()) < 40:
+            assert time.monotonic() < deadline, 'the writers never got going'
+            time.sleep(0.05)
         connections['sqlite'].close()
         done = run_manage(host_env, 'rollback_migration', '--emergency')
         returned = time.time()

