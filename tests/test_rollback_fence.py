@@ -185,7 +185,20 @@ def test_postgres_that_lost_rows_is_refused_as_a_source(state, data_dir,
     assert not window_journal.window_state('postgres').installed
     switch.switch_profile('postgres', force=True, restart=False)
     expected = '0 of 6' if state == 'empty' else '3 of 6'
-    out, _ = roll_back('--emergency')
+    # What PostgreSQL's own migrate made (content types, permissions)
+    # may sit under other ids than the backup's, depending on what ran
+    # on the server before: then those rows are left out and exported,
+    # and the restore is exit 4 (never 0 with rows left out).
+    from io import StringIO
+
+    from django.core.management import call_command
+    stdout = StringIO()
+    try:
+        call_command('rollback_migration', '--emergency', stdout=stdout,
+                     stderr=StringIO())
+    except CommandError as err:
+        assert err.returncode == 4 and 'rows at risk' in str(err), err
+    out = stdout.getvalue()
     assert 'source:        backup' in out
     assert 'lost rows that no journaled write removed' in out
     assert expected in out
