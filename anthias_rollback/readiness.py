@@ -308,6 +308,8 @@ def check_window(ctx: ReadinessContext) -> ReadinessCheck:
         return ReadinessCheck('window', True, 'PostgreSQL not readable '
                               f'for the window: {first_line(err)}',
                               informational=True)
+    if state.problems:
+        return ReadinessCheck('window', False, '; '.join(state.problems))
     if not state.installed:
         return ReadinessCheck(
             'window', True, 'no change journal on PostgreSQL: a rollback '

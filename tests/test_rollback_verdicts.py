@@ -297,3 +297,53 @@ def test_no_password_anywhere_on_the_success_paths(data_dir, settings,
     assert 'pg_dump' in written          # the dump's path was reported
     assert PASSWORD not in written
     assert urllib.parse.quote(PASSWORD, safe='') not in written
+
+
+# --- a journal broken by hand -----------------------------------------------
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_dropped_journal_table_is_detected_and_repaired(data_dir, settings,
+                                                         host_env):
+    """Dropping anthias_rb_journal by hand makes every app write fail
+    (the triggers write into it). Readiness says so, not ready; then
+    end_rollback_window removes the triggers and writes go through."""
+    device = seed_device(settings)
+    admin = pg_session()
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute('DROP TABLE anthias_rb_journal')
+    connections['postgres'].close()
+    with pytest.raises(Exception, match='anthias_rb_journal'):
+        Asset.objects.using('postgres').filter(
+            pk=device.asset_ids[0]).update(name='x')
+    connections['postgres'].close()
+    ready = run_manage(host_env, 'rollback_readiness')
+    assert ready.returncode == 3, ready.stdout + ready.stderr
+    assert 'the change journal is broken' in ready.stdout
+    done = run_manage(host_env, 'end_rollback_window')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith('REPAIRED')
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE "
+                    "'anthias_rb_%'")
+        assert cur.fetchone()[0] == 0
+    admin.close()
+    Asset.objects.using('postgres').filter(
+        pk=device.asset_ids[0]).update(name='writes again')
+    state = window_journal.window_state('postgres')
+    assert not state.installed and state.problems == ()
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_planned_table_without_its_trigger_is_named_by_readiness(
+        data_dir, settings, host_env):
+    seed_device(settings)
+    admin = pg_session()
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute('ALTER TABLE assets DISABLE TRIGGER anthias_rb_journal')
+    admin.close()
+    ready = run_manage(host_env, 'rollback_readiness')
+    assert ready.returncode == 3, ready.stdout + ready.stderr
+    assert ('1 planned table(s) without the journal trigger (assets)'
+            in ready.stdout), ready.stdout

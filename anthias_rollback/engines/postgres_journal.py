@@ -182,7 +182,11 @@ def postgres_lock_tables(alias: str, tables: Iterable[str]) -> None:
 
 def postgres_remove_journal(alias: str,
                             tables: Iterable[str]) -> None:
-    """End the window: triggers, function, journal, flag all dropped."""
+    """End the window: triggers, function, journal, flag all dropped.
+    Also the triggers on tables not in *tables* (a model removed since,
+    a table made during the window), and whatever is left of a journal
+    broken by hand (its table dropped: every write then failed)."""
+    tables = sorted(set(tables) | set(postgres_trigger_tables(alias)))
     with connections[alias].cursor() as cursor:
         for table in tables:
             cursor.execute('SELECT to_regclass(%s) IS NOT NULL', [table])
@@ -201,6 +205,44 @@ def postgres_remove_journal(alias: str,
         cursor.execute(f'DROP FUNCTION IF EXISTS {FUNCTION}() CASCADE')
         cursor.execute(f'DROP TABLE IF EXISTS {JOURNAL}, {CUTOVER}')
         cursor.execute(f'DROP SEQUENCE IF EXISTS {FENCE}')
+
+
+def postgres_trigger_tables(alias: str) -> list[str]:
+    """Tables carrying a journal trigger (row or TRUNCATE), enabled or
+    not, whatever the journal's own state."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            'SELECT DISTINCT c.relname FROM pg_trigger t JOIN pg_class c '
+            'ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = '
+            'c.relnamespace WHERE t.tgname IN (%s, %s) AND n.nspname = '
+            'current_schema() ORDER BY 1', [TRIGGER, f'{TRIGGER}_t'])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def postgres_existing_tables(alias: str, tables: Iterable[str]
+                             ) -> list[str]:
+    """Those of *tables* that exist on *alias* (current schema)."""
+    names = list(tables)
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            'SELECT c.relname FROM pg_class c JOIN pg_namespace n ON '
+            "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND "
+            'n.nspname = current_schema() AND c.relname = ANY(%s)',
+            [names])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def postgres_journal_parts(alias: str) -> dict[str, bool]:
+    """Which of the window's objects exist: the journal and cutover
+    tables, the fence flag and the statement function."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            'SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT '
+            'NULL, to_regclass(%s) IS NOT NULL, to_regprocedure(%s) IS '
+            'NOT NULL', [JOURNAL, CUTOVER, FENCE, f'{FUNCTION}()'])
+        journal, cutover, fence, function = cursor.fetchone()
+    return {JOURNAL: journal, CUTOVER: cutover, FENCE: fence,
+            f'{FUNCTION}()': function}
 
 
 def postgres_journaled_tables(alias: str) -> list[str]:

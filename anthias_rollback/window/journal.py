@@ -38,6 +38,10 @@ class WindowState:
     bytes: int
     oldest: str | None
     tables: tuple[str, ...]
+    # What makes the window untrustworthy: planned tables without an
+    # enabled trigger (writes neither journaled nor fenced), or triggers
+    # left without the journal they write to (every write fails).
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,17 +122,37 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
 
 
 def window_state(alias: str) -> WindowState:
-    """The window on *alias* now (reads only)."""
-    if not pj.postgres_journal_installed(alias):
-        return WindowState(False, None, None, False, 0, 0, None, ())
+    """The window on *alias* now (reads only), with its problems."""
+    parts = pj.postgres_journal_parts(alias)
+    remnants = pj.postgres_trigger_tables(alias)
+    if not all(parts.values()):
+        missing = [name for name, there in parts.items() if not there]
+        problems: tuple[str, ...] = ()
+        if remnants or any(parts.values()):
+            broken = (f'the change journal is broken: {", ".join(missing)} '
+                      f'missing, triggers left on {len(remnants)} table(s) '
+                      f'({", ".join(remnants[:5])}); writes to them fail. '
+                      'Run end_rollback_window to remove what is left')
+            problems = (broken,)
+        return WindowState(False, None, None, False, 0, 0, None,
+                           tuple(remnants), problems)
     cutover = pj.postgres_cutover(alias) or {}
     size = pj.postgres_journal_size(alias)
+    journaled = tuple(pj.postgres_journaled_tables(alias))
+    existing = set(pj.postgres_existing_tables(alias, _models_by_table()))
+    bare = sorted(existing - set(journaled))
+    problems: tuple[str, ...] = ()
+    if bare:
+        untracked = (f'{len(bare)} planned table(s) without the journal '
+                     f'trigger ({", ".join(bare[:5])}): writes to them are '
+                     'neither journaled nor fenced')
+        problems = (untracked,)
     return WindowState(
         True, pj.postgres_fence_state(alias),
         cutover['at'].isoformat() if cutover.get('at') else None,
         bool(cutover.get('forced')), size['entries'], size['bytes'] or 0,
         size['oldest'].isoformat() if size['oldest'] else None,
-        tuple(pj.postgres_journaled_tables(alias)))
+        journaled, problems)
 
 
 def take_fence(alias: str, timeout: float, terminate: bool = True

@@ -10,9 +10,11 @@ keeps: run it once the device has run well on PostgreSQL (the old
 runbook kept the window under 24 hours). Refused while the active profile
 is not postgres, or while the fence is up (the device was rolled back:
 ending the window would let stale processes write into the abandoned
-database), unless --force.
+database), unless --force. What is left of a journal broken by hand (its
+table dropped, triggers still failing every write) is removed on any
+profile ("REPAIRED").
 
-Exit codes: 0 ended (or there was no window); 1 refused or failed,
+Exit codes: 0 ended, repaired, or there was no window; 1 refused or failed,
 nothing changed; 2 usage error.
 """
 from dataclasses import asdict
@@ -38,7 +40,10 @@ class Command(RollbackCommand):
         alias = profiles.POSTGRES
         active = conf.current_profile()
         state = window_journal.window_state(alias)
-        if not options['force']:
+        # What is left of a journal broken by hand protects nothing (its
+        # triggers only make every write fail): removed on any profile.
+        broken = not state.installed and bool(state.problems)
+        if not options['force'] and not broken:
             if active.name != profiles.POSTGRES:
                 raise ConfigError(
                     f'the active profile is {active.name}: the window '
@@ -53,10 +58,18 @@ class Command(RollbackCommand):
         if state.installed:
             before = window_journal.end_window(alias)
             window_cutover.record_window_end(conf.data_dir(), before)
-        self.set_json({'ended': state.installed, **asdict(state)})
+        elif broken:
+            window_journal.end_window(alias)
+        self.set_json({'ended': state.installed, 'repaired': broken,
+                       **asdict(state)})
         if options['json']:
             return
-        if state.installed:
+        if broken:
+            self.stdout.write(self.style.SUCCESS(
+                f'REPAIRED: removed what was left of a broken change '
+                f'journal (triggers on {len(state.tables)} tables); '
+                'writes go through again'))
+        elif state.installed:
             self.stdout.write(self.style.SUCCESS(
                 f'ENDED: rollback window closed ({state.entries} journal '
                 f'entries since {state.cutover_at} removed; triggers on '
