@@ -113,6 +113,91 @@ $f$;
 """
 
 
+# Tables created while the window is open (an upgrade's `migrate`, run by
+# any process and role) are journaled and fenced from the statement that
+# creates them: an event trigger at ddl_command_end runs inside that
+# statement's transaction and gives the new table the same triggers.
+# Chosen over a hook in our own migrate path because it also covers a
+# `migrate` run by another process (Anthias runs one at every container
+# start) and any role. PostgreSQL: only a superuser may create an event
+# trigger; without one, readiness names every planned table left bare.
+WATCH = 'anthias_rb_watch'
+
+_WATCH_SQL = """
+CREATE OR REPLACE FUNCTION {watch}() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $w$
+DECLARE
+    made record;
+    tbl text;
+    keys text[];
+    fn text;
+BEGIN
+    FOR made IN SELECT objid FROM pg_event_trigger_ddl_commands()
+            WHERE command_tag = 'CREATE TABLE' AND object_type = 'table'
+    LOOP
+        SELECT c.relname INTO tbl FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.oid = made.objid AND n.nspname = {schema}
+            AND c.relkind IN ('r', 'p');
+        CONTINUE WHEN tbl IS NULL OR left(tbl, 11) = 'anthias_rb_';
+        SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keys
+            FROM pg_index i
+            CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(num, ord)
+            JOIN pg_attribute a ON a.attrelid = i.indrelid
+                AND a.attnum = k.num
+            WHERE i.indrelid = made.objid AND i.indisprimary;
+        EXECUTE format('CREATE TRIGGER {trigger}_t AFTER TRUNCATE ON %I.%I '
+            'FOR EACH STATEMENT EXECUTE FUNCTION {function}()', {schema}, tbl);
+        -- Rows are journaled by their key. Without a one-column key a
+        -- write is fenced and journaled as the whole table changing
+        -- ('T'): the standby and the incremental build re-read it.
+        IF coalesce(array_length(keys, 1), 0) <> 1 THEN
+            EXECUTE format('CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE '
+                'OR DELETE ON %I.%I FOR EACH STATEMENT EXECUTE FUNCTION '
+                '{function}()', {schema}, tbl);
+            CONTINUE;
+        END IF;
+        fn := '{function}_row_' || left(md5(tbl), 12);
+        EXECUTE format({row_function}, fn, keys[1]);
+        EXECUTE format('CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR '
+            'DELETE ON %I.%I FOR EACH ROW EXECUTE FUNCTION %I()',
+            {schema}, tbl, fn);
+    END LOOP;
+END
+$w$;
+DROP EVENT TRIGGER IF EXISTS {watch};
+CREATE EVENT TRIGGER {watch} ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION {watch}();
+"""
+
+
+def _literal(text: str) -> str:
+    """*text* as a SQL string literal (for SQL that builds SQL)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def postgres_watch_new_tables(alias: str) -> str | None:
+    """Install the event trigger that journals and fences tables created
+    during the window. Call inside the window's transaction. Returns
+    None, or why it could not (not a superuser): then nothing changed
+    (a savepoint) and readiness names tables created later."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SELECT current_schema()')
+        schema = cursor.fetchone()[0]
+    row_function = _ROW_FUNCTION_SQL.format(
+        name='%1$I', fence=_FENCE_CHECK, journal=JOURNAL, pk='%2$I')
+    sql = _WATCH_SQL.format(
+        watch=WATCH, schema=_literal(schema), trigger=TRIGGER,
+        function=FUNCTION, row_function=_literal(row_function))
+    try:
+        with transaction.atomic(using=alias), \
+                connections[alias].cursor() as cursor:
+            cursor.execute(sql)
+    except DatabaseError as err:
+        return str(err).strip().splitlines()[0]
+    return None
+
+
 def _row_function(table: str) -> str:
     """The name of *table*'s row function (fits 63 bytes whatever the
     table's name)."""
@@ -166,9 +251,13 @@ def postgres_install_journal(alias: str,
             cursor.execute(
                 f'CREATE TRIGGER {TRIGGER}_t AFTER TRUNCATE ON {table} '
                 f'FOR EACH STATEMENT EXECUTE FUNCTION {FUNCTION}()')
+    # Tables made during the window: watched from now (or why not).
+    unwatched = postgres_watch_new_tables(alias)
+    with connections[alias].cursor() as cursor:
         cursor.execute(
             f'INSERT INTO {CUTOVER} (forced, info) VALUES (%s, %s)',
-            [forced, json.dumps({**info, 'tables': tables})])
+            [forced, json.dumps({**info, 'tables': tables,
+                                 'new_tables_unwatched': unwatched})])
 
 
 def postgres_lock_tables(alias: str, tables: Iterable[str]) -> None:
@@ -202,6 +291,8 @@ def postgres_remove_journal(alias: str,
                        "current_schema()", [f'{FUNCTION}_row_%'])
         for (signature,) in cursor.fetchall():
             cursor.execute(f'DROP FUNCTION IF EXISTS {signature} CASCADE')
+        cursor.execute(f'DROP EVENT TRIGGER IF EXISTS {WATCH}')
+        cursor.execute(f'DROP FUNCTION IF EXISTS {WATCH}() CASCADE')
         cursor.execute(f'DROP FUNCTION IF EXISTS {FUNCTION}() CASCADE')
         cursor.execute(f'DROP TABLE IF EXISTS {JOURNAL}, {CUTOVER}')
         cursor.execute(f'DROP SEQUENCE IF EXISTS {FENCE}')
