@@ -37,6 +37,7 @@ from anthias_rollback.engines.sqlite_file import (
     sqlite_table_counts,
 )
 from anthias_rollback.exceptions import BackupError, BackupInvalidError
+from anthias_rollback.phases import PhaseStatus
 
 TOOL = 'anthias_rollback'
 MANIFEST_FORMAT = 1
@@ -110,7 +111,9 @@ class _Background(threading.Thread):
 
     def __init__(self, fn: Callable[[], Any]):
         super().__init__(daemon=True)
-        self.fn, self.value, self.error = fn, None, None
+        self.fn = fn
+        self.value: Any = None
+        self.error: BaseException | None = None
         self.start()
 
     def run(self) -> None:
@@ -179,7 +182,8 @@ def create_backup(source_path: Path, backup_dir: Path,
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    events.emit(progress, events.PHASE_DONE, 'backup', status='ok',
+    events.emit(progress, events.PHASE_DONE, 'backup',
+                status=PhaseStatus.OK,
                 seconds=seconds, detail=str(final))
     return BackupResult(path=final, manifest_path=manifest_path_for(final),
                         manifest=manifest, size=manifest['size'],

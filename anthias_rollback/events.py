@@ -28,7 +28,7 @@ class ProgressEvent:
     rows    rows done so far in this model
     total   rows in this model, when known
     seconds time spent in this phase or model
-    status  phase-done only: ok | skipped | warning | failed
+    status  phase-done only: a phases.PhaseStatus
     detail  phase-done detail, or the warning's text
     group   what the phase belongs to ('setup'/'loop' in a drill, or the
             inner run's name when a drill forwards its rollback's events)

@@ -48,6 +48,8 @@ class TransferError(RollbackError):
 
 class PreflightError(TransferError):
     """Source rows the target would reject, all listed at once."""
+    problems: list      # set where raised (transfer.copy.raise_problems)
+    problem_count: int
 
 
 class CompareError(RollbackError):

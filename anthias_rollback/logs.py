@@ -67,7 +67,7 @@ class PrivateFileHandler(logging.FileHandler):
     """A FileHandler whose file is created 0600 (appended, never
     truncated); FileHandler itself would use the umask."""
 
-    def _open(self) -> TextIO:
+    def _open(self) -> TextIO:  # type: ignore[override]  # typeshed: TextIOWrapper
         fd = os.open(self.baseFilename,
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return os.fdopen(fd, 'a', encoding='utf-8',

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from django.apps import apps
 from django.db import models
+from django.db.models import Field
 
 from anthias_rollback import conf
 from anthias_rollback.exceptions import ConfigError
@@ -20,7 +21,7 @@ class ModelsPlan:
     # FK fields that close a dependency cycle (self-references included):
     # targets must tolerate them pointing at rows loaded later (deferred
     # constraints on PostgreSQL, foreign_keys off during a SQLite load).
-    cyclic_fields: tuple[models.Field, ...]
+    cyclic_fields: tuple[Field, ...]
 
     @property
     def labels(self) -> list[str]:

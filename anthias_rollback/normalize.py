@@ -40,9 +40,11 @@ _encoder = json.JSONEncoder(sort_keys=True, ensure_ascii=False,
 _encode_json = _encoder.encode
 # The C encoder behind json.dumps, built once (json builds it per call);
 # same arguments as `_encoder`, checked against it in the tests.
-_c_encode = json.encoder.c_make_encoder(
+# (not in typeshed; None without the C speedups)
+_c_make_encoder = getattr(json.encoder, 'c_make_encoder', None)
+_c_encode = _c_make_encoder(
     None, _encoder.default, json.encoder.encode_basestring, None, ':', ',',
-    True, False, True) if json.encoder.c_make_encoder else None
+    True, False, True) if _c_make_encoder else None
 
 
 def _dumps(value: Any) -> str:
@@ -50,7 +52,8 @@ def _dumps(value: Any) -> str:
         return _encode_json(value)
     return ''.join(_c_encode(value, 0))
 _decode_json = json.JSONDecoder().decode
-_scan_json = json.scanner.make_scanner(json.JSONDecoder())
+_scan_json = json.scanner.make_scanner(
+    json.JSONDecoder())  # type: ignore[arg-type]  # typeshed: the context
 
 
 def _loads(text: str) -> Any:
@@ -191,7 +194,7 @@ def json_column(slow: Callable[[Any], Any]) -> Callable[[Sequence], list]:
     # As JSONField.from_db_value (json.loads, text kept if not JSON),
     # then the canonical text; values already decoded take the slow path.
     def fast(values: Sequence[Any]) -> list:
-        out = []
+        out: list[str | None] = []
         for value in values:
             if value is None:
                 out.append(None)
@@ -265,10 +268,11 @@ def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict:
 
 
 _scan_jsonb = json.scanner.make_scanner(
-    json.JSONDecoder(object_pairs_hook=_jsonb_object))
-_c_encode_jsonb = json.encoder.c_make_encoder(
+    json.JSONDecoder(  # type: ignore[arg-type]  # typeshed: the context
+        object_pairs_hook=_jsonb_object))
+_c_encode_jsonb = _c_make_encoder(
     None, _encoder.default, json.encoder.encode_basestring, None, ': ',
-    ', ', False, False, True) if json.encoder.c_make_encoder else None
+    ', ', False, False, True) if _c_make_encoder else None
 _encode_jsonb = json.JSONEncoder(ensure_ascii=False).encode
 
 
@@ -337,7 +341,7 @@ def plan_columns(model: type[models.Model], alias: str, fast: bool = True,
                       + col.get_db_converters(connection))
         plan = ColumnPlan(field, field.column, quote(field.column), col,
                           tuple(converters), canonical_for(field))
-        if fast and not field.primary_key:
+        if engine is not None and not field.primary_key:
             sql, fast_path = engine.fast_column(plan, alias, plan.sql,
                                                 digest=digest)
             if fast_path is not None:

@@ -13,19 +13,27 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from anthias_rollback import events, faults, logs
 from anthias_rollback.exceptions import DeadlineError
 from anthias_rollback.report import first_line, redact
 
-OK, SKIPPED, WARNING, FAILED = 'ok', 'skipped', 'warning', 'failed'
+
+class PhaseStatus(StrEnum):
+    """How a phase ended (reports and JSON hold the value)."""
+    OK = 'ok'
+    SKIPPED = 'skipped'
+    WARNING = 'warning'
+    FAILED = 'failed'
 
 
 @dataclass(frozen=True)
 class PhaseResult:
     name: str
-    status: str   # ok | skipped | warning | failed
+    status: PhaseStatus
     seconds: float
     detail: str
     group: str = ''   # the drill's 'setup' | 'loop'; '' elsewhere
@@ -61,8 +69,9 @@ def phase_line(phase: PhaseResult) -> str:
 
 
 # A phase's record level by status: journald filters on it.
-LEVELS = {OK: logging.INFO, SKIPPED: logging.INFO,
-          WARNING: logging.WARNING, FAILED: logging.ERROR}
+LEVELS = {PhaseStatus.OK: logging.INFO, PhaseStatus.SKIPPED: logging.INFO,
+          PhaseStatus.WARNING: logging.WARNING,
+          PhaseStatus.FAILED: logging.ERROR}
 
 
 @dataclass
@@ -132,7 +141,7 @@ class PhaseRunner:
 
     @contextmanager
     def phase(self, name: str, group: str = '',
-              check_deadline: bool = True) -> Iterator[dict[str, str]]:
+              check_deadline: bool = True) -> Iterator[dict[str, Any]]:
         """Run one phase: yields a record whose 'status' and 'detail' the
         body may set. An exception marks it failed and propagates."""
         if check_deadline:
@@ -141,12 +150,13 @@ class PhaseRunner:
             log.info('phase-start=%s%s', name,
                      f' group={group}' if group else '')
             self.emit(events.PHASE_START, name, group=group)
-            record = {'status': OK, 'detail': ''}
+            record: dict[str, Any] = {'status': PhaseStatus.OK,
+                                      'detail': ''}
             started = time.monotonic()
             try:
                 yield record
             except BaseException as err:
-                record['status'] = FAILED
+                record['status'] = PhaseStatus.FAILED
                 record['detail'] = first_line(err)
                 raise
             finally:

@@ -313,7 +313,8 @@ def restart_balena(timeout: float, poked: str) -> RestartResult:
     notes = []
     if release_update_lock():
         notes.append('update lock released for the restarts')
-    failed, done = [], []
+    failed: list[str] = []
+    done: list[str] = []
     deadline = started + timeout
     for service in order[:-1] if own else order:
         ok, line = restart_service(supervisor, service, deadline)

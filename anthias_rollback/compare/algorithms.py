@@ -12,7 +12,7 @@ import io
 import pickle
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 SEGMENT_ROWS = 4000
@@ -21,7 +21,7 @@ SEGMENT_ROWS = 4000
 LEAF_ROWS = 16
 
 
-def checksum_rows(rows: list[tuple]) -> bytes:
+def checksum_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     """Engine-neutral checksum of canonical rows.
 
     Canonical values are None/bool/int/float/str, which pickle encodes by
@@ -112,8 +112,10 @@ class Tally:
                      rrows: list) -> None:
         """Field by field on the sampled left positions of this segment."""
         start = self.left_seen
+        sample = self.sample
+        assert sample is not None   # called only when sampling
         for offset, key in enumerate(lkeys):
-            if start + offset not in self.sample:
+            if start + offset not in sample:
                 continue
             self.sampled += 1
             j = bisect_left(rkeys, key)
@@ -176,8 +178,8 @@ def merge_streams(tally: Tally, left: Iterator, right: Iterator, *,
             if on_batch is not None:
                 on_batch()
     finally:
-        left.close()
-        right.close()
+        left.close()  # type: ignore[attr-defined]  # a generator
+        right.close()  # type: ignore[attr-defined]  # a generator
 
 
 def mismatched_ranges(bounds: list, left: list, right: list

@@ -50,6 +50,7 @@ class LocalReader:
 
     def finish_digests(self, on_rows: Callable[[int], None] | None = None
                        ) -> list[tuple[int, bytes]]:
+        assert self._digest_request is not None   # start_digests first
         model, bounds = self._digest_request
         return streams.bucket_digests(model, self.alias, bounds, on_rows)
 

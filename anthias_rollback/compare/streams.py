@@ -66,7 +66,7 @@ def prefetch(chunks: Iterator, depth: int = 2) -> Iterator:
         except BaseException as err:  # noqa: BLE001 handed to the consumer
             put(_Failure(err))
         finally:
-            chunks.close()
+            chunks.close()  # type: ignore[attr-defined]  # a generator
 
     thread = threading.Thread(target=work, daemon=True,
                               name='anthias-compare-prefetch')

@@ -133,7 +133,7 @@ class DrillRun:
 
     @contextmanager
     def step(self, name: str, group: str, check_deadline: bool = True
-             ) -> Iterator[dict[str, str]]:
+             ) -> Iterator[dict[str, Any]]:
         """One timed step; a STEP_ERRORS error inside fails it (setup:
         ERROR, loop: FAIL) and skips the later ones."""
         try:
@@ -335,9 +335,9 @@ def _execute(run: DrillRun) -> None:
             report = compare.compare_aliases(restored, scratch,
                                              timeout=run.remaining())
             detail = require_identical(report, 'restored file vs PostgreSQL')
-            checked = drill_seeder.check_writes_kept(restored, scratch,
-                                                     run.writes)
-            record['detail'] = f'{detail}; {checked} simulated writes kept'
+            kept = drill_seeder.check_writes_kept(restored, scratch,
+                                                  run.writes)
+            record['detail'] = f'{detail}; {kept} simulated writes kept'
 
 
 def make_sandbox_database(run: DrillRun, sandbox_db: Path) -> None:
@@ -395,7 +395,7 @@ def migrate_and_compare(run: DrillRun, sandbox_db: Path, scratch: str) -> None:
             window_journal.open_window(source, scratch)
             left_out = excluded_rows(source)
             if left_out:
-                record['status'] = phases.WARNING
+                record['status'] = phases.PhaseStatus.WARNING
                 shown = ', '.join(f'{k} ({v} rows)'
                                   for k, v in left_out.items())
                 run.runner.warn(f'ANTHIAS_ROLLBACK_EXCLUDE leaves out {shown}'
@@ -411,9 +411,10 @@ def sandbox_rollback(run: DrillRun, sandbox_db: Path,
     def forward(event: events.ProgressEvent) -> None:
         # Phase-done only: a line per rollback phase under the drill's
         # 'rollback' step; its per-model events would drown the steps.
-        if event.kind == events.PHASE_DONE:
+        if event.kind == events.PHASE_DONE and progress is not None:
             progress(replace(event, group='rollback'))
 
+    assert run.sandbox is not None   # made by the sandbox step
     options = rollback.RollbackOptions(
         source='postgres', source_explicit=True, live_path=sandbox_db,
         postgres_alias=scratch, emergency=True, restart=False,
@@ -436,6 +437,7 @@ def _cleanup(run: DrillRun) -> None:
             errors = []
             if run.scratch_created:
                 try:
+                    assert run.server is not None   # it made the database
                     pg.postgres_drop_database(run.server, run.scratch_name)
                     done.append(f'dropped {run.scratch_name}')
                 except DatabaseError as err:

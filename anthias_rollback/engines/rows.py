@@ -360,6 +360,7 @@ def compile_row_converter(fields: list[models.Field],
         typed = field
         while typed.is_relation and getattr(typed, 'target_field', None):
             typed = typed.target_field
+        expression: str | None
         if as_text and i in as_text:
             expression = _postgres_text_expression(i, as_text[i])
         else:

@@ -215,7 +215,7 @@ def sqlite_quick_null_binding() -> Iterator[None]:
     if key in sqlite3.adapters:
         yield
         return
-    quick = {}.get
+    quick: Callable[[Any], Any] = {}.get
     sqlite3.adapters[key] = quick
     try:
         yield

@@ -18,7 +18,7 @@ import argparse
 import functools
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -152,7 +152,7 @@ class RollbackCommand(BaseCommand):
         stream = getattr(self.stdout, '_out', sys.stdout)
         return hasattr(stream, 'isatty') and stream.isatty()
 
-    def fail(self, message: str, code: int = exit_codes.FAILED) -> None:
+    def fail(self, message: str, code: int = exit_codes.FAILED) -> NoReturn:
         raise CommandError(redact(message), returncode=code)
 
     def render_events(self, verbosity: int) -> EventRenderer | None:

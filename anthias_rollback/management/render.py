@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from anthias_rollback import events
+from anthias_rollback.phases import PhaseStatus
 
 
 class EventRenderer:
@@ -46,7 +47,8 @@ class EventRenderer:
 
     def phase_line(self, event: events.ProgressEvent) -> None:
         style = self.command.style
-        paint = {'ok': style.SUCCESS, 'failed': style.ERROR}.get(
+        paint = {str(PhaseStatus.OK): style.SUCCESS,
+                 str(PhaseStatus.FAILED): style.ERROR}.get(
             event.status, style.WARNING)
         line = (f'{event.name:<12} {event.status:<8} '
                 f'{event.seconds:7.3f}s  {event.detail}').rstrip()
@@ -60,6 +62,7 @@ class EventRenderer:
     def draw_bar(self, event: events.ProgressEvent) -> None:
         from tqdm import tqdm
 
+        assert self.bars is not None   # bars=True
         bar = self.bars.get(event.name)
         if event.kind == events.MODEL_START:
             # A pty that reports a 0x0 size (script(1), some CI runners)

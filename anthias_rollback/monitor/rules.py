@@ -313,11 +313,13 @@ class Evaluator:
         return statistics.median(samples)
 
     def current_baseline(self) -> tuple[Baseline | None, str]:
-        ms = {url: self.baseline_for(url) for url in self.config.urls}
-        ms = {url: value for url, value in ms.items() if value is not None}
+        found = {url: self.baseline_for(url) for url in self.config.urls}
+        ms = {url: value for url, value in found.items()
+              if value is not None}
         if not ms:
             return None, 'none yet'
-        if set(ms) <= set(self.stored):
+        # (stored is empty without a baseline from the file)
+        if set(ms) <= set(self.stored) and self.config.baseline is not None:
             return replace(self.config.baseline, ms=ms), 'file'
         return Baseline(self.config.target, '', self.config.baseline_probes,
                         ms), 'probes'
@@ -396,6 +398,9 @@ class StandbyWatch:
     catalog/journal queries, no transaction)."""
 
     def __init__(self, config: MonitorConfig) -> None:
+        # MonitorConfig refuses a standby rule without both.
+        assert config.data_dir is not None
+        assert config.postgres_alias is not None
         self.data_dir = Path(config.data_dir)
         self.alias = config.postgres_alias
         self.max_lag = config.max_standby_lag
@@ -432,6 +437,7 @@ class StandbyWatch:
             return StandbyResult(STANDBY_ABSENT, None, None,
                                  f'{state.path}: {state.problem}')
         lag = state.lag_seconds
+        assert lag is not None   # a position has a lag
         kind = STANDBY_LAGGING if lag > self.max_lag else STANDBY_OK
         return StandbyResult(kind, lag, state.pending,
                              f'at {state.position_at}')

@@ -57,11 +57,16 @@ from anthias_rollback.rollback.sources import (
     postgres_usable,
 )
 from anthias_rollback.rollback.state import (
+    AUTO,
     LOG_NAME,
-    SOURCES,
+    SOURCE_CHOICES,
     STATE_NAME,
+    LossStatus,
+    Outcome,
     RollbackOptions,
     RollbackResult,
+    RunState,
+    Source,
     read_run_state,
     state_path,
     write_run_state,
@@ -86,13 +91,18 @@ from anthias_rollback.rollback.steps import (
 )
 
 __all__ = [
+    'AUTO',
     'LOG_NAME',
     'SCRATCH_KINDS',
-    'SOURCES',
+    'SOURCE_CHOICES',
     'STATE_NAME',
     'ExactJSONEncoder',
+    'LossStatus',
+    'Outcome',
     'RollbackOptions',
     'RollbackResult',
+    'RunState',
+    'Source',
     'already_rolled_back',
     'at_risk_rows',
     'build_from_backup',

@@ -29,7 +29,7 @@ from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ReplicationError
-from anthias_rollback.rollback.state import _Run, count_rows
+from anthias_rollback.rollback.state import RunState, count_rows
 from anthias_rollback.window import applier as window_applier
 from anthias_rollback.window import standby as window_standby
 
@@ -84,7 +84,7 @@ def cutover_file_problem(data_dir: Path,
     return None
 
 
-def copy_base(run: _Run, cutover: dict[str, Any], new_path: Path) -> Base:
+def copy_base(run: RunState, cutover: dict[str, Any], new_path: Path) -> Base:
     """Copy the newest base of this window into *new_path*: the standby
     when it has a position of this window, else the unchanged cutover
     file. Raises NotIncremental when neither is usable."""
@@ -171,7 +171,7 @@ def base_quick_check(pool: futures.Executor, path: Path
     return future
 
 
-def build_incremental(run: _Run, new_path: Path) -> dict[str, Any]:
+def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
     """Fill *new_path* from a base plus the journal's tail (module
     docstring). Sets run.snapshot and run.expected_rows; returns what the
     report says about it. Raises NotIncremental (nothing to clean up

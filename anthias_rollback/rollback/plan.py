@@ -32,10 +32,13 @@ from anthias_rollback.rollback.render import (
 from anthias_rollback.rollback.sources import choose_source, cutover_summary
 from anthias_rollback.rollback.state import (
     LOG_NAME,
-    SOURCES,
+    SOURCE_CHOICES,
+    LossStatus,
+    Outcome,
     RollbackOptions,
     RollbackResult,
-    _Run,
+    RunState,
+    Source,
     read_run_state,
     restore_facts,
     write_run_state,
@@ -69,7 +72,7 @@ def run_rollback(options: RollbackOptions,
     and the error carries `report_path`. Returns a result whose exit_code
     is 0 (done and verified) or 4 (swapped, a follow-up failed).
     """
-    if options.source not in SOURCES:
+    if options.source not in SOURCE_CHOICES:
         raise ConfigError(f'unknown source {options.source!r}')
     if options.timeout_seconds <= 0:
         raise ConfigError('the deadline must be positive')
@@ -82,7 +85,7 @@ def run_rollback(options: RollbackOptions,
     deadline = Deadline(options.timeout_seconds,
                         'deadline of {seconds:.0f}s reached during {what}; '
                         'stopped before touching the live database')
-    run = _Run(options, data_dir, PhaseRunner(
+    run = RunState(options, data_dir, PhaseRunner(
         deadline, progress, log_path=data_dir / LOG_NAME,
         checkpoint='rollback'))
     live_path = options.live_path or profiles.sqlite_alias_path(
@@ -99,18 +102,18 @@ def run_rollback(options: RollbackOptions,
                 # The new database is live; what failed came after. Say
                 # so with exit 4 instead of pretending nothing changed.
                 run.warn(f'after the swap: {first_line(err)}')
-                return finish(run, 'follow-up failed',
+                return finish(run, Outcome.FOLLOW_UP_FAILED,
                               exit_codes.FOLLOW_UP, error=first_line(err))
-            result = finish(run, 'failed', exit_codes.FAILED,
+            result = finish(run, Outcome.FAILED, exit_codes.FAILED,
                             error=first_line(err))
-            err.report_path = result.report_path
+            err.report_path = result.report_path  # type: ignore[union-attr]  # read by the command
             raise
         except BaseException:
             lift_fence(run)
             raise
 
 
-def _execute(run: _Run) -> RollbackResult:
+def _execute(run: RunState) -> RollbackResult:
     opts = run.options
     preflight(run)
     recorded = None if opts.dry_run or opts.source_explicit else \
@@ -133,12 +136,12 @@ def _execute(run: _Run) -> RollbackResult:
         raise
     if opts.dry_run:
         remove_sqlite_file(new_path)
-        return finish(run, 'dry run', exit_codes.OK)
+        return finish(run, Outcome.DRY_RUN, exit_codes.OK)
     swap_new_file(run, new_path)
     return _after_swap(run)
 
 
-def _resume(run: _Run, recorded: dict) -> RollbackResult:
+def _resume(run: RunState, recorded: dict) -> RollbackResult:
     """A run killed after its swap (the live file is its new file, by
     inode): finish its remaining phases instead of building again."""
     restore_facts(run, recorded)
@@ -152,7 +155,7 @@ def _resume(run: _Run, recorded: dict) -> RollbackResult:
     return _after_swap(run)
 
 
-def _after_swap(run: _Run) -> RollbackResult:
+def _after_swap(run: RunState) -> RollbackResult:
     restart = flip_profile(run)
     # The fence stays up: no stale process may write into PostgreSQL now
     # that nobody reads it (switch_database --to postgres lifts it).
@@ -160,13 +163,15 @@ def _after_swap(run: _Run) -> RollbackResult:
     verified = post_verify(run)
     loss, _ = measured_loss(run)
     if not verified or (restart is not None and not restart.ok):
-        result = finish(run, 'follow-up failed', exit_codes.FOLLOW_UP)
-    elif loss not in ('proven-none', 'none'):
+        result = finish(run, Outcome.FOLLOW_UP_FAILED,
+                        exit_codes.FOLLOW_UP)
+    elif loss not in (LossStatus.PROVEN_NONE, LossStatus.NONE):
         # A backup restore that left rows out (or could not compare) is
         # not a clean rollback either: exit 0 only with nothing left out.
-        result = finish(run, 'rolled back with a loss', exit_codes.FOLLOW_UP)
+        result = finish(run, Outcome.ROLLED_BACK_WITH_A_LOSS,
+                        exit_codes.FOLLOW_UP)
     else:
-        result = finish(run, 'rolled back', exit_codes.OK)
+        result = finish(run, Outcome.ROLLED_BACK, exit_codes.OK)
     faults.checkpoint('rollback:reported')
     # Only now: a run killed before this is resumed by the next one.
     write_run_state(run.data_dir, 'done', fence='up' if run.fenced else
@@ -176,46 +181,48 @@ def _after_swap(run: _Run) -> RollbackResult:
     return result
 
 
-def measured_loss(run: _Run) -> tuple[str, str]:
-    """('proven-none' | 'none' | 'lost' | 'unproven' | 'bounded' |
-    'unknown', one line). A standby's loss is bounded by its last applied
-    position; a backup's is what PostgreSQL holds that it lacks, or
-    unknown when PostgreSQL could not be compared."""
-    if run.source == 'standby':
-        return 'bounded', run.at_risk_note
-    if run.source != 'postgres':
+def measured_loss(run: RunState) -> tuple[LossStatus, str]:
+    """(the loss status, one line). A standby's loss is bounded by its
+    last applied position; a backup's is what PostgreSQL holds that it
+    lacks, or unknown when PostgreSQL could not be compared."""
+    if run.source == Source.STANDBY:
+        return LossStatus.BOUNDED, run.at_risk_note
+    if run.source != Source.POSTGRES:
         if run.at_risk_rows is None:
-            return 'unknown', run.at_risk_note
+            return LossStatus.UNKNOWN, run.at_risk_note
         if sum(run.at_risk_rows.values()):
-            return 'lost', run.at_risk_note
-        return 'none', ('none: PostgreSQL holds no row the backup lacks '
-                        'or holds differently (compared)')
+            return LossStatus.LOST, run.at_risk_note
+        return LossStatus.NONE, ('none: PostgreSQL holds no row the backup '
+                                 'lacks or holds differently (compared)')
     if run.shortfall:
         shown = '; '.join(f'{s.model}: {s.found} rows, {s.expected} '
                           'expected' for s in run.shortfall[:5])
-        return 'lost', (f'PostgreSQL had lost rows before the rollback '
-                        f'that no journaled write removed ({shown})')
+        return LossStatus.LOST, (f'PostgreSQL had lost rows before the '
+                                 f'rollback that no journaled write removed '
+                                 f'({shown})')
     if run.proof is None:
-        return 'unproven', ('not proven: PostgreSQL has no change journal '
-                            '(cutover made without one), so writes made '
-                            'during the rollback cannot be counted')
+        return LossStatus.UNPROVEN, ('not proven: PostgreSQL has no change '
+                                     'journal (cutover made without one), '
+                                     'so writes made during the rollback '
+                                     'cannot be counted')
     if run.proof.proven_none:
-        return 'proven-none', ('none (proven: no write committed after the '
-                               'copy\'s snapshot; journal, row versions '
-                               'and row counts checked)')
+        return LossStatus.PROVEN_NONE, ('none (proven: no write committed '
+                                        'after the copy\'s snapshot; '
+                                        'journal, row versions and row '
+                                        'counts checked)')
     parts = [f'{w.model} pk={w.pk} {w.operation}'
              for w in run.proof.lost[:10]]
     parts += [f'{label}: {copied} rows copied, {now} on PostgreSQL'
               for label, (copied, now) in
               run.proof.count_differences.items()]
     more = len(run.proof.lost) - 10
-    return 'lost', (f'{len(run.proof.lost)} write(s) not in SQLite: '
-                    + '; '.join(parts)
-                    + (f' (and {more} more in the report)' if more > 0
-                       else ''))
+    return LossStatus.LOST, (f'{len(run.proof.lost)} write(s) not in '
+                             'SQLite: ' + '; '.join(parts)
+                             + (f' (and {more} more in the report)'
+                                if more > 0 else ''))
 
 
-def finish(run: _Run, outcome: str, code: int,
+def finish(run: RunState, outcome: Outcome, code: int,
            error: str | None = None) -> RollbackResult:
     """Build the result and write the JSON + text report (0600)."""
     now = time.monotonic()
@@ -286,7 +293,7 @@ def already_rolled_back(options: RollbackOptions) -> RollbackResult | None:
     # A follow-up that failed (restart, post-verification) still swapped:
     # the rerun answers with that run's result and exit 4, not "nothing
     # to roll back".
-    if not (result.outcome.startswith('rolled back')
-            or result.outcome == 'follow-up failed'):
+    if not (result.outcome.startswith(Outcome.ROLLED_BACK)
+            or result.outcome == Outcome.FOLLOW_UP_FAILED):
         return None
     return result

@@ -85,7 +85,7 @@ def check_pg_dump_version(alias: str | None = None,
     executable = shutil.which(executable) or executable
     line, client = pg_dump_client_version(executable)
     server = None if alias is None else postgres_server_major(alias)
-    if server is not None and client < server:
+    if alias is not None and server is not None and client < server:
         raise ConfigError(
             f'ANTHIAS_PG_DUMP={executable} is pg_dump {client} ({line}) '
             f'but {describe_alias(alias)} runs PostgreSQL {server}: '

@@ -19,14 +19,19 @@ from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.rollback import incremental
 from anthias_rollback.rollback.sources import choose_source
-from anthias_rollback.rollback.state import RollbackOptions, _Run, count_rows
+from anthias_rollback.rollback.state import (
+    RollbackOptions,
+    RunState,
+    Source,
+    count_rows,
+)
 from anthias_rollback.window import standby as window_standby
 
 
 @dataclass(frozen=True)
 class RollbackPreview:
     live_path: str
-    source: str
+    source: Source | None
     reason: str
     build: str
     postgres: str
@@ -40,7 +45,7 @@ class RollbackPreview:
                 f'  data loss:   {self.loss}']
 
 
-def _base(run: _Run, pg: str) -> tuple[str, str] | None:
+def _base(run: RunState, pg: str) -> tuple[str, str] | None:
     """(what, snapshot) of the base an incremental build would use, by
     the build's own rules (incremental.standby_problem and
     cutover_file_problem)."""
@@ -63,7 +68,7 @@ def _base(run: _Run, pg: str) -> tuple[str, str] | None:
     return None
 
 
-def _from_postgres(run: _Run) -> tuple[str, str, str]:
+def _from_postgres(run: RunState) -> tuple[str, str, str]:
     opts = run.options
     pg = opts.postgres_alias
     rows = sum(count_rows(pg).values())
@@ -98,22 +103,23 @@ def preview(options: RollbackOptions) -> RollbackPreview:
     data_dir = Path(options.data_dir or conf.data_dir())
     runner = phases.PhaseRunner(
         phases.Deadline(min(60.0, options.timeout_seconds), '{what}'), None)
-    run = _Run(options, data_dir, runner)
+    run = RunState(options, data_dir, runner)
     live = options.live_path or profiles.sqlite_alias_path(
         options.sqlite_alias)
     choose_source(run)
-    if run.source == 'postgres':
+    if run.source == Source.POSTGRES:
         try:
             build, what, loss = _from_postgres(run)
         except DatabaseError as err:
             build = what = loss = f'not measured ({err})'.splitlines()[0]
-    elif run.source == 'standby':
+    elif run.source == Source.STANDBY:
         position, _ = window_standby.usable_standby(data_dir)
         at = position.position_at if position else 'unknown'
         build = f'the standby as of {at}'
         what = 'not answering; nothing is done to it'
         loss = f'at most the writes after {at} (bounded, not zero)'
     else:
+        assert run.backup_used is not None   # chosen with the source
         path = Path(run.backup_used)
         taken = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         conn = sqlite_file.sqlite_open_readonly(path, 5.0)

@@ -8,7 +8,12 @@ import json
 from pathlib import Path
 
 from anthias_rollback.phases import PhaseResult
-from anthias_rollback.rollback.state import RollbackResult
+from anthias_rollback.rollback.state import (
+    LossStatus,
+    Outcome,
+    RollbackResult,
+    Source,
+)
 
 
 def latest_report(reports_dir: Path) -> Path | None:
@@ -25,9 +30,9 @@ def load_result(path: Path) -> RollbackResult:
 
 def data_loss_line(result: RollbackResult) -> str:
     """The loss as measured in the run (never assumed)."""
-    if result.source == 'postgres':
+    if result.source == Source.POSTGRES:
         return result.loss_detail or 'not proven (no proof recorded)'
-    if result.source == 'standby':
+    if result.source == Source.STANDBY:
         return standby_loss_line(result.standby_bound) \
             if result.standby_bound else result.at_risk_note
     if result.at_risk_rows is None:
@@ -41,7 +46,7 @@ def data_loss_line(result: RollbackResult) -> str:
 
 # The data_loss of a run that never started (refused before it): nothing
 # was touched, and no loss was measured either.
-NOT_RUN = {'status': 'not-run',
+NOT_RUN = {'status': LossStatus.NOT_RUN,
            'detail': 'no rollback ran: the live database and the profile '
                      'are unchanged', 'lost_writes': []}
 
@@ -54,28 +59,26 @@ def data_loss(result: RollbackResult) -> dict:
 
 def verdict_line(result: RollbackResult) -> str:
     """rollback_migration's last stdout line for a finished run."""
-    return {
-        'rolled back': 'ROLLED BACK: profile sqlite, data loss: '
-                       + data_loss_line(result),
-        'rolled back with a loss': 'ROLLED BACK: profile sqlite, '
-                                   'data loss: '
-                                   + data_loss_line(result),
-        'dry run': 'DRY RUN OK: nothing changed; a rollback from '
-                   f'{result.source} would succeed',
-    }.get(result.outcome, 'ROLLED BACK WITH PROBLEMS: the SQLite '
-                          'database is live; check the warnings '
-                          'above')
+    if result.outcome in (Outcome.ROLLED_BACK,
+                          Outcome.ROLLED_BACK_WITH_A_LOSS):
+        return ('ROLLED BACK: profile sqlite, data loss: '
+                + data_loss_line(result))
+    if result.outcome == Outcome.DRY_RUN:
+        return ('DRY RUN OK: nothing changed; a rollback from '
+                f'{result.source} would succeed')
+    return ('ROLLED BACK WITH PROBLEMS: the SQLite database is live; '
+            'check the warnings above')
 
 
 def verdict_ok(result: RollbackResult) -> bool:
     """Is the verdict line a success (green)?"""
-    return result.outcome in ('rolled back', 'dry run')
+    return result.outcome in (Outcome.ROLLED_BACK, Outcome.DRY_RUN)
 
 
 def problems_line(result: RollbackResult) -> str:
     """The error line of a run that swapped but ended with exit 4."""
     what = (data_loss_line(result)
-            if result.outcome == 'rolled back with a loss' else
+            if result.outcome == Outcome.ROLLED_BACK_WITH_A_LOSS else
             '; '.join(result.warnings) or result.error)
     return (f'rolled back, but not without problems: {what} '
             f'(report: {result.report_path})')

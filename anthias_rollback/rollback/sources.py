@@ -42,7 +42,12 @@ from anthias_rollback.exceptions import (
 )
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback import incremental, render
-from anthias_rollback.rollback.state import _Run, count_rows
+from anthias_rollback.rollback.state import (
+    AUTO,
+    RunState,
+    Source,
+    count_rows,
+)
 from anthias_rollback.window import cutover as window_cutover
 from anthias_rollback.window import journal as window_journal
 from anthias_rollback.window import standby as window_standby
@@ -54,7 +59,7 @@ def code_migrations() -> set[str]:
     return {f'{app}.{name}' for app, name in loader.graph.nodes}
 
 
-def postgres_usable(run: _Run) -> tuple[bool, str]:
+def postgres_usable(run: RunState) -> tuple[bool, str]:
     """Can PostgreSQL be the source: answers, migrated, every table read.
     (False, why) only when the server is down or not serving; a setting
     to fix (bad password, missing database, invalid port, a malformed
@@ -95,36 +100,36 @@ def postgres_usable(run: _Run) -> tuple[bool, str]:
                   'readable')
 
 
-def choose_source(run: _Run) -> None:
+def choose_source(run: RunState) -> None:
     opts = run.options
     with run.phase('source') as record:
-        if opts.source == 'backup':
-            run.source = 'backup'
+        if opts.source == Source.BACKUP:
+            run.source = Source.BACKUP
             run.source_reason = 'asked for (--source backup)'
         else:
             usable, why = postgres_usable(run)
-            if opts.source == 'postgres' and run.shortfall:
+            if opts.source == Source.POSTGRES and run.shortfall:
                 usable = True   # asked for: done, and the shortfall named
                 run.warn(f'--source postgres: {why}')
-            if opts.source == 'postgres' and not usable:
+            if opts.source == Source.POSTGRES and not usable:
                 raise DatabaseUnavailableError(
                     f'cannot roll back from PostgreSQL: {why}')
             if usable:
                 asked = ('asked for (--source postgres); '
-                         if opts.source == 'postgres' else '')
-                run.source = 'postgres'
+                         if opts.source == Source.POSTGRES else '')
+                run.source = Source.POSTGRES
                 run.source_reason = asked + why
             else:
-                run.source = 'backup'
+                run.source = Source.BACKUP
                 run.source_reason = f'PostgreSQL not usable: {why}'
-                if opts.source == 'auto' and not run.shortfall:
+                if opts.source == AUTO and not run.shortfall:
                     choose_standby(run, why)
-        if run.source == 'backup':
+        if run.source == Source.BACKUP:
             run.backup_used = pick_backup(run)
         record['detail'] = f'{run.source}: {run.source_reason}'
 
 
-def choose_standby(run: _Run, why: str) -> None:
+def choose_standby(run: RunState, why: str) -> None:
     """PostgreSQL is down: the standby replicate_changes kept, when there
     is a usable one, loses only the writes after its position (a backup
     loses every write since the cutover)."""
@@ -133,12 +138,12 @@ def choose_standby(run: _Run, why: str) -> None:
         if problem != 'no standby':
             run.warn(f'{problem}; restoring a backup instead')
         return
-    run.source = 'standby'
+    run.source = Source.STANDBY
     run.source_reason = (f'PostgreSQL not usable: {why}; standby at '
                          f'{position.position_at}')
 
 
-def pick_backup(run: _Run) -> Path:
+def pick_backup(run: RunState) -> Path:
     """The backup to restore: --backup-path or the newest verified one."""
     if run.options.backup_path is not None:
         path = Path(run.options.backup_path)
@@ -154,7 +159,7 @@ def pick_backup(run: _Run) -> Path:
     return info.path
 
 
-def build_from_postgres(run: _Run, new_path: Path) -> None:
+def build_from_postgres(run: RunState, new_path: Path) -> None:
     """The journal's tail on a base when it can (rollback.incremental),
     else, saying why, every row."""
     try:
@@ -168,7 +173,7 @@ def build_from_postgres(run: _Run, new_path: Path) -> None:
     build_full_copy(run, new_path)
 
 
-def build_full_copy(run: _Run, new_path: Path) -> None:
+def build_full_copy(run: RunState, new_path: Path) -> None:
     opts = run.options
 
     def on_progress(event: events.ProgressEvent) -> None:
@@ -196,7 +201,7 @@ def build_full_copy(run: _Run, new_path: Path) -> None:
     run.rows = dict(run.expected_rows)
 
 
-def build_from_standby(run: _Run, new_path: Path) -> None:
+def build_from_standby(run: RunState, new_path: Path) -> None:
     """A copy of the standby, its position table dropped, checked like a
     backup (schema here; quick_check and counts in the verify phase).
     Records the bound: every write committed before its position."""
@@ -234,9 +239,10 @@ def _check_schema(alias: str, what: str) -> None:
                           f'({detail})')
 
 
-def build_from_backup(run: _Run, new_path: Path) -> None:
-    if run.source == 'standby':
+def build_from_backup(run: RunState, new_path: Path) -> None:
+    if run.source == Source.STANDBY:
         return build_from_standby(run, new_path)
+    assert run.backup_used is not None   # chosen with the source
     checked = backup.verify_backup(run.backup_used)
     # A backup without a manifest (older tools) cannot be checksummed; an
     # operator who names one with --backup-path gets it if everything
@@ -251,7 +257,7 @@ def build_from_backup(run: _Run, new_path: Path) -> None:
         run.warn(f'backup {run.backup_used} has no manifest: checked for '
                  'integrity only, no checksum')
     sqlite_file.sqlite_snapshot(run.backup_used, new_path,
-                           timeout=max(1.0, run.deadline.remaining()))
+                                timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
         _check_schema(alias, f'backup {run.backup_used}')
         run.rows = count_rows(alias)
@@ -259,7 +265,7 @@ def build_from_backup(run: _Run, new_path: Path) -> None:
         at_risk_rows(run, alias)
 
 
-def at_risk_rows(run: _Run, backup_alias: str) -> None:
+def at_risk_rows(run: RunState, backup_alias: str) -> None:
     """Rows on PostgreSQL that the backup lacks or holds differently,
     exported as a loaddata fixture; deleted-on-PostgreSQL rows counted."""
     pg = run.options.postgres_alias
@@ -321,9 +327,9 @@ class ExactJSONEncoder(DjangoJSONEncoder):
         return super().default(o)
 
 
-def cutover_summary(run: _Run) -> None:
+def cutover_summary(run: RunState) -> None:
     recorded = window_cutover.read_cutover(run.data_dir)
-    if recorded is None or run.source != 'postgres':
+    if recorded is None or run.source != Source.POSTGRES:
         return
     try:
         since = window_cutover.rows_since_cutover(run.options.postgres_alias,

@@ -1,14 +1,17 @@
 """What one rollback run is made of: its options (RollbackOptions), its
 returned result (RollbackResult, also what a report file holds), the
-mutable state the phases share while it runs (_Run, over the shared
-PhaseRunner), and the small run-state file (rollback_state.json) that
-tells the next preflight a run was interrupted and whether the write
-fence on PostgreSQL is still up. Every other module of the package
-builds on these; this one imports none of them.
+mutable state the phases share while it runs (RunState, over the shared
+PhaseRunner), the vocabularies its reports use (Source, Outcome,
+LossStatus: StrEnums, so the JSON holds the same strings), and the small
+run-state file (rollback_state.json) that tells the next preflight a run
+was interrupted and whether the write fence on PostgreSQL is still up.
+Every other module of the package builds on these; this one imports none
+of them.
 """
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +20,46 @@ from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.phases import Deadline, PhaseResult, PhaseRunner
 from anthias_rollback.window import journal as window_journal
 
-SOURCES = ('auto', 'postgres', 'backup')
+
+class Source(StrEnum):
+    """Where a rollback's new SQLite file came from."""
+    POSTGRES = 'postgres'
+    BACKUP = 'backup'
+    # PostgreSQL down: the standby replicate_changes kept (auto's choice
+    # alone: --source does not offer it).
+    STANDBY = 'standby'
+
+
+class Outcome(StrEnum):
+    """How a rollback run ended (RollbackResult.outcome)."""
+    ROLLED_BACK = 'rolled back'
+    ROLLED_BACK_WITH_A_LOSS = 'rolled back with a loss'
+    DRY_RUN = 'dry run'
+    FOLLOW_UP_FAILED = 'follow-up failed'
+    FAILED = 'failed'
+
+
+class LossStatus(StrEnum):
+    """The loss a run measured (RollbackResult.loss; plan.measured_loss)."""
+    PROVEN_NONE = 'proven-none'   # the journal proof found nothing
+    NONE = 'none'                 # a backup lacking nothing (compared)
+    LOST = 'lost'
+    UNPROVEN = 'unproven'         # from PostgreSQL without a journal
+    BOUNDED = 'bounded'           # the standby's position bounds it
+    UNKNOWN = 'unknown'           # a backup PostgreSQL could not check
+    NOT_RUN = 'not-run'           # refused before it started
+
+
+AUTO = 'auto'
+# What --source accepts; auto picks postgres, the standby or a backup.
+SOURCE_CHOICES = (AUTO, Source.POSTGRES.value, Source.BACKUP.value)
 STATE_NAME = 'rollback_state.json'
 LOG_NAME = 'rollback.log'
 
 
 @dataclass(frozen=True)
 class RollbackOptions:
-    source: str = 'auto'
+    source: str = AUTO            # one of SOURCE_CHOICES
     source_explicit: bool = False
     live_path: Path | None = None
     backup_path: Path | None = None
@@ -48,9 +83,9 @@ class RollbackOptions:
 
 @dataclass(frozen=True)
 class RollbackResult:
-    outcome: str  # rolled back | dry run | follow-up failed | failed
+    outcome: Outcome
     exit_code: int
-    source: str | None
+    source: Source | None
     source_reason: str
     live_path: str
     safety_copy: str | None
@@ -70,9 +105,9 @@ class RollbackResult:
     seconds: float
     downtime_seconds: float | None
     report_path: str | None = None
-    # The measured loss: 'proven-none' | 'lost' | 'unproven' | 'backup';
-    # lost_writes lists what SQLite lacks (model, pk, operation).
-    loss: str = 'unproven'
+    # The measured loss; lost_writes lists what SQLite lacks (model, pk,
+    # operation).
+    loss: LossStatus = LossStatus.UNPROVEN
     loss_detail: str = ''
     lost_writes: tuple[dict, ...] = ()
     shortfall: dict[str, dict[str, int]] | None = None
@@ -97,14 +132,14 @@ class RollbackResult:
 
 
 @dataclass
-class _Run:
+class RunState:
     """Mutable state of one run; turned into a RollbackResult at the end.
     Phases, warnings and the deadline are the shared PhaseRunner's."""
     options: RollbackOptions
     data_dir: Path
     runner: PhaseRunner
     live_path: Path | None = None
-    source: str | None = None
+    source: Source | None = None
     source_reason: str = ''
     safety_copy: Path | None = None
     backup_used: Path | None = None
@@ -139,6 +174,12 @@ class _Run:
         return bool(self.journal and self.journal.forced)
 
     @property
+    def live_file(self) -> Path:
+        """The live SQLite file (preflight sets live_path first)."""
+        assert self.live_path is not None
+        return self.live_path
+
+    @property
     def deadline(self) -> Deadline:
         return self.runner.deadline
 
@@ -151,7 +192,7 @@ class _Run:
         return self.data_dir / 'reports'
 
     def phase(self, name: str, check_deadline: bool = True
-              ) -> AbstractContextManager[dict[str, str]]:
+              ) -> AbstractContextManager[dict[str, Any]]:
         return self.runner.phase(name, check_deadline=check_deadline)
 
     def warn(self, message: str) -> None:
@@ -174,7 +215,7 @@ _PATH_FACTS = ('live_path', 'safety_copy', 'backup_used', 'dump_path',
                'at_risk_file')
 
 
-def run_facts(run: _Run) -> dict[str, Any]:
+def run_facts(run: RunState) -> dict[str, Any]:
     facts = {name: getattr(run, name) for name in _FACTS}
     facts.update({name: str(getattr(run, name))
                   if getattr(run, name) is not None else None
@@ -186,7 +227,7 @@ def run_facts(run: _Run) -> dict[str, Any]:
     return facts
 
 
-def restore_facts(run: _Run, recorded: dict[str, Any]) -> None:
+def restore_facts(run: RunState, recorded: dict[str, Any]) -> None:
     """Put a killed run's recorded facts (run_facts) into *run*."""
     facts = recorded['facts']
     for name in _FACTS:

@@ -23,6 +23,7 @@ from anthias_rollback import conf, engines, profiles, switch
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.health import client_host
+from anthias_rollback.phases import PhaseStatus
 from anthias_rollback.report import first_line
 from anthias_rollback.rollback import preserve, state, swap
 from anthias_rollback.rollback.sources import (
@@ -31,7 +32,8 @@ from anthias_rollback.rollback.sources import (
     count_rows,
 )
 from anthias_rollback.rollback.state import (
-    _Run,
+    RunState,
+    Source,
     read_run_state,
     write_run_state,
 )
@@ -74,12 +76,13 @@ def remove_stale_scratch_files(live_path: Path) -> list[Path]:
 remove_sqlite_file = sqlite_file.remove_sqlite_file
 
 
-def preflight(run: _Run) -> None:
+def preflight(run: RunState) -> None:
     opts = run.options
     with run.phase('preflight') as record:
         recovery = swap.recover_interrupted_swap(
             opts.live_path or profiles.sqlite_alias_path(opts.sqlite_alias))
         if recovery.found:
+            assert recovery.warning is not None   # found: what it did
             run.warn(recovery.warning)
         live = Path(opts.live_path or
                     profiles.sqlite_alias_path(opts.sqlite_alias))
@@ -132,17 +135,17 @@ def preflight(run: _Run) -> None:
                             f'{free >> 20} MiB free')
 
 
-def fence_postgres(run: _Run) -> None:
+def fence_postgres(run: RunState) -> None:
     """Stop every journaled write on PostgreSQL (all roles, all open
     sessions) and wait for the transactions that already wrote, so the
     copy's snapshot is final. Refuses (nothing changed, fence lowered)
     when some of them stay open past the budget."""
     opts = run.options
-    if run.source != 'postgres' or opts.dry_run or not opts.fence:
+    if run.source != Source.POSTGRES or opts.dry_run or not opts.fence:
         return
     with run.phase('fence') as record:
         if run.journal is None or not run.journal.installed:
-            record['status'] = 'warning'
+            record['status'] = PhaseStatus.WARNING
             record['detail'] = 'no change journal: writes cannot be fenced'
             run.warn('PostgreSQL has no change journal (the cutover was '
                      'made without one): writes during the rollback cannot '
@@ -170,7 +173,7 @@ def fence_postgres(run: _Run) -> None:
                             f'{ended}')
 
 
-def lift_fence(run: _Run) -> None:
+def lift_fence(run: RunState) -> None:
     """Before the swap, a failure changed nothing: let writes through."""
     if not run.fenced or run.swapped:
         return
@@ -184,12 +187,12 @@ def lift_fence(run: _Run) -> None:
                  'once it answers')
 
 
-def prove_loss(run: _Run) -> None:
+def prove_loss(run: RunState) -> None:
     """After the swap: which writes SQLite lacks, measured (the fence
     stays up, so the answer cannot change later). After the swap, not
     earlier: a write that bypassed the triggers while the file was
     built or verified is still named."""
-    if run.source != 'postgres' or run.snapshot is None:
+    if run.source != Source.POSTGRES or run.snapshot is None:
         return
     with run.phase('proof', check_deadline=False) as record:
         run.proof = window_journal.prove_copy(run.options.postgres_alias,
@@ -199,13 +202,13 @@ def prove_loss(run: _Run) -> None:
                                 'snapshot (' + ', '.join(run.proof.checked)
                                 + ' checked)')
         else:
-            record['status'] = 'failed'
+            record['status'] = PhaseStatus.FAILED
             record['detail'] = (f'{len(run.proof.lost)} write(s) and '
                                 f'{len(run.proof.count_differences)} '
                                 'count difference(s) not in SQLite')
 
 
-def preserve_postgres(run: _Run) -> None:
+def preserve_postgres(run: RunState) -> None:
     opts = run.options
     if not opts.preserve_postgres:
         return
@@ -222,14 +225,14 @@ def preserve_postgres(run: _Run) -> None:
             except (ConfigError, DatabaseError) as err:
                 message = first_line(err)
         if opts.dry_run and message is None:
-            record['status'] = 'skipped'
+            record['status'] = PhaseStatus.SKIPPED
             record['detail'] = 'dry run: no dump written'
             return
         if message is not None:
             if not opts.emergency:
                 raise RollbackError(message + '; install it, or run with '
                                     '--emergency to skip preservation')
-            record['status'] = 'skipped'
+            record['status'] = PhaseStatus.SKIPPED
             record['detail'] = message
             run.warn(message + '; PostgreSQL was not preserved')
             return
@@ -242,7 +245,7 @@ def preserve_postgres(run: _Run) -> None:
         except RollbackError as err:
             if not opts.emergency:
                 raise
-            record['status'] = 'warning'
+            record['status'] = PhaseStatus.WARNING
             record['detail'] = str(err)
             run.warn(f'{err}; continuing (--emergency)')
             return
@@ -250,11 +253,11 @@ def preserve_postgres(run: _Run) -> None:
         record['detail'] = f'{result.path} ({result.size >> 10} KiB)'
 
 
-def build_new_file(run: _Run) -> Path:
-    new_path = new_file_path(run.live_path, run.options.dry_run)
+def build_new_file(run: RunState) -> Path:
+    new_path = new_file_path(run.live_file, run.options.dry_run)
     with run.phase('build') as record:
         try:
-            if run.source == 'postgres':
+            if run.source == Source.POSTGRES:
                 build_from_postgres(run, new_path)
             else:
                 build_from_backup(run, new_path)
@@ -268,7 +271,7 @@ def build_new_file(run: _Run) -> Path:
     return new_path
 
 
-def verify_new_file(run: _Run, new_path: Path) -> None:
+def verify_new_file(run: RunState, new_path: Path) -> None:
     opts = run.options
     with run.phase('verify') as record:
         if run.base_quick_check is not None:
@@ -300,23 +303,23 @@ def verify_new_file(run: _Run, new_path: Path) -> None:
                                     f'{got} rows, the source {want}')
             done.append('row counts')
         else:
-            record['status'] = 'warning'
+            record['status'] = PhaseStatus.WARNING
             run.warn('--no-verify: only quick_check was run')
         record['detail'] = ', '.join(done)
 
 
-def swap_new_file(run: _Run, new_path: Path) -> None:
+def swap_new_file(run: RunState, new_path: Path) -> None:
     """Swap the new file in. Before it, the run state records what a
     rerun needs to finish the job (resume) once the new file is live:
     the facts so far and the new file's inode, which the rename keeps."""
     with run.phase('swap') as record:
-        close_connections_to(run.live_path)
+        close_connections_to(run.live_file)
         st = new_path.stat()
         write_run_state(run.data_dir, 'swapping',
                         started_at=run.runner.started_at,
                         new_file=[st.st_dev, st.st_ino],
                         facts=state.run_facts(run))
-        result = swap.swap_in(new_path, run.live_path)
+        result = swap.swap_in(new_path, run.live_file)
         run.swapped = True
         run.safety_copy = result.safety_copy
         write_run_state(run.data_dir, 'swapped',
@@ -328,7 +331,7 @@ def swap_new_file(run: _Run, new_path: Path) -> None:
                             else 'there was no old database')
 
 
-def flip_profile(run: _Run) -> switch.RestartResult | None:
+def flip_profile(run: RunState) -> switch.RestartResult | None:
     """Make sqlite the active profile, then the restart command."""
     with run.phase('profile', check_deadline=False) as record:
         profiles.write_active_profile(
@@ -342,12 +345,12 @@ def flip_profile(run: _Run) -> switch.RestartResult | None:
             record['detail'] += (f'; restart command exit '
                                  f'{restart.returncode}')
             if not restart.ok:
-                record['status'] = 'failed'
+                record['status'] = PhaseStatus.FAILED
                 run.warn(f'restart command failed: {restart.output}')
     return restart
 
 
-def interrupted_after_swap(run: _Run) -> dict | None:
+def interrupted_after_swap(run: RunState) -> dict | None:
     """The recorded state of a run killed after its swap, when the live
     file is provably that run's new file (same inode), else None."""
     recorded = read_run_state(run.data_dir)
@@ -355,7 +358,7 @@ def interrupted_after_swap(run: _Run) -> dict | None:
             not isinstance(recorded.get('facts'), dict):
         return None
     try:
-        st = run.live_path.stat()
+        st = run.live_file.stat()
     except OSError:
         return None
     if recorded.get('new_file') != [st.st_dev, st.st_ino]:
@@ -368,11 +371,11 @@ def verify_urls() -> list[str]:
         'ANTHIAS_ROLLBACK_VERIFY_URLS') if u != '/health']
 
 
-def post_verify(run: _Run) -> bool:
+def post_verify(run: RunState) -> bool:
     """Requests through the app's own views on the restored file."""
     with run.phase('post-verify', check_deadline=False) as record:
         failures = []
-        with profiles.sqlite_file_alias(run.live_path, wal=True) as alias, \
+        with profiles.sqlite_file_alias(run.live_file, wal=True) as alias, \
                 profiles.default_as(alias):
             client = Client(HTTP_HOST=client_host())
             for url in verify_urls():
@@ -391,7 +394,7 @@ def post_verify(run: _Run) -> bool:
                             + (': ' + '; '.join(failures) if failures
                                else ': ok'))
         if failures:
-            record['status'] = 'failed'
+            record['status'] = PhaseStatus.FAILED
             for failure in failures:
                 run.warn(f'post-verification: {failure}')
         return not failures

@@ -20,6 +20,7 @@ from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback.render import load_result
 from anthias_rollback.rollback.sources import export_rows
+from anthias_rollback.rollback.state import Source
 from anthias_rollback.window import journal as window_journal
 
 
@@ -46,7 +47,7 @@ def standby_rollback_report(reports_dir: Path) -> Path:
             result = load_result(path)
         except (OSError, ValueError, TypeError):
             continue
-        if result.source == 'standby' and result.standby_bound:
+        if result.source == Source.STANDBY and result.standby_bound:
             return path
     raise RollbackError(f'no report in {reports_dir} of a rollback that '
                         'restored the standby (name one with --report-file)')
@@ -68,7 +69,7 @@ def unapplied_writes(postgres_alias: str, reports_dir: Path,
         raise RollbackError(f'cannot read rollback report {path}: '
                             f'{first_line(err)}') from None
     bound = result.standby_bound
-    if result.source != 'standby' or not bound:
+    if result.source != Source.STANDBY or not bound:
         raise RollbackError(f'rollback report {path} did not restore the '
                             f'standby (source {result.source})')
     try:

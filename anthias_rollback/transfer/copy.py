@@ -296,7 +296,7 @@ def transfer_data(source_alias: str, target_alias: str, *,
     done: list[ModelTransfer] = []
     problems: list[SourceProblem] = []
     counter = [0]
-    current = [None]
+    current: list[str | None] = [None]
     try:
         with _cyclic_gc_paused(), source_snapshot(source_alias), \
                 target.bulk_load(target_alias):
@@ -362,6 +362,7 @@ def _copy_model(spec: ModelSpec, source_alias: str, target_alias: str,
     target = engines.for_alias(target_alias)
     batches = source_batches(source_alias, spec, batch_size,
                              converter.select_sql(source_alias))
+    converted: Iterator[list]
     if target.ROWS_AS_COPY_TEXT:
         # COPY runs in a thread of its own (postgres_copy_rows): reading
         # and converting stay in this one.
@@ -384,8 +385,8 @@ def _copy_model(spec: ModelSpec, source_alias: str, target_alias: str,
                           converted_batches())
     finally:
         # Stop (and wait for) a reader still running after a failure.
-        converted.close()
-        batches.close()
+        converted.close()  # type: ignore[attr-defined]  # a generator
+        batches.close()  # type: ignore[attr-defined]  # a generator
     seconds = time.perf_counter() - started
     emit(progress, MODEL_DONE, spec.label, rows=copied[0], total=total,
          seconds=seconds)

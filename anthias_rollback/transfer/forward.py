@@ -58,10 +58,10 @@ def migrate_to_postgres(source_alias: str, target_alias: str, *,
         migrated = tuple(schema.ensure_schema(target_alias))
         schema.check_same_migrations(source_alias, target_alias)
         if repair:
-            result = repair_data(source_alias, target_alias,
-                                 batch_size=batch_size, exclude=exclude,
-                                 progress=progress)
-            return MigrationReport(repair=result, migrated=migrated)
+            repaired = repair_data(source_alias, target_alias,
+                                   batch_size=batch_size, exclude=exclude,
+                                   progress=progress)
+            return MigrationReport(repair=repaired, migrated=migrated)
         result = transfer_data(source_alias, target_alias,
                                batch_size=batch_size, replace=replace,
                                exclude=exclude, progress=progress)

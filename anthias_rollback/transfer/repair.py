@@ -46,7 +46,7 @@ def repair_data(source_alias: str, target_alias: str, *,
     problems: list[SourceProblem] = []
     counter = [0]
     done: list[ModelRepair] = []
-    current = [None]
+    current: list[str | None] = [None]
     try:
         with source_snapshot(source_alias), \
                 target.bulk_load(target_alias):

@@ -105,12 +105,14 @@ class Converter:
                   if target_alias else None)
         for fld in spec.fields:
             read = _reader(spec.model, fld, source_alias)
-            check = checker(fld, check_alias) if checker else None
-            write = writer(fld, target_alias) if writer else None
+            check = checker(fld, check_alias) \
+                if checker and check_alias else None
+            write = writer(fld, target_alias) \
+                if writer and target_alias else None
             self.steps.append((read, check, write))
         self.funcs = [self._compose(*s) for s in self.steps]
-        self.joined = bool(target_alias) and engines.for_alias(
-            target_alias).ROWS_AS_COPY_TEXT
+        self.joined = bool(target_alias and engines.for_alias(
+            target_alias).ROWS_AS_COPY_TEXT)
         # Columns read as the source's text (PostgreSQL -> SQLite dates);
         # their generic path parses that text as the driver would have.
         self.as_text = (postgres_text_columns(list(spec.fields),
@@ -178,8 +180,8 @@ class Converter:
         except Exception:  # noqa: BLE001 re-done value by value below
             return self._convert_slowly(rows)
 
-    def _convert_slowly(self, rows: list[tuple]) -> list[list]:
-        done = []
+    def _convert_slowly(self, rows: list[tuple]) -> list:
+        done: list = []
         for row in rows:
             values, bad = [], False
             for fld, func, value in zip(self.spec.fields, self.funcs, row):

@@ -104,7 +104,7 @@ def open_window(sqlite_alias: str, postgres_alias: str, *,
     with transaction.atomic(using=postgres_alias):
         pj.postgres_lock_tables(postgres_alias,
                                 [m._meta.db_table for m in plan])
-        info = {'rows': {}, 'sqlite_rows': {}}
+        info: dict[str, Any] = {'rows': {}, 'sqlite_rows': {}}
         for model in plan:
             label = model._meta.label
             info['rows'][label] = model._base_manager.using(
@@ -141,7 +141,7 @@ def window_state(alias: str) -> WindowState:
     journaled = tuple(pj.postgres_journaled_tables(alias))
     existing = set(pj.postgres_existing_tables(alias, _models_by_table()))
     bare = sorted(existing - set(journaled))
-    problems: tuple[str, ...] = ()
+    problems = ()
     if bare:
         untracked = (f'{len(bare)} planned table(s) without the journal '
                      f'trigger ({", ".join(bare[:5])}): writes to them are '
@@ -169,7 +169,8 @@ def take_fence(alias: str, timeout: float, terminate: bool = True
     if pj.postgres_wait_for_writers(alias, int(half * 1000)):
         return FenceResult(True, time.monotonic() - started, (), (), ())
     open_now = pj.postgres_open_writers(alias)
-    terminated, refused = (), ()
+    terminated: tuple[int, ...] = ()
+    refused: tuple[int, ...] = ()
     if terminate and open_now:
         refused = tuple(pj.postgres_terminate(
             alias, [w['pid'] for w in open_now]))

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from anthias_rollback.exceptions import (
     ReplicationError,
     ReplicationRefusedError,
 )
+from anthias_rollback.phases import PhaseStatus
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.window.applier import Applier
 from anthias_rollback.window.standby import (
@@ -135,16 +136,16 @@ class Replicator:
         self.pg = postgres_alias
         self.chunk = chunk
         self.path = standby_path(data_dir)
-        self._standby_cm = None
+        self._standby_cm: AbstractContextManager[str] | None = None
         self.standby: str | None = None
         self.applier: Applier | None = None
 
     # -- the standby's alias
     def open(self) -> str:
         if self.standby is None:
-            self._standby_cm = profiles.sqlite_file_alias(self.path,
-                                                          wal=True)
-            self.standby = self._standby_cm.__enter__()
+            cm = profiles.sqlite_file_alias(self.path, wal=True)
+            self._standby_cm = cm
+            self.standby = cm.__enter__()
             self.applier = Applier(self.pg, self.standby, self.chunk)
         return self.standby
 
@@ -202,7 +203,9 @@ class Replicator:
         except BaseException:
             sqlite_file.remove_sqlite_file(tmp)
             raise
-        return read_position(self.path)
+        position = read_position(self.path)
+        assert position is not None   # written just above
+        return position
 
     def _full_copy(self, tmp: Path) -> tuple[str, float]:
         from django.core.management import call_command
@@ -228,6 +231,8 @@ class Replicator:
             return None
         position = self.ensure(cutover)
         alias = self.open()
+        applier = self.applier
+        assert applier is not None   # open() made it
         # The local time before the tick: every write acknowledged before
         # position_ts is visible in the tick, so the bound is true.
         ts = time.time()
@@ -237,11 +242,11 @@ class Replicator:
                 raise ReplicationError('a new rollback window began '
                                        'meanwhile; starting again')
             with transaction.atomic(using=alias):
-                applied = self.applier.apply(position.snapshot, tick)
+                applied = applier.apply(position.snapshot, tick)
                 batch = applied.batch
                 if batch.entries:
-                    self.applier.raise_sequences(
-                        [self.applier.by_table[t] for t in batch.tables])
+                    applier.raise_sequences(
+                        [applier.by_table[t] for t in batch.tables])
                 new = Position(
                     position.window, tick,
                     batch.max_id or position.journal_id, ts, time.time(),
@@ -333,8 +338,9 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
         else:
             if result is None:
                 events.emit(progress, events.PHASE_DONE, 'replicate',
-                            status='ok', detail='the rollback window was '
-                            'ended: nothing to replicate; stopped')
+                            status=PhaseStatus.OK,
+                            detail='the rollback window was ended: nothing '
+                                   'to replicate; stopped')
                 return ReplicationResult(rounds, entries, position,
                                          'window ended')
             rounds += 1
@@ -343,7 +349,7 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
             delay = interval
             if state != 'replicating':
                 events.emit(progress, events.PHASE_DONE, 'replicate',
-                            status='ok', detail=(
+                            status=PhaseStatus.OK, detail=(
                                 f'replicating into {replicator.path} '
                                 f'(position {position.position_at}, '
                                 f'started from the {position.started_from})'
@@ -361,6 +367,6 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
             check_can_replicate(data_dir)
         except ReplicationRefusedError as err:
             events.emit(progress, events.PHASE_DONE, 'replicate',
-                        status='ok', detail=f'{err}; stopped')
+                        status=PhaseStatus.OK, detail=f'{err}; stopped')
             return ReplicationResult(rounds, entries, position,
                                      'profile changed')

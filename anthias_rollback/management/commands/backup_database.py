@@ -31,6 +31,11 @@ from anthias_rollback.management.types import (
 )
 
 
+def verification_of(info: backup.BackupInfo) -> backup.BackupVerification:
+    """The verification list_backups(verify=True) attached to *info*."""
+    assert info.verification is not None
+    return info.verification
+
 class Command(RollbackCommand):
     help = ('Back up the SQLite database online (consistent, verified, '
             'with a manifest); --verify PATH checks a backup, --list shows '
@@ -143,7 +148,7 @@ class Command(RollbackCommand):
                                / 3600, 2),
             'size': i.size, 'row_counts': i.row_counts,
             'state': i.state,
-            'reasons': list(i.verification.reasons)} for i in infos]})
+            'reasons': list(verification_of(i).reasons)} for i in infos]})
         if as_json:
             return
         if not infos:
@@ -151,12 +156,12 @@ class Command(RollbackCommand):
             return
         for i in infos if verbosity >= 1 else ():
             hours = (now - i.created_at).total_seconds() / 3600
-            counts = i.row_counts or i.verification.row_counts
+            counts = i.row_counts or verification_of(i).row_counts
             rows = ', '.join(f'{t}={n}' for t, n in sorted(counts.items())
                              if n)
             state = i.state
             if not i.verified:
-                state = f'{state} ({i.verification.reasons[0]})'
+                state = f'{state} ({verification_of(i).reasons[0]})'
             self.stdout.write(f'{i.path.name}  {hours:7.1f}h  '
                               f'{i.size / 1e6:8.1f} MB  {state}  {rows}')
         verified = sum(1 for i in infos if i.verified)

@@ -223,6 +223,7 @@ class Command(RollbackCommand):
                 self.write_verdict(f'no trigger: {summary}')
             return
         reasons = '; '.join(b.message for b in result.reasons)
+        assert result.last is not None   # a trigger ends a round
         alert = (f'ROLLBACK TRIGGER after {result.last.consecutive} bad '
                  f'rounds in a row: {reasons}')
         if not auto_rollback:

@@ -17,6 +17,7 @@ name clash, bad sandbox; nothing live touched); 2 usage error; 3 FAIL
 """
 import argparse
 from pathlib import Path
+from typing import cast
 
 from anthias_rollback import events, exit_codes, phases, transfer
 from anthias_rollback.drill import history as drill_history
@@ -138,10 +139,12 @@ class Command(RollbackCommand):
                                       f'{event.status:<8} '
                                       f'{event.seconds:7.3f}s')
             elif event.kind == events.PHASE_DONE:
-                style = {phases.OK: self.style.SUCCESS,
-                         phases.FAILED: self.style.ERROR}.get(
+                style = {str(phases.PhaseStatus.OK): self.style.SUCCESS,
+                         str(phases.PhaseStatus.FAILED): self.style.ERROR}.get(
                     event.status, self.style.WARNING)
-                step = phases.PhaseResult(event.name, event.status,
+                step = phases.PhaseResult(event.name,
+                                          cast(phases.PhaseStatus,
+                                               event.status),
                                           event.seconds, event.detail,
                                           event.group)
                 self.stdout.write(style(render_step(step)))

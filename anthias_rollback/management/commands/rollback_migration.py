@@ -45,7 +45,7 @@ class Command(RollbackCommand):
                             help='fastest safe path: no prompt, quick_check '
                                  '+ counts; never skips the safety copy, '
                                  'the lock or the atomic swap')
-        parser.add_argument('--source', choices=rollback.SOURCES,
+        parser.add_argument('--source', choices=rollback.SOURCE_CHOICES,
                             help='where the data comes from (default auto: '
                                  'postgres if usable, else backup)')
         parser.add_argument('--backup-path', metavar='PATH', type=path_arg,
@@ -107,7 +107,7 @@ class Command(RollbackCommand):
                 'ANTHIAS_POSTGRES_URL in the environment'))
         with profiles.postgres_override_alias(overrides) as pg_alias:
             opts = rollback.RollbackOptions(
-                source=options['source'] or 'auto',
+                source=options['source'] or rollback.AUTO,
                 source_explicit=options['source'] is not None,
                 live_path=options['original_db_path'],
                 backup_path=options['backup_path'],
@@ -185,7 +185,7 @@ class Command(RollbackCommand):
         if not options['json']:
             if options['verbosity'] >= 1:
                 self.stdout.write(rollback.render_summary(result))
-                if result.outcome != 'dry run':
+                if result.outcome != rollback.Outcome.DRY_RUN:
                     self.stdout.write(rollback.resolved_notice(result))
             self.write_verdict(rollback_render.verdict_line(result),
                                ok=rollback_render.verdict_ok(result))
@@ -213,7 +213,6 @@ class Command(RollbackCommand):
                        'data_loss': rollback_render.data_loss(result)})
         if not as_json:
             self.stdout.write(rollback.render_summary(result))
-            self.stdout.write(
-                rollback.resolved_notice(result)
-                if result.outcome.startswith('rolled back') else
-                rollback.failed_notice(result))
+            done = result.outcome.startswith(rollback.Outcome.ROLLED_BACK)
+            self.stdout.write(rollback.resolved_notice(result) if done else
+                              rollback.failed_notice(result))
