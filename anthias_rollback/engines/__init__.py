@@ -6,7 +6,7 @@ Protocol below: generic code calls only its names and never tests a
 vendor itself, as `loaddata` asks `connection.ops`. It chooses by
 `connection.vendor`, not the ENGINE string, so a wrapped backend
 (django-prometheus, a pool) still works. mypy checks that both modules
-satisfy `Engine` (the assignments under TYPE_CHECKING at the bottom).
+satisfy `Engine` (engines/conformance.py).
 
 Helpers that exist for one engine only keep its name in theirs
 (`postgres_copy_rows`, `sqlite_bulk_load_pragmas`); file-level SQLite
@@ -131,11 +131,3 @@ class ValueRejected(Exception):
     """A source value the target engine would reject (raised by the
     engines' value checkers; the copy collects them as problems)."""
 
-
-if TYPE_CHECKING:
-    # mypy: each engine module satisfies the Protocol (a changed
-    # signature in either fails `mypy anthias_rollback`).
-    from anthias_rollback.engines import postgresql, sqlite
-
-    _SQLITE: Engine = sqlite
-    _POSTGRESQL: Engine = postgresql
