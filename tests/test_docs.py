@@ -28,8 +28,8 @@ README = (ROOT / 'README.md').read_text()
 COMMANDS = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 # The nav of mkdocs.yml: architecture first, then in this order.
 PAGES = ['index.md', 'runbook.md', 'adopting.md', 'configuration.md',
-         'operations.md', 'commands.md', 'exit-codes.md', 'benchmarks.md',
-         'development.md']
+         'operations.md', 'operations-containers.md', 'commands.md',
+         'exit-codes.md', 'benchmarks.md', 'development.md']
 # The README's two commands, exactly: .ci/run runs the second.
 DRILL_COMMAND = (
     'python3 -m venv .venv && .venv/bin/pip install -q -r '
@@ -268,8 +268,15 @@ def test_architecture_names_every_module():
 
 def test_nav_lists_every_page_architecture_first():
     config = yaml.safe_load((ROOT / 'mkdocs.yml').read_text())
-    nav = [next(iter(item.values())) for item in config['nav']]
-    assert nav == PAGES
+
+    def flat(items):
+        for item in items:
+            value = next(iter(item.values())) if isinstance(
+                item, dict) else item
+            yield from (flat(value) if isinstance(value, list)
+                        else [value])
+
+    assert list(flat(config['nav'])) == PAGES
     assert sorted(p.name for p in DOCS.glob('*.md')) == sorted(PAGES)
     assert config['docs_dir'] == 'docs'
     assert 'site/' in (ROOT / '.gitignore').read_text().split()
@@ -302,6 +309,20 @@ def test_internal_links_resolve(path):
                                    anchors(linked)):
             broken.append(target)
     assert not broken, f'{path.name}: {broken}'
+
+
+def test_paths_named_in_the_docs_exist():
+    """A file or folder of this repository that a page names exists
+    (a module moved, a test renamed: the page follows)."""
+    missing = []
+    for path in [ROOT / 'README.md'] + [DOCS / p for p in PAGES]:
+        for name in re.findall(
+                r'\b((?:anthias_rollback|tests|deploy|bench|settings_profiles'
+                r'|anthias_app)/[\w./*-]*)', path.read_text()):
+            name = name.rstrip('.')
+            if not list(ROOT.glob(name.rstrip('/') or '.')):
+                missing.append(f'{path.name}: {name}')
+    assert not missing, missing
 
 
 # -- the README ----------------------------------------------------------
