@@ -159,10 +159,12 @@ def test_commands_page_documents_the_output_contract():
         assert '--json PATH' in text, name
     rollback = section(commands_page, '## `rollback_migration`')
     assert '`data_loss`' in rollback
-    # the loss statuses a run can measure (rollback/plan.py measured_loss)
-    for status in ('proven-none', 'lost', 'unproven', 'bounded', 'none',
-                   'unknown', 'not-run'):
-        assert f'`{status}`' in rollback or f'{status}`' in rollback, status
+    # every loss status a run can report (rollback/state.py LossStatus)
+    from anthias_rollback.rollback.state import LossStatus
+
+    for status in LossStatus:
+        assert re.search(rf'[`/]{re.escape(status)}[`/]', rollback), status
+        assert f'`{status}`' in page('index.md'), status
 
 
 # -- exit codes ----------------------------------------------------------
