@@ -337,9 +337,15 @@ def check_standby(ctx: ReadinessContext) -> ReadinessCheck:
                               'restores a backup', informational=True)
     pending = (f', {state.pending} journal entries pending'
                if state.pending is not None else '')
+    if state.lag_seconds is None:
+        return ReadinessCheck('standby', False, f'standby at '
+                              f'{state.position_at}{pending}: '
+                              f'{state.problem}', informational=True)
+    problem = f'; {state.problem}' if state.problem else ''
     return ReadinessCheck(
         'standby', True, f'standby at {state.position_at} '
-        f'({state.lag_seconds:.1f}s behind{pending})', informational=True)
+        f'({state.lag_seconds:.1f}s behind{pending}){problem}',
+        informational=True)
 
 
 CHECKS: list[Check] = [

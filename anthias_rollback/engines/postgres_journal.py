@@ -571,6 +571,46 @@ def postgres_batch_keys(alias: str, prev: str, tick: str, table: str,
         yield [row[0] for row in rows]
 
 
+@contextmanager
+def postgres_tick(alias: str) -> Iterator[tuple[str, float]]:
+    """postgres_snapshot_transaction that also yields the time, on
+    PostgreSQL's clock, at which the snapshot's statement arrived: every
+    write committed before it is in the snapshot (statement_timestamp()
+    is taken before the snapshot is). A standby's position is stamped
+    with it, never with this process's clock, which may be wrong (no
+    RTC on a Raspberry Pi; NTP or a manual set moves it)."""
+    with transaction.atomic(using=alias), \
+            connections[alias].cursor() as cursor:
+        cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, '
+                       'READ ONLY')
+        cursor.execute('SELECT pg_current_snapshot()::text, '
+                       'extract(epoch FROM statement_timestamp())')
+        snapshot, at = cursor.fetchone()
+        yield snapshot, float(at)
+
+
+def postgres_clock(alias: str) -> float:
+    """PostgreSQL's time now (UNIX seconds)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SELECT extract(epoch FROM clock_timestamp())')
+        return float(cursor.fetchone()[0])
+
+
+def postgres_pending(alias: str, snapshot: str) -> tuple[int, float]:
+    """Committed journal entries a standby at *snapshot* does not hold,
+    and the age of the oldest of them (0.0 when none), both measured on
+    PostgreSQL's clock in one statement: a lag no local clock can fake."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f'SELECT count(*), coalesce(extract(epoch FROM '
+            f'clock_timestamp() - min(at)), 0) FROM {JOURNAL} WHERE txid '
+            '>= pg_snapshot_xmin(%s::pg_snapshot) AND NOT '
+            'pg_visible_in_snapshot(txid, %s::pg_snapshot)',
+            [snapshot, snapshot])
+        count, age = cursor.fetchone()
+        return count, max(0.0, float(age))
+
+
 def postgres_pending_entries(alias: str, snapshot: str) -> int:
     """Committed journal entries a standby at *snapshot* does not hold."""
     with connections[alias].cursor() as cursor:

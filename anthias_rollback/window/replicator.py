@@ -215,8 +215,7 @@ class Replicator:
         with profiles.sqlite_file_alias(tmp) as alias:
             call_command('migrate', database=alias, verbosity=0,
                          interactive=False)
-            ts = time.time()
-            with pj.postgres_snapshot_transaction(self.pg) as snapshot:
+            with pj.postgres_tick(self.pg) as (snapshot, ts):
                 transfer.transfer_data(self.pg, alias)
         return snapshot, ts
 
@@ -233,10 +232,10 @@ class Replicator:
         alias = self.open()
         applier = self.applier
         assert applier is not None   # open() made it
-        # The local time before the tick: every write acknowledged before
-        # position_ts is visible in the tick, so the bound is true.
-        ts = time.time()
-        with pj.postgres_snapshot_transaction(self.pg) as tick:
+        # PostgreSQL's time before the tick (not this process's clock):
+        # every write acknowledged before position_ts is visible in the
+        # tick, so the bound is true whatever the local clock did.
+        with pj.postgres_tick(self.pg) as (tick, ts):
             now = pj.postgres_cutover(self.pg)
             if now is None or now['txid'] != position.window:
                 raise ReplicationError('a new rollback window began '
@@ -249,7 +248,8 @@ class Replicator:
                         [applier.by_table[t] for t in batch.tables])
                 new = Position(
                     position.window, tick,
-                    batch.max_id or position.journal_id, ts, time.time(),
+                    batch.max_id or position.journal_id, ts,
+                    pj.postgres_clock(self.pg),
                     position.batches + 1, position.entries + batch.entries,
                     position.started_from)
                 connections[alias].connection.execute(
@@ -336,6 +336,13 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
                                    f'(backoff up to {max_backoff:g}s)')
             state = what
         else:
+            if result is None and once and rounds == 0:
+                # A cron `--once` with nothing to follow is a setup to
+                # fix, not a success (the docs' exit codes say 1).
+                raise ReplicationRefusedError(
+                    'no rollback window is open on PostgreSQL: there is '
+                    'nothing to replicate (switch_database --to postgres '
+                    'opens one)')
             if result is None:
                 events.emit(progress, events.PHASE_DONE, 'replicate',
                             status=PhaseStatus.OK,

@@ -40,6 +40,8 @@ LOCK_NAME = 'replicate.lock'
 POSITION_TABLE = 'anthias_rb_standby'
 # Keys per statement: far below SQLite's 999 variables; memory stays flat.
 CHUNK = 500
+# A position stamped further ahead of this clock than this is a finding.
+CLOCK_TOLERANCE = 60.0
 DEFAULT_INTERVAL = 0.5
 MAX_BACKOFF = 10.0
 
@@ -82,7 +84,9 @@ class StandbyState:
     exists: bool
     position: Position | None
     position_at: str | None
-    lag_seconds: float | None      # now - position time
+    # The age of the oldest journal entry the standby lacks (PostgreSQL's
+    # clock); without PostgreSQL, now - position time; None: not known.
+    lag_seconds: float | None
     pending: int | None            # journal entries not applied yet
     problem: str | None = None
 
@@ -226,7 +230,9 @@ def write_start_position(path: Path, window: str, snapshot: str,
         conn.execute(
             f'INSERT INTO {POSITION_TABLE} VALUES '
             '(1, ?, ?, 0, ?, ?, 0, 0, ?)',
-            [window, snapshot, position_ts, time.time(), started_from])
+            # PostgreSQL last seen at the position's own time: what the
+            # first round replaces (never this process's clock).
+            [window, snapshot, position_ts, position_ts, started_from])
     finally:
         conn.close()
 
@@ -248,17 +254,27 @@ def standby_state(data_dir: Path, postgres_alias: str | None = None
     if position is None:
         return StandbyState(path, True, None, None, None, None,
                             'no position recorded')
-    pending, problem = None, None
+    pending, problem, lag = None, None, None
     alias = postgres_alias or profiles.POSTGRES
     try:
         if pj.postgres_journal_installed(alias):
-            pending = pj.postgres_pending_entries(alias, position.snapshot)
+            # The lag is the age of the oldest write the standby lacks,
+            # on PostgreSQL's clock: 0 when it lacks none, whatever any
+            # clock says of the position's time.
+            pending, lag = pj.postgres_pending(alias, position.snapshot)
     except (DatabaseError, RollbackError) as err:
         connections[alias].close()
         problem = f'PostgreSQL not answering: {first_line(err)}'
+    if lag is None:
+        ahead = position.position_ts - time.time()
+        if ahead > CLOCK_TOLERANCE:
+            problem = (f'its position is stamped {position.position_at}, '
+                       f'{ahead / 3600:.1f}h in the future of this clock '
+                       '(a clock moved): its lag is not known')
+        else:
+            lag = max(0.0, -ahead)
     return StandbyState(path, True, position, position.position_at,
-                        round(max(0.0, time.time()
-                                  - position.position_ts), 3),
+                        None if lag is None else round(lag, 3),
                         pending, problem)
 
 

@@ -101,10 +101,25 @@ def file_digest(path: Path) -> str | None:
 
 
 def age_standby(data_dir: Path, seconds: float) -> None:
-    """Move the real standby's position *seconds* into the past (as if
-    replicate_changes had stopped then)."""
+    """Make the real standby *seconds* behind, as if replicate_changes
+    had stopped then: a write on PostgreSQL it lacks, journaled
+    *seconds* ago (the lag is the age of the oldest write the standby
+    lacks, on PostgreSQL's clock; one is made if none is pending), and
+    its position stamped then."""
+    from anthias_rollback.engines import postgres_journal as pj
     from anthias_rollback.window import standby as window_standby
 
+    position = window_standby.read_position(
+        window_standby.standby_path(data_dir))
+    assert position is not None
+    if not pj.postgres_pending_entries('postgres', position.snapshot):
+        missed = AssetFactory.build(name='written while it was stopped')
+        missed.save(using='postgres')
+    with connections['postgres'].cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {pj.JOURNAL} SET at = clock_timestamp() - "
+            "make_interval(secs => %s) WHERE NOT pg_visible_in_snapshot("
+            "txid, %s::pg_snapshot)", [seconds, position.snapshot])
     conn = sqlite3.connect(window_standby.standby_path(data_dir))
     try:
         with conn:

@@ -93,9 +93,21 @@ class Command(RollbackCommand):
                       + (', cutover FORCED' if state['forced'] else ''))
         if verbosity >= 1:
             self.stdout.write(f'rollback window: {detail}')
-            self.stdout.write(
-                f'standby: at {lag["position_at"]}, {lag["lag_seconds"]:.1f}s'
-                f' behind' if lag['position_at'] else
-                f'standby: {lag["problem"] or "none"}')
+            self.stdout.write(render_standby(lag))
         self.stdout.write(f'active profile: {active.name} '
                           f'(from {active.source}: {active.detail})')
+
+
+def render_standby(lag: dict) -> str:
+    """One line on the standby: position, lag and pending entries, or
+    why they are not known."""
+    if not lag['position_at']:
+        return f'standby: {lag["problem"] or "none"}'
+    line = f'standby: at {lag["position_at"]}'
+    if lag['lag_seconds'] is not None:
+        line += f', {lag["lag_seconds"]:.1f}s behind'
+    if lag['pending'] is not None:
+        line += f', {lag["pending"]} journal entries pending'
+    if lag['problem']:
+        line += f' ({lag["problem"]})'
+    return line
