@@ -65,7 +65,8 @@ JSON_CASES = [
     ('end_rollback_window', [], 1),
     ('rollback_migration', ['--source', 'backup', '--backup-path',
                             '/nonexistent/b.db', '--yes'], 1),
-    ('rollback_migration', [], 1),
+    # Never left SQLite: nothing to roll back, exit 0 (deploy hooks).
+    ('rollback_migration', [], 0),
     ('rollback_drill', ['--workdir', '{file}'], 1),
     ('monitor_migration', ['--interval', '0.01', '--max-probes', '1'], 0),
     ('monitor_migration', ['--auto-rollback', '--max-probes', '1'], 1),

@@ -116,6 +116,11 @@ def test_report_of_a_refused_run_is_never_resolved_and_notice_names_who(
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.strip().startswith('already on SQLite since ')
     assert 'URGENT' not in again.stdout
+    # Under --json, stdout holds the JSON document alone.
+    again = run_manage(host_env, 'rollback_migration', '--emergency',
+                       '--json')
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)['already'] is True
 
 
 def prompted(env: dict, answer: str) -> subprocess.CompletedProcess:
@@ -196,3 +201,30 @@ def test_rerun_after_a_failed_follow_up_answers_with_that_result(
     assert last.startswith('already on SQLite since'), last
     assert 'URGENT' not in again.stdout
     assert fingerprint_sqlite(device.live) == after
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite', 'postgres'],
+                       transaction=True)
+def test_a_device_that_never_left_sqlite_has_nothing_to_roll_back(
+        data_dir, host_env):
+    """Idempotent for deploy hooks: exit 0, one line, no banner, and a
+    JSON document saying nothing happened."""
+    import json
+
+    from tests.conftest import run_manage
+
+    done = run_manage(host_env, 'rollback_migration', '--emergency')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines() == [
+        ('already on sqlite (profile from default), nothing to roll back; '
+        'nothing changed')]
+    assert 'URGENT' not in done.stdout + done.stderr
+    as_json = run_manage(host_env, 'rollback_migration', '--emergency',
+                         '--json')
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data['ok'] and data['exit_code'] == 0
+    assert data['loss'] == 'none' and data['source'] is None
+    assert data['data_loss']['status'] == 'none'
+    assert data['data_loss']['detail'].startswith('nothing happened')
+    assert not (data_dir / 'reports').exists()

@@ -32,6 +32,7 @@ from anthias_rollback.rollback.plan import (
     already_rolled_back,
     finish,
     measured_loss,
+    never_left_sqlite,
     run_rollback,
 )
 from anthias_rollback.rollback.render import (
@@ -123,6 +124,7 @@ __all__ = [
     'lift_fence',
     'load_result',
     'measured_loss',
+    'never_left_sqlite',
     'new_file_path',
     'pick_backup',
     'post_verify',

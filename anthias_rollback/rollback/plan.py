@@ -297,3 +297,22 @@ def already_rolled_back(options: RollbackOptions) -> RollbackResult | None:
             or result.outcome == Outcome.FOLLOW_UP_FAILED):
         return None
     return result
+
+
+def never_left_sqlite(options: RollbackOptions) -> str | None:
+    """The one line for a device already on sqlite that has nothing to
+    roll back (no source asked for, no run interrupted), or None. A
+    deploy hook that runs the emergency rollback on every device gets
+    exit 0 there, not a banner and a failure. Reads only."""
+    if options.source_explicit or options.dry_run:
+        return None
+    data_dir = Path(options.data_dir or conf.data_dir())
+    try:
+        active = profiles.resolve_active_profile(data_dir)
+    except RollbackError:
+        return None
+    if active.name != profiles.SQLITE or read_run_state(data_dir).get(
+            'status') in ('running', 'swapping', 'swapped'):
+        return None
+    return (f'already on sqlite (profile from {active.source}), nothing to '
+            'roll back; nothing changed')

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from django.core.management.base import CommandError
 
-from anthias_rollback import conf, exit_codes, profiles, rollback
+from anthias_rollback import conf, exit_codes, profiles, restart, rollback
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.management.contract import RollbackCommand
 from anthias_rollback.management.types import (
@@ -93,6 +93,14 @@ class Command(RollbackCommand):
                                 help=f'override the postgres alias\'s '
                                      f'{name} (runbook compatibility)')
 
+    def handle(self, *args, **options):
+        # balena: restarting this container ends the process, so it comes
+        # after the verdict and the JSON document (restart.py).
+        with restart.last_restart(self.stderr.write) as last:
+            super().handle(*args, **options)
+        if last.error:
+            raise CommandError(last.error, returncode=exit_codes.FOLLOW_UP)
+
     def run(self, *args, **options):
         self.set_json({'data_loss': rollback_render.NOT_RUN})
         if options['generate_report']:
@@ -123,7 +131,10 @@ class Command(RollbackCommand):
                 full=options['full'])
             done = rollback.already_rolled_back(opts)
             if done is not None:
-                return self.already_done(done)
+                return self.already_done(done, options['json'])
+            nothing = rollback.never_left_sqlite(opts)
+            if nothing is not None:
+                return self.nothing_to_do(nothing, options['json'])
             self.confirm(opts, options)
             verbose = options['verbosity'] >= 1 and not options['json']
             if verbose and not opts.dry_run:
@@ -135,8 +146,9 @@ class Command(RollbackCommand):
                         UTC).isoformat(timespec='seconds'),
                     trigger)))
             try:
-                result = rollback.run_rollback(
-                    opts, progress=self.render_progress(options))
+                with restart.update_lock():
+                    result = rollback.run_rollback(
+                        opts, progress=self.render_progress(options))
             except RollbackError as err:
                 where = getattr(err, 'report_path', None)
                 self.set_failed_result(where)
@@ -193,16 +205,28 @@ class Command(RollbackCommand):
             raise CommandError(rollback_render.problems_line(result),
                                returncode=result.exit_code)
 
-    def already_done(self, result) -> None:
+    def already_done(self, result, as_json: bool) -> None:
         """A rerun after a finished rollback: the same answer, one line,
         no banner (deploy hooks retry; a second operator looks)."""
         self.set_json({**result.as_dict(),
                        'data_loss': rollback_render.data_loss(result),
                        'already': True})
         line = rollback_render.already_line(result)
-        self.write_verdict(line, ok=result.exit_code == exit_codes.OK)
+        if not as_json:   # stdout holds the JSON document alone
+            self.write_verdict(line, ok=result.exit_code == exit_codes.OK)
         if result.exit_code != exit_codes.OK:
             self.fail(line, result.exit_code)
+
+    def nothing_to_do(self, line: str, as_json: bool) -> None:
+        """Already on sqlite, never rolled back: exit 0, one line, and a
+        JSON document whose loss says nothing happened."""
+        self.set_json({'outcome': 'nothing to roll back', 'source': None,
+                       'loss': 'none', 'already': 'sqlite',
+                       'data_loss': {'status': 'none',
+                                     'detail': 'nothing happened: ' + line,
+                                     'lost_writes': []}})
+        if not as_json:
+            self.write_verdict(line)
 
     def show_latest(self, as_json: bool) -> None:
         path = rollback.latest_report(conf.reports_dir())
