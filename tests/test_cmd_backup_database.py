@@ -183,3 +183,15 @@ def test_killed_mid_backup_leaves_no_final_name(host_env, tmp_path, point):
     later = datetime.now(UTC) + timedelta(hours=2)
     assert backup.apply_retention(backups, days=0, now=later)
     assert os.listdir(backups) == []
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite'], transaction=True)
+def test_a_missing_source_db_is_refused_not_replaced_by_the_live_file(
+        data_dir, host_env, tmp_path):
+    missing = tmp_path / 'mistyped.db'
+    done = run_manage(host_env, 'backup_database', '--source-db',
+                      str(missing))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f'SQLite file {missing} does not exist' in done.stderr
+    assert not (data_dir / 'backups').exists() or not any(
+        (data_dir / 'backups').iterdir())

@@ -191,8 +191,14 @@ def test_refusals_change_nothing(data_dir, settings, readonly_dir):
             str(corrupt), match='is not valid')
     refused('--emergency', '--source', 'backup', '--backup-path',
             str(data_dir / 'missing.db'), match='does not exist')
+    # A mistyped live path is refused before anything (it once got a new
+    # file there while the app kept reading its real one).
     refused('--emergency', '--original-db-path',
-            str(readonly_dir / 'anthias.db'), match='not writable')
+            str(readonly_dir / 'anthias.db'),
+            match='is not the file the app reads')
+    refused('--emergency', '--yes', '--original-db-path',
+            '/mistyped/x.db', match='is not the file the app reads')
+    assert not Path('/mistyped').exists()
     refused('--emergency', '--timeout-minutes', '0.00001',
             match='deadline')
     with postgres_stopped():

@@ -16,11 +16,12 @@ import contextlib
 import getpass
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from django.core.management.base import CommandError
 
 from anthias_rollback import conf, exit_codes, profiles, restart, rollback
-from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.management.contract import RollbackCommand
 from anthias_rollback.management.types import (
     batch_size,
@@ -113,6 +114,7 @@ class Command(RollbackCommand):
                 'warning: --postgres-password is visible to other users '
                 'in the process list; prefer POSTGRES_PASSWORD or '
                 'ANTHIAS_POSTGRES_URL in the environment'))
+        check_live_path(options['original_db_path'])
         with profiles.postgres_override_alias(overrides) as pg_alias:
             opts = rollback.RollbackOptions(
                 source=options['source'] or rollback.AUTO,
@@ -240,3 +242,19 @@ class Command(RollbackCommand):
             done = result.outcome.startswith(rollback.Outcome.ROLLED_BACK)
             self.stdout.write(rollback.resolved_notice(result) if done else
                               rollback.failed_notice(result))
+
+
+def check_live_path(given: str | None) -> None:
+    """--original-db-path must name the file the app reads (the sqlite
+    alias's): a mistyped path once got a new file there, the profile
+    flipped and 'data loss: none', while the app went on reading its
+    real file, which lacked every PostgreSQL write."""
+    if given is None:
+        return
+    live = profiles.sqlite_alias_path(profiles.SQLITE)
+    if Path(given).expanduser().resolve() != Path(live).resolve():
+        raise ConfigError(
+            f'--original-db-path {given} is not the file the app reads '
+            f'(the sqlite alias\'s {live}); a rollback there would leave '
+            'the app on its old data. Give that path or leave the option '
+            'out; nothing changed')
