@@ -4,6 +4,7 @@ from the statement that creates them, and a rollback keeps their rows."""
 import pytest
 from django.db import DatabaseError, connections
 
+from anthias_app.models import Asset
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.window import journal as window_journal
 from tests.conftest import run_manage
@@ -74,3 +75,31 @@ def test_ending_the_window_removes_the_watch(data_dir, settings, host_env):
     # A table made now gets no trigger.
     recreate_mid_window(ItemDetail)
     assert pj.postgres_trigger_tables('postgres') == []
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_the_proof_is_complete_past_any_cap(data_dir, settings):
+    """15,001 journaled writes and 1,500 made with the triggers off
+    after a copy's snapshot: every one is named (the journal read stopped
+    at 10,000 and the row versions at 1,000 without saying so, and
+    export_unapplied_writes exported a fixture short of 5,001 rows)."""
+    seed_device(settings, n_assets=3)
+    with pj.postgres_snapshot_transaction('postgres') as snapshot:
+        pass
+    Asset.objects.using('postgres').bulk_create(
+        [Asset(asset_id=f'j{n}', name='n') for n in range(15001)],
+        batch_size=5000)
+    with connections['postgres'].cursor() as cursor:
+        cursor.execute('SET session_replication_role = replica')
+    try:
+        Asset.objects.using('postgres').bulk_create(
+            [Asset(asset_id=f'x{n}', name='n') for n in range(1500)])
+    finally:
+        with connections['postgres'].cursor() as cursor:
+            cursor.execute('RESET session_replication_role')
+    proof = window_journal.prove_copy('postgres', snapshot,
+                                      {'anthias_app.Asset': 3})
+    journaled = {w.pk for w in proof.lost if w.operation == 'insert'}
+    bypassed = {w.pk for w in proof.lost if w.operation == 'write'}
+    assert len(journaled) == 15001 and len(bypassed) == 1500
+    assert proof.count_differences == {'anthias_app.Asset': (3, 16504)}
