@@ -205,3 +205,22 @@ def test_garbage_swap_intent_does_not_block_a_rollback(data_dir, host_env):
     aside = list(live.parent.glob(f'{intent.name}.invalid-*'))
     assert len(aside) == 1 and aside[0].stat().st_mode & 0o777 == 0o600
     assert live.read_bytes() == live_before
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite', 'postgres'],
+                       transaction=True)
+def test_a_report_without_phases_is_one_line_not_a_traceback(data_dir,
+                                                             host_env):
+    """A report cut short (or edited) gave a KeyError traceback to
+    export_unapplied_writes and --generate-report."""
+    reports = data_dir / 'reports'
+    reports.mkdir()
+    broken = reports / 'rollback_20260101_000000_000000.json'
+    broken.write_text(json.dumps({'source': 'standby', 'outcome': 'x'}))
+    for args in (('rollback_migration', '--generate-report'),
+                 ('export_unapplied_writes', '--report-file', str(broken))):
+        done = run_manage(host_env, *args)
+        assert done.returncode == 1, (args, done.stdout + done.stderr)
+        assert 'Traceback' not in done.stderr, done.stderr
+        assert 'is not a complete rollback report' in done.stderr, \
+            done.stderr

@@ -22,10 +22,17 @@ def latest_report(reports_dir: Path) -> Path | None:
 
 
 def load_result(path: Path) -> RollbackResult:
+    """The result a rollback report holds. Raises OSError (unreadable)
+    or ValueError naming the file (not JSON, or not a whole report: a
+    report without `phases` once gave a KeyError traceback)."""
     data = json.loads(Path(path).read_text())
-    data['phases'] = tuple(PhaseResult(**p) for p in data['phases'])
-    data['warnings'] = tuple(data['warnings'])
-    return RollbackResult(**data)
+    try:
+        data['phases'] = tuple(PhaseResult(**p) for p in data['phases'])
+        data['warnings'] = tuple(data['warnings'])
+        return RollbackResult(**data)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f'{path} is not a complete rollback report '
+                         f'({type(err).__name__}: {err})') from None
 
 
 def data_loss_line(result: RollbackResult) -> str:

@@ -234,7 +234,10 @@ class Command(RollbackCommand):
         path = rollback.latest_report(conf.reports_dir())
         if path is None:
             self.fail(f'no rollback report in {conf.reports_dir()}')
-        result = rollback.load_result(path)
+        try:
+            result = rollback.load_result(path)
+        except (OSError, ValueError) as err:
+            self.fail(f'cannot read rollback report {path}: {err}')
         self.set_json({**result.as_dict(),
                        'data_loss': rollback_render.data_loss(result)})
         if not as_json:
