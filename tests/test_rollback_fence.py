@@ -212,3 +212,53 @@ def test_postgres_that_lost_rows_is_refused_as_a_source(state, data_dir,
     found = 0 if state == 'empty' else 3
     assert (f'anthias_app.Asset: {found} rows, 6 expected'
             in str(excinfo.value))
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_migrating_again_after_a_rollback_needs_no_force(data_dir, settings,
+                                                         host_env, tmp_path):
+    """After a rollback SQLite takes new writes; retrying the migration
+    is `migrate_to_postgres --replace` then `switch_database --to
+    postgres` (a new window), without --force. The copy writes past the
+    fence in its own session; a stale writer on PostgreSQL stays refused
+    until the switch."""
+    device = seed_device(settings)
+    connections['sqlite'].close()
+    done = run_manage(host_env, 'rollback_migration', '--emergency')
+    assert done.returncode == 0, done.stdout + done.stderr
+    from tests.helpers.factories import AssetFactory
+    AssetFactory.create_batch(4, name='written on SQLite after the rollback')
+    connections['sqlite'].close()
+    log = tmp_path / 'stale.log'
+    writers = start_writers(host_env, log, seconds=60, n=1)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and read_log(log)[1]):
+            assert time.monotonic() < deadline, 'the stale writer never ran'
+            time.sleep(0.05)
+        copied = run_manage(host_env, 'migrate_to_postgres', '--replace')
+        assert copied.returncode == 0, copied.stdout + copied.stderr
+        acked, _ = read_log(log)
+        assert acked == {}, 'a stale write got past the fence'
+        switched = run_manage(host_env, 'switch_database', '--to',
+                              'postgres')
+        assert switched.returncode == 0, switched.stdout + switched.stderr
+        switched_at = time.time()
+        state = window_journal.window_state('postgres')
+        assert state.installed and state.fence == 'open'
+        # The stale writer's writes go through once the new window opens.
+        deadline = time.monotonic() + 30
+        while not read_log(log)[0]:
+            assert time.monotonic() < deadline, 'writes stayed refused'
+            time.sleep(0.05)
+    finally:
+        for proc in writers:
+            proc.kill()
+    acked, _ = read_log(log)
+    assert min(acked.values()) > switched_at - 1
+    names = set(Asset.objects.using('postgres').values_list('name',
+                                                            flat=True))
+    assert 'written on SQLite after the rollback' in names
+    assert Asset.objects.using('postgres').filter(
+        pk__in=device.asset_ids).count() == len(device.asset_ids)

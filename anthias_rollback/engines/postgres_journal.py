@@ -47,8 +47,17 @@ FENCE_MESSAGE = ('anthias_rollback: writes to this database are fenced: '
 
 # Every journaled write: the fence lock shared to the end of its
 # transaction, then the flag (a sequence: read outside MVCC).
+# With the fence up, one session may still write: the copy that makes
+# PostgreSQL equal to SQLite again before a new window (migrate_to_postgres
+# --replace after a rollback; its transaction sets COPY_SETTING). Its rows
+# are not journaled: the switch that follows opens a new window. The fence
+# stops stale app processes, which never set it.
+COPY_SETTING = 'anthias_rb.copy'
 _FENCE_CHECK = f"""    PERFORM pg_advisory_xact_lock_shared({FENCE_LOCK});
     IF pg_sequence_last_value('{FENCE}'::regclass) = {UP} THEN
+        IF current_setting('{COPY_SETTING}', true) = 'on' THEN
+            RETURN NULL;
+        END IF;
         RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
             MESSAGE = '{FENCE_MESSAGE}';
     END IF;"""
@@ -196,6 +205,30 @@ def postgres_watch_new_tables(alias: str) -> str | None:
     except DatabaseError as err:
         return str(err).strip().splitlines()[0]
     return None
+
+
+def postgres_allow_copy_past_fence(alias: str) -> None:
+    """Let this transaction's writes through a raised fence, unjournaled
+    (a copy into PostgreSQL before a new window). Refreshes the trigger
+    functions first when a window is there: one opened by an older
+    release has functions that do not know the setting."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f"SET LOCAL {COPY_SETTING} = 'on'")
+    if not postgres_journal_installed(alias):
+        return
+    with connections[alias].cursor() as cursor:
+        cursor.execute(_INSTALL_SQL)
+        cursor.execute(
+            'SELECT c.relname, a.attname FROM pg_trigger t '
+            'JOIN pg_class c ON c.oid = t.tgrelid '
+            'JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary '
+            'AND i.indnatts = 1 '
+            'JOIN pg_attribute a ON a.attrelid = c.oid '
+            'AND a.attnum = i.indkey[0] WHERE t.tgname = %s', [TRIGGER])
+        for table, key in cursor.fetchall():
+            cursor.execute(_ROW_FUNCTION_SQL.format(
+                name=_row_function(table), fence=_FENCE_CHECK,
+                journal=JOURNAL, pk=_quote(alias, key)))
 
 
 def _row_function(table: str) -> str:

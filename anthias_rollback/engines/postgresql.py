@@ -15,6 +15,9 @@ from django.core.management.color import no_style
 from django.db import Error, connections, models, transaction
 
 from anthias_rollback.engines import ValueRejected
+from anthias_rollback.engines.postgres_journal import (
+    postgres_allow_copy_past_fence,
+)
 
 # How long the producer waits on a full queue before checking that the
 # COPY thread is still alive (it may have died on a server error).
@@ -195,6 +198,9 @@ def bulk_load(alias: str) -> Iterator[None]:
     session settings local to it."""
     with transaction.atomic(using=alias):
         postgres_bulk_load_settings(alias)
+        # After a rollback the fence is up: this copy (and no stale app
+        # process) may write, so that a new window can follow.
+        postgres_allow_copy_past_fence(alias)
         yield
 
 
