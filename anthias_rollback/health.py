@@ -14,10 +14,13 @@ class HealthReport:
     database_ok: bool
     unapplied_migrations: int | None
     problems: tuple[str, ...]
+    # Not a reason for 503 (the device serves), but for a person to see.
+    warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data['problems'] = list(self.problems)
+        data['warnings'] = list(self.warnings)
         return data
 
     def public_dict(self) -> dict[str, Any]:
@@ -55,7 +58,26 @@ def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
         problems.append(str(err))
     status = 'ok' if database_ok and not problems else 'degraded'
     return HealthReport(status, name, source, database_ok, pending,
-                        tuple(problems))
+                        tuple(problems), tuple(fence_warnings()))
+
+
+def fence_warnings() -> list[str]:
+    """The write fence a standby or backup restore could not raise (the
+    server was down): stale processes may write there until one of our
+    processes reaches it."""
+    from anthias_rollback.rollback import state
+
+    try:
+        pending = state.fence_pending(conf.data_dir())
+    except RollbackError:
+        return []
+    return [FENCE_MISSING] if pending else []
+
+
+FENCE_MISSING = ('the write fence on PostgreSQL is not up: the rollback '
+                 'restored a standby or backup while PostgreSQL was down; '
+                 'the first command, replicator or monitor that reaches it '
+                 'raises it')
 
 
 def client_host() -> str:

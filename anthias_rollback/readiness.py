@@ -297,8 +297,12 @@ def check_cutover(ctx: ReadinessContext) -> ReadinessCheck:
 def check_window(ctx: ReadinessContext) -> ReadinessCheck:
     """The rollback window on PostgreSQL: journal size and age, fence
     state (a fence left up by a killed or finished rollback is named)."""
+    from anthias_rollback.health import FENCE_MISSING
+    from anthias_rollback.rollback import state as run_state
     from anthias_rollback.window import journal as window_journal
 
+    if run_state.fence_pending(ctx.data_dir):
+        return ReadinessCheck('window', False, FENCE_MISSING)
     if ctx.postgres_alias is None:
         return ReadinessCheck('window', True, 'PostgreSQL not configured',
                               informational=True)

@@ -98,3 +98,46 @@ def test_once_without_a_window_is_exit_1(data_dir, settings, host_env):
     assert done.returncode == 1, done.stdout + done.stderr
     assert 'no rollback window is open' in done.stderr
     assert 'Traceback' not in done.stderr
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_the_fence_goes_up_at_the_first_chance_after_a_standby_restore(
+        data_dir, settings, host_env):
+    """PostgreSQL was down, so the standby restore could not fence it.
+    Until one of our processes reaches it, readiness and /health say so
+    (a stale write is still acknowledged); the first command that does
+    raises the fence, and the stale write is refused."""
+    device = seed_device(settings, n_assets=5)
+    done = run_manage(host_env, 'replicate_changes', '--once')
+    assert done.returncode == 0, done.stderr
+    connections['sqlite'].close()
+    with postgres_stopped():
+        rolled = run_manage(host_env, 'rollback_migration', '--emergency',
+                            '--yes')
+        assert rolled.returncode == 4, rolled.stdout + rolled.stderr
+        assert 'source:        standby' in rolled.stdout
+        ready = run_manage(host_env, 'rollback_readiness')
+        assert 'the write fence on PostgreSQL is not up' in ready.stdout
+        health = run_manage(host_env, 'shell', '-c',
+                            'import json; from anthias_rollback import '
+                            'health; print(json.dumps(health.check_health'
+                            '().as_dict()))')
+        report = json.loads(health.stdout.strip().splitlines()[-1])
+        assert report['status'] == 'ok'
+        assert any('write fence' in w for w in report['warnings'])
+    # Back, and nobody of ours has reached it yet: a stale write lands.
+    connections['postgres'].close()
+    from anthias_app.models import Asset
+    Asset.objects.using('postgres').filter(
+        pk=device.asset_ids[0]).update(name='stale, before the fence')
+    # The first command that reaches it (any command) raises the fence.
+    shown = run_manage(host_env, 'switch_database', '--show')
+    assert shown.returncode == 0, shown.stderr
+    assert 'raised the write fence' in shown.stderr
+    connections['postgres'].close()
+    from django.db import DatabaseError
+    with pytest.raises(DatabaseError, match='fenced'):
+        Asset.objects.using('postgres').filter(
+            pk=device.asset_ids[0]).update(name='stale, after')
+    ready = run_manage(host_env, 'rollback_readiness')
+    assert 'the write fence on PostgreSQL is not up' not in ready.stdout

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from django.core.management.base import BaseCommand, CommandError
 
-from anthias_rollback import exit_codes, logs
+from anthias_rollback import conf, exit_codes, logs, profiles
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.management.render import EventRenderer
 from anthias_rollback.management.types import path_arg
@@ -58,6 +58,7 @@ class RollbackCommand(BaseCommand):
         self.json_data: dict[str, Any] = {}
         self.verdict_written = False
         with logs.command_logging(self.stderr, options['verbosity']):
+            self.raise_pending_fence()
             try:
                 self.run_reporting_errors(*args, **options)
             except CommandError as err:
@@ -69,6 +70,21 @@ class RollbackCommand(BaseCommand):
                 self.conclude(exit_codes.FAILED, first_line(err))
                 raise
             self.conclude(exit_codes.OK, None)
+
+    def raise_pending_fence(self) -> None:
+        """Every command is a first chance to fence a PostgreSQL that a
+        standby or backup restore left unfenced (it was down then). Only
+        reads the run state unless a fence is pending; never fails the
+        command (a bad setting is the command's own to report)."""
+        from anthias_rollback.rollback import state
+
+        try:
+            done = state.raise_pending_fence(conf.data_dir(),
+                                             profiles.POSTGRES)
+        except Exception:  # noqa: BLE001 - a side duty; the command runs
+            return
+        if done:
+            self.stderr.write(done)
 
     def run_reporting_errors(self, *args: Any, **options: Any) -> None:
         try:

@@ -31,6 +31,7 @@ from anthias_rollback.rollback.render import (
 )
 from anthias_rollback.rollback.sources import choose_source, cutover_summary
 from anthias_rollback.rollback.state import (
+    FENCE_PENDING,
     LOG_NAME,
     SOURCE_CHOICES,
     LossStatus,
@@ -39,6 +40,7 @@ from anthias_rollback.rollback.state import (
     RollbackResult,
     RunState,
     Source,
+    raise_pending_fence,
     read_run_state,
     restore_facts,
     write_run_state,
@@ -174,10 +176,14 @@ def _after_swap(run: RunState) -> RollbackResult:
         result = finish(run, Outcome.ROLLED_BACK, exit_codes.OK)
     faults.checkpoint('rollback:reported')
     # Only now: a run killed before this is resumed by the next one.
+    # Not fenced (a standby or backup restore): the fence goes up now if
+    # PostgreSQL answers, else at the first chance (raise_pending_fence).
     write_run_state(run.data_dir, 'done', fence='up' if run.fenced else
-                    'none', finished_at=datetime.now(
+                    FENCE_PENDING, finished_at=datetime.now(
                         UTC).isoformat(),
                     report=result.report_path)
+    if not run.fenced:
+        raise_pending_fence(run.data_dir, run.options.postgres_alias)
     return result
 
 

@@ -260,6 +260,51 @@ def read_run_state(data_dir: Path) -> dict[str, Any]:
         return {}
 
 
+# The run state's `fence` after a rollback that could not fence
+# PostgreSQL (a standby or backup restore while it was down).
+FENCE_PENDING = 'pending'
+
+
+def fence_pending(data_dir: Path) -> bool:
+    """Did the last rollback leave PostgreSQL unfenced (reads only)?"""
+    return read_run_state(data_dir).get('fence') == FENCE_PENDING
+
+
+def raise_pending_fence(data_dir: Path, alias: str) -> str | None:
+    """After a rollback that could not fence *alias* (it was down), raise
+    the fence the first time one of our processes reaches it: stale app
+    processes must not write into the abandoned database once it is
+    back. Only while the active profile is still sqlite. Returns what
+    was done, or None (nothing pending, or PostgreSQL still down). Never
+    raises for a database problem; writes the run state."""
+    from django.db import DatabaseError, connections
+
+    from anthias_rollback import schema
+    from anthias_rollback.engines import postgres_journal as pj
+
+    state = read_run_state(data_dir)
+    if state.get('fence') != FENCE_PENDING:
+        return None
+    try:
+        if profiles.resolve_active_profile(data_dir).name != profiles.SQLITE:
+            return None
+        schema.check_connection(alias)
+        if pj.postgres_journal_installed(alias):
+            pj.postgres_raise_fence(alias)
+            fence, done = 'up', ('raised the write fence on PostgreSQL '
+                                 'left unfenced by the rollback')
+        else:
+            fence, done = 'none', ('PostgreSQL has no change journal: '
+                                   'there is no fence to raise')
+    except (RollbackError, DatabaseError):
+        connections[alias].close()
+        return None
+    kept = {k: v for k, v in state.items() if k not in ('status', 'at')}
+    write_run_state(data_dir, state.get('status', 'done'),
+                    **{**kept, 'fence': fence})
+    return done
+
+
 def write_run_state(data_dir: Path, status: str, **extra: Any) -> None:
     state = {'status': status,
              'at': datetime.now(UTC).isoformat(), **extra}
