@@ -156,9 +156,14 @@ def test_swap_of_a_large_file_copies_nothing(tmp_path):
                      [()] * 64)
     conn.close()
     make_db(new, 7, wal=False).close()
+    old_inode, new_inode = live.stat().st_ino, new.stat().st_ino
     result = swap.swap_in(new, live)
     assert result.safety_copy.stat().st_size > 64 * 10**6
-    assert result.seconds < 2.0, result.seconds
+    # No byte copied, whatever the size: the safety copy is the old
+    # file's own inode (a link) and the live path the new file's (a
+    # rename). Its time is measured in bench/, not asserted here.
+    assert result.safety_copy.stat().st_ino == old_inode
+    assert live.stat().st_ino == new_inode
 
 
 @pytest.mark.parametrize('point', ['swap:safety-linked', 'swap:renamed'])
