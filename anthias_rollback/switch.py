@@ -1,12 +1,9 @@
-"""Flip the active profile, checked and atomic, then the restart command.
+"""Flip the active profile, checked and atomic, then the restart.
 
 The flip only writes the state file; running processes keep their
 DATABASES until restarted (Django must not change DATABASES at run time),
-which is what the optional restart command is for.
+which is what the restart adapter (restart.py) is for.
 """
-import shlex
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,18 +17,14 @@ from anthias_rollback.exceptions import (
     SwitchRefusedError,
 )
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.restart import (  # noqa: F401 switch.X kept
+    RestartResult,
+    restart_after_flip,
+    run_restart_command,
+)
 from anthias_rollback.window import cutover as window_cutover
 from anthias_rollback.window import journal as window_journal
 from anthias_rollback.window import standby as window_standby
-
-
-@dataclass(frozen=True)
-class RestartResult:
-    command: str
-    ok: bool
-    returncode: int | None
-    seconds: float
-    output: str
 
 
 @dataclass(frozen=True)
@@ -81,34 +74,6 @@ def check_same_rows(sqlite_alias: str, postgres_alias: str) -> None:
             f'{describe_alias(postgres_alias)} does not hold SQLite\'s '
             f'data ({shown}); run `migrate_to_postgres --replace` (or '
             '--repair) first, or pass --force to switch anyway')
-
-
-def run_restart_command(command: str, timeout: float) -> RestartResult:
-    """Run the configured restart command; never raises for its failure."""
-    started = time.monotonic()
-    try:
-        done = subprocess.run(shlex.split(command), capture_output=True,
-                              text=True, timeout=timeout, check=False)
-        output = (done.stdout + done.stderr).strip()[-2000:]
-        return RestartResult(command, done.returncode == 0,
-                             done.returncode,
-                             time.monotonic() - started, output)
-    except subprocess.TimeoutExpired:
-        return RestartResult(command, False, None,
-                             time.monotonic() - started,
-                             f'timed out after {timeout:g}s')
-    except OSError as err:
-        return RestartResult(command, False, None,
-                             time.monotonic() - started, str(err))
-
-
-def restart_after_flip() -> RestartResult | None:
-    """Run ANTHIAS_ROLLBACK_RESTART_COMMAND if one is configured."""
-    command = conf.get_setting('ANTHIAS_ROLLBACK_RESTART_COMMAND')
-    if not command:
-        return None
-    timeout = float(conf.get_setting('ANTHIAS_ROLLBACK_RESTART_TIMEOUT'))
-    return run_restart_command(command, timeout)
 
 
 def switch_profile(target: str, force: bool = False,
@@ -176,6 +141,6 @@ def switch_profile(target: str, force: bool = False,
         journal = window_cutover.record_cutover(profiles.SQLITE, alias,
                                                 data_dir)
     path = profiles.write_active_profile(data_dir, target, state)
-    result = restart_after_flip() if restart else None
+    result = restart_after_flip(profiles.sqlite_alias_path(), restart)
     return SwitchResult(previous.name, target, path, force,
                         tuple(warnings), result, journal, opened)

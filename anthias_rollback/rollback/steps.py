@@ -332,21 +332,21 @@ def swap_new_file(run: RunState, new_path: Path) -> None:
 
 
 def flip_profile(run: RunState) -> switch.RestartResult | None:
-    """Make sqlite the active profile, then the restart command."""
+    """Make sqlite the active profile, poke the viewer, then the restart
+    adapter (restart.py)."""
     with run.phase('profile', check_deadline=False) as record:
         profiles.write_active_profile(
             run.data_dir, profiles.SQLITE,
             {'previous': profiles.POSTGRES, 'reason': 'rollback'})
         run.flipped_at = time.monotonic()
-        restart = (switch.restart_after_flip() if run.options.restart
-                   else None)
+        restart = switch.restart_after_flip(run.live_path,
+                                            run.options.restart)
         record['detail'] = 'active profile: sqlite'
         if restart is not None:
-            record['detail'] += (f'; restart command exit '
-                                 f'{restart.returncode}')
+            record['detail'] += f'; {restart.describe()}'
             if not restart.ok:
                 record['status'] = PhaseStatus.FAILED
-                run.warn(f'restart command failed: {restart.output}')
+                run.warn(restart.failure_line())
     return restart
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from django.core.management import call_command, get_commands
 from django.core.management.base import CommandError
 
-from anthias_rollback import conf, exit_codes, profiles
+from anthias_rollback import conf, exit_codes, profiles, restart
 from anthias_rollback.management.contract import RollbackCommand
 from anthias_rollback.management.types import (
     http_url,
@@ -127,6 +127,14 @@ class Command(RollbackCommand):
         parser.add_argument('--json-lines', action='store_true',
                             help='one JSON object per round and a final '
                                  'one, one per line, on stdout')
+
+    def handle(self, *args, **options):
+        # balena: the rollback's restart of this container ends the
+        # monitor too; it comes after the monitor's own last line.
+        with restart.last_restart(self.stderr.write) as last:
+            super().handle(*args, **options)
+        if last.error:
+            raise CommandError(last.error, returncode=exit_codes.FOLLOW_UP)
 
     def run(self, *args, **options):
         # Both keep stdout for JSON: the stream, or the final document.

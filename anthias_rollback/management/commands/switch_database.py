@@ -9,14 +9,16 @@ a switch to postgres also needs PostgreSQL to hold exactly SQLite's rows
 with the cutover, lifting a fence left by a rollback (all unless
 --force, which is recorded). --show also reports the rollback window
 and the standby. The state file in the data dir is replaced atomically;
-the configured ANTHIAS_ROLLBACK_RESTART_COMMAND runs afterwards.
+the restart adapter (ANTHIAS_ROLLBACK_RESTART_ADAPTER) runs afterwards.
 
 Exit codes: 0 switched (or shown); 1 refused, nothing changed;
 2 usage error; 4 switched, but the restart command failed.
 """
 from dataclasses import asdict
 
-from anthias_rollback import conf, exit_codes, profiles, switch
+from django.core.management.base import CommandError
+
+from anthias_rollback import conf, exit_codes, profiles, restart, switch
 from anthias_rollback.management.contract import RollbackCommand
 from anthias_rollback.report import first_line
 from anthias_rollback.window import journal as window_journal
@@ -40,12 +42,21 @@ class Command(RollbackCommand):
         parser.add_argument('--no-restart', action='store_true',
                             help='do not run the restart command')
 
+    def handle(self, *args, **options):
+        # balena: restarting this container ends the process, so it comes
+        # after the verdict and the JSON document (restart.py).
+        with restart.last_restart(self.stderr.write) as last:
+            super().handle(*args, **options)
+        if last.error:
+            raise CommandError(last.error, returncode=exit_codes.FOLLOW_UP)
+
     def run(self, *args, **options):
         if options['show']:
             return self.show(options['json'], options['verbosity'])
-        result = switch.switch_profile(options['to'],
-                                       force=options['force'],
-                                       restart=not options['no_restart'])
+        with restart.update_lock():
+            result = switch.switch_profile(
+                options['to'], force=options['force'],
+                restart=not options['no_restart'])
         self.set_json(asdict(result))
         if not options['json']:
             for warning in result.warnings:
@@ -54,15 +65,14 @@ class Command(RollbackCommand):
                 self.stderr.write(self.style.WARNING(
                     'forced: the target was not checked'))
             if result.restart is not None and options['verbosity'] >= 1:
-                self.stdout.write(
-                    f'restart command: exit {result.restart.returncode} '
-                    f'in {result.restart.seconds:.1f}s')
+                self.stdout.write(f'{result.restart.describe()} in '
+                                  f'{result.restart.seconds:.1f}s')
             self.stdout.write(self.style.SUCCESS(
                 f'active profile: {result.profile} (was {result.previous}; '
                 f'state file {result.state_file})'))
         if result.restart is not None and not result.restart.ok:
             self.fail(f'profile switched to {result.profile}, but the '
-                      f'restart command failed: {result.restart.output}',
+                      f'{result.restart.failure_line()}',
                       exit_codes.FOLLOW_UP)
 
     def show(self, as_json: bool, verbosity: int) -> None:
