@@ -5,6 +5,7 @@ one fails before the swap, and turning a failure after it into exit 4.
 measured_loss states the loss the run measured; finish builds the
 RollbackResult and writes its JSON and text reports (0600).
 """
+import sqlite3
 import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -29,7 +30,11 @@ from anthias_rollback.rollback.render import (
     load_result,
     render_summary,
 )
-from anthias_rollback.rollback.sources import choose_source, cutover_summary
+from anthias_rollback.rollback.sources import (
+    check_room,
+    choose_source,
+    cutover_summary,
+)
 from anthias_rollback.rollback.state import (
     FENCE_PENDING,
     LOG_NAME,
@@ -98,7 +103,8 @@ def run_rollback(options: RollbackOptions,
         faults.checkpoint('rollback:locked')
         try:
             return _execute(run)
-        except (RollbackError, DatabaseError, OSError) as err:
+        except (RollbackError, DatabaseError, OSError,
+                sqlite3.Error) as err:
             lift_fence(run)
             if run.swapped:
                 # The new database is live; what failed came after. Say
@@ -108,8 +114,13 @@ def run_rollback(options: RollbackOptions,
                               exit_codes.FOLLOW_UP, error=first_line(err))
             result = finish(run, Outcome.FAILED, exit_codes.FAILED,
                             error=first_line(err))
-            err.report_path = result.report_path  # type: ignore[union-attr]  # read by the command
-            raise
+            # One line for the command, whatever failed (a full disk
+            # during the build was a traceback): nothing changed.
+            failure = err if isinstance(err, RollbackError) else \
+                RollbackError(f'{first_line(err)}; the live database and '
+                              'the profile are unchanged')
+            failure.report_path = result.report_path  # type: ignore[attr-defined]  # read by the command
+            raise failure from None
         except BaseException:
             lift_fence(run)
             raise
@@ -126,6 +137,7 @@ def _execute(run: RunState) -> RollbackResult:
         write_run_state(run.data_dir, 'running',
                         started_at=run.runner.started_at)
     choose_source(run)
+    check_room(run)
     cutover_summary(run)
     fence_postgres(run)
     preserve_postgres(run)
@@ -262,10 +274,22 @@ def finish(run: RunState, outcome: Outcome, code: int,
     stamp = datetime.now(UTC).strftime('%Y%m%d_%H%M%S_%f')
     path = run.reports_dir / f'rollback_{stamp}.json'
     result = replace(result, report_path=str(path))
-    write_json_report(path, result.as_dict())
-    fsutil.atomic_write_bytes(path.with_suffix('.txt'),
-                              redact(render_summary(result)).encode(),
-                              mode=0o600)
+    try:
+        write_json_report(path, result.as_dict())
+        fsutil.atomic_write_bytes(path.with_suffix('.txt'),
+                                  redact(render_summary(result)).encode(),
+                                  mode=0o600)
+    except OSError as err:
+        # A full disk must not turn the verdict into a traceback (nor,
+        # after the swap, into "nothing changed"): the result stands,
+        # said on stdout and in --json; both writes are atomic, so no
+        # half-written report is left under its name.
+        path.unlink(missing_ok=True)
+        note = (f'the report could not be written to {path}: '
+                f'{err.strerror or err}')
+        run.warn(note)
+        result = replace(result, report_path=None,
+                         warnings=(*result.warnings, note))
     return result
 
 

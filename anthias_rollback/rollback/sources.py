@@ -10,6 +10,7 @@ counts rows per model and summarises what changed since the cutover.
 import contextlib
 import datetime as dt
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,43 @@ def choose_source(run: RunState) -> None:
         if run.source == Source.BACKUP:
             run.backup_used = pick_backup(run)
         record['detail'] = f'{run.source}: {run.source_reason}'
+
+
+# Room beyond the new file's estimated size (SQLite's own journal,
+# the estimate's error), as the preflight keeps.
+ROOM_MARGIN = 16 * 1024 * 1024
+
+
+def check_room(run: RunState) -> None:
+    """Refuse (nothing changed yet) when the live file's filesystem has
+    no room for the new file sized from what will be written: PostgreSQL's
+    table data, or the backup or standby to be restored. The preflight
+    only knew the live file, which can be far smaller than PostgreSQL's
+    rows after weeks on it; the build then filled the disk."""
+    from anthias_rollback.engines import postgres_server
+
+    if run.source == Source.POSTGRES:
+        tables = [m._meta.db_table
+                  for m in models_graph.plan_models().models]
+        size = postgres_server.postgres_table_bytes(
+            run.options.postgres_alias, tables)
+        what = 'PostgreSQL\'s table data'
+    elif run.source == Source.STANDBY:
+        path = window_standby.standby_path(run.data_dir)
+        size, what = path.stat().st_size, f'the standby {path}'
+    else:
+        assert run.backup_used is not None   # pick_backup chose it
+        size = Path(run.backup_used).stat().st_size
+        what = f'the backup {run.backup_used}'
+    folder = Path(run.live_file).parent
+    free = shutil.disk_usage(folder).free
+    needed = int(size * 1.1) + ROOM_MARGIN
+    if free < needed:
+        raise ConfigError(
+            f'not enough free disk in {folder}: {free >> 20} MiB free, '
+            f'about {needed >> 20} MiB needed for the new file '
+            f'({what}: {size >> 20} MiB); free some space and run again; '
+            'nothing changed')
 
 
 def choose_standby(run: RunState, why: str) -> None:
