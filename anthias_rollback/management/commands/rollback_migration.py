@@ -8,9 +8,13 @@ verified backup with the at-risk rows exported. Crash-safe and reported.
 --json prints one JSON document (the result plus `data_loss`: status,
 detail, lost_writes) for every outcome; --report PATH writes it (0600).
 
-Exit codes: 0 rolled back and verified (or dry run done); 1 refused or
-failed, live database and profile unchanged; 2 usage error; 4 rolled
-back, but post-verification or the restart command failed (look at it).
+Exit codes: 0 rolled back, verified and nothing left out (loss proven
+none, or a backup that holds every row PostgreSQL holds; or a dry run;
+or already on sqlite with nothing to roll back); 1 refused or failed,
+live database and profile unchanged; 2 usage error; 4 rolled back, but
+a write is missing (named), the loss is bounded (standby) or unknown
+(backup, PostgreSQL not compared), rows were left out (exported), or
+post-verification or the restart failed (look at it).
 """
 import contextlib
 import getpass
@@ -37,8 +41,9 @@ from anthias_rollback.rollback import render as rollback_render
 class Command(RollbackCommand):
     help = ('Roll back onto SQLite from PostgreSQL (zero loss) or a '
             'verified backup; crash-safe, verified, reported. Exit codes: '
-            '0 done, 1 refused/failed (nothing changed), 2 usage, '
-            '4 rolled back but a follow-up failed.')
+            '0 done with nothing left out, 1 refused/failed (nothing '
+            'changed), 2 usage, 4 rolled back but a write is missing, the '
+            'loss is bounded or unknown, or a follow-up failed.')
 
     def add_arguments(self, parser):
         parser.add_argument('--emergency', '--emergency-mode',
@@ -77,7 +82,9 @@ class Command(RollbackCommand):
                             default=5.0,
                             help='deadline for the whole run (default 5)')
         parser.add_argument('--batch-size', type=batch_size,
-                            default=10_000)
+                            default=10_000,
+                            help='rows per batch of the full copy '
+                                 '(default 10000)')
         parser.add_argument('--yes', '--noinput', action='store_true',
                             dest='yes', help='do not ask for confirmation')
         parser.add_argument('--generate-report', action='store_true',
