@@ -226,6 +226,39 @@ def test_a_base_that_reads_back_wrong_falls_back_to_the_full_copy(
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_standby_whose_position_is_newer_than_its_rows_is_caught(
+        data_dir, settings, host_env):
+    """The standby applied 50 updates, then its rows went back to the old
+    values while its position stayed (edited by hand, or a db/-wal pair
+    restored torn): the keys it applied are re-read against PostgreSQL,
+    so the full copy is taken and the result is PostgreSQL's (it said
+    "data loss: none (proven)" with 50 stale rows)."""
+    device = seed_device(settings, n_assets=60)
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    stale = device.asset_ids[:50]
+    Asset.objects.using('postgres').filter(pk__in=stale).update(
+        name='new on PostgreSQL')
+    window_replicator.run_replicator('postgres', data_dir=data_dir, once=True)
+    conn = sqlite3.connect(window_standby.standby_path(data_dir))
+    with conn:
+        marks = ','.join('?' * len(stale))
+        conn.execute(f"UPDATE assets SET name = 'stale' WHERE asset_id IN "
+                     f"({marks})", stale)
+    conn.close()
+    Asset.objects.using('postgres').filter(pk=device.asset_ids[55]).update(
+        name='in the tail')
+    done = rollback(host_env)
+    assert 'copy:          full: 50 changed key(s) did not read back ' \
+        'equal' in done.stdout, done.stdout
+    assert 'data loss: none (proven' in done.stdout.splitlines()[-1]
+    conn = sqlite3.connect(device.live)
+    names = dict(conn.execute('SELECT asset_id, name FROM assets'))
+    conn.close()
+    assert {names[pk] for pk in stale} == {'new on PostgreSQL'}
+    assert names[device.asset_ids[55]] == 'in the tail'
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
 def test_a_migration_applied_on_postgres_means_the_full_copy(
         data_dir, settings, host_env):
     device = seed_device(settings, n_assets=5)
