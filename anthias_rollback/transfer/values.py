@@ -59,6 +59,23 @@ def _reader(model: type[models.Model], field: models.Field,
     return read
 
 
+def key_fields(model: type[models.Model]) -> tuple[models.Field, ...]:
+    """The concrete fields whose columns make *model*'s primary key, in
+    key order: one for an ordinary key, the components of a Django 5.2
+    CompositePrimaryKey (which has no column of its own)."""
+    return tuple(model._meta.pk_fields)
+
+
+def key_columns(model: type[models.Model]) -> tuple[str, ...]:
+    """The column names of *model*'s primary key, in key order."""
+    return tuple(f.column for f in key_fields(model))
+
+
+def is_composite_key(model: type[models.Model]) -> bool:
+    """Is *model*'s primary key a tuple of columns?"""
+    return len(model._meta.pk_fields) > 1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model: type[models.Model]
@@ -67,6 +84,15 @@ class ModelSpec:
     fields: tuple[models.Field, ...]
     columns: tuple[str, ...]
     pk_index: int
+    # Every key column's index in *fields*, in key order (one for an
+    # ordinary key; pk_index is the first).
+    key_indexes: tuple[int, ...] = ()
+
+    def key_of(self, row: tuple | list) -> Any:
+        """*row*'s key: the value, or the tuple for a composite key."""
+        if len(self.key_indexes) == 1:
+            return row[self.key_indexes[0]]
+        return tuple(row[i] for i in self.key_indexes)
 
     @classmethod
     def of(cls, model: type[models.Model]) -> 'ModelSpec':
@@ -74,10 +100,10 @@ class ModelSpec:
         # Local fields only: a multi-table child's parent fields live in
         # the parent's table.
         fields = tuple(meta.local_concrete_fields)
-        pk_index = next(i for i, f in enumerate(fields)
-                        if f.column == meta.pk.column)
-        return cls(model, meta.label, meta.db_table, fields,
-                   tuple(f.column for f in fields), pk_index)
+        columns = tuple(f.column for f in fields)
+        key_indexes = tuple(columns.index(c) for c in key_columns(model))
+        return cls(model, meta.label, meta.db_table, fields, columns,
+                   key_indexes[0], key_indexes)
 
     def select_sql(self, alias: str) -> str:
         return engines.for_alias(alias).select_sql(alias, self.table,
@@ -206,4 +232,4 @@ class Converter:
         self.counter[0] += 1
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(SourceProblem(
-                self.spec.label, row[self.spec.pk_index], fld.name, reason))
+                self.spec.label, self.spec.key_of(row), fld.name, reason))
