@@ -50,6 +50,13 @@ INSTALLED_APPS = [
 ]
 if os.environ.get('CMS_HOST_RELEASE') == '2':
     INSTALLED_APPS.insert(2, 'tests.hosts.cms.release2')
+# Release 3 (an upgrade applied mid-window): release 2's data migration,
+# a new model, and a new column on models_corners.Setting.
+if os.environ.get('CMS_HOST_RELEASE') == '3':
+    INSTALLED_APPS.insert(2, 'tests.hosts.cms.release2')
+    INSTALLED_APPS.insert(3, 'tests.hosts.cms.release3')
+    MIGRATION_MODULES = {
+        'models_corners': 'tests.hosts.cms.release3.corners.migrations'}
 
 MIDDLEWARE = [
     'django.middleware.security.SecurityMiddleware',
