@@ -5,6 +5,7 @@ then falls back to its default. Settings with a validator are checked at
 every read (ConfigError naming the setting); `validate_settings()` checks
 them all at once, before an operation changes anything.
 """
+import json
 import os
 import shlex
 from collections.abc import Callable
@@ -46,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
         'contenttypes.ContentType auth.Permission sites.Site'),
     # Seconds a backup waits for a lock on the source (Anthias's timeout).
     'ANTHIAS_BACKUP_TIMEOUT': 20,
+    # Management commands (with their arguments) that rebuild the tables
+    # left out as engine-specific (engine_tables.py) after a copy or a
+    # rollback, e.g. ['wagtail_update_index'].
+    'ANTHIAS_ROLLBACK_REBUILD_COMMANDS': (),
 }
 
 
@@ -89,6 +94,26 @@ def _words(value: Any, where: str) -> Any:
         return value
     raise ConfigError(f'{where} must be a list of strings or a comma/space '
                       'separated string')
+
+
+def _command_list(value: Any, where: str) -> tuple[str, ...]:
+    # From the environment: a JSON list, as in settings.py.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            value = None
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f'{where} must be a list of management commands '
+                          "with their arguments, e.g. ['update_index']")
+    for command in value:
+        try:
+            shlex.split(command)
+        except ValueError as err:
+            raise ConfigError(f'{where}: {command!r} cannot be parsed: '
+                              f'{err}') from None
+    return tuple(value)
 
 
 def _urls(value: Any, where: str) -> Any:
@@ -145,6 +170,7 @@ VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
     'ANTHIAS_ROLLBACK_EXCLUDE': _words,
     'ANTHIAS_PG_DUMP': _program,
     'ANTHIAS_BACKUP_TIMEOUT': _seconds,
+    'ANTHIAS_ROLLBACK_REBUILD_COMMANDS': _command_list,
 }
 
 

@@ -3,7 +3,9 @@
 Every concrete, managed model of every installed app, including the tables
 Django auto-creates for many-to-many fields; proxies, unmanaged and
 swapped-out models are skipped, and so is anything named in the setting
-ANTHIAS_ROLLBACK_EXCLUDE (app labels or `app_label.ModelName`).
+ANTHIAS_ROLLBACK_EXCLUDE (app labels or `app_label.ModelName`). A plan
+also leaves out the tables that the command making it found to differ
+between the engines (engine_tables.py: a search index, rebuilt instead).
 """
 from dataclasses import dataclass
 
@@ -103,10 +105,17 @@ def _dependencies(model: type[models.Model],
 def plan_models(exclude: list[str] | None = None) -> ModelsPlan:
     """Models in an order where every FK target comes before its users.
 
-    Depth-first topological sort; an edge that would close a cycle (a
-    self-FK, or A->B->A) is recorded in `cyclic_fields` instead.
+    Leaves out the tables registered for this process as differing by
+    engine (engine_tables.left_out_tables: may read both schemas at the
+    first plan after a command registered its aliases). Depth-first
+    topological sort; an edge that would close a cycle (a self-FK, or
+    A->B->A) is recorded in `cyclic_fields` instead.
     """
-    candidates = iter_concrete_models(exclude)
+    from anthias_rollback import engine_tables
+
+    left_out = engine_tables.left_out_tables()
+    candidates = [m for m in iter_concrete_models(exclude)
+                  if m._meta.db_table not in left_out]
     included = set(candidates)
     ordered: list[type[models.Model]] = []
     state: dict[type, str] = {}

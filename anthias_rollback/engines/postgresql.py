@@ -216,7 +216,8 @@ def write_rows(alias: str, table: str, columns: list[str],
     # rewrite later). FREEZE needs the truncation in the current
     # subtransaction; inside a caller's savepoint (tests) it may not be.
     postgres_copy_rows(alias, table, columns, chunks(),
-                       freeze=not connections[alias].savepoint_ids)
+                       freeze=not connections[alias].savepoint_ids
+                       and postgres_may_freeze(alias, table))
 
 
 # Rows handed to write_rows are COPY text lines (see rows.py).
@@ -274,6 +275,19 @@ def value_checker(field: models.Field, alias: str
                 raise ValueRejected('JSON holds a NUL character (\\u0000), '
                                     'which PostgreSQL jsonb rejects')
         return check_json
+    if internal == 'DecimalField':
+        digits, places = typed.max_digits, typed.decimal_places
+
+        def check_decimal(value: Any) -> None:
+            # numeric(p, s) rounds the fraction but refuses a number
+            # with more than p - s digits before the point (the whole
+            # COPY would fail).
+            if isinstance(value, Decimal) and value.is_finite() \
+                    and value and value.adjusted() >= digits - places:
+                raise ValueRejected(f'{value} has more than '
+                                    f'{digits - places} digits before the '
+                                    f'point (numeric({digits}, {places}))')
+        return check_decimal
     max_length = getattr(typed, 'max_length', None)
     if internal == 'BinaryField':
         return None
@@ -370,17 +384,40 @@ def server_down(error: BaseException) -> bool:
     text = str(error).lower()
     return any(marker in text for marker in _DOWN_MARKERS)
 
-def truncate(alias: str, tables: Iterable[str]) -> None:
-    """Empty *tables* in one statement (inside the caller's transaction).
+# Per alias: the tables the last truncate emptied with DELETE (a table
+# outside the copy points at them), which COPY FREEZE may not load.
+_emptied_row_by_row: dict[str, frozenset[str]] = {}
+
+
+def truncate(alias: str, tables: Iterable[str],
+             referenced: Iterable[str] = ()) -> None:
+    """Empty *tables* (inside the caller's transaction): TRUNCATE in one
+    statement, except the *referenced* ones, which are DELETEd.
 
     No CASCADE: a table outside the plan that points at one of these
-    makes PostgreSQL refuse, instead of silently emptying it too.
+    makes PostgreSQL refuse, instead of silently emptying it too. A
+    table outside the copy that keeps its rows is named in *referenced*
+    (transfer/exclusions.py): PostgreSQL refuses to TRUNCATE what any
+    other table references, even when empty; the DELETE is checked
+    against it at commit (Django's FKs are DEFERRABLE, deferred here).
     """
+    tables = list(tables)
+    by_row = frozenset(referenced) & set(tables)
+    _emptied_row_by_row[alias] = by_row
     quote = connections[alias].ops.quote_name
-    names = ', '.join(quote(t) for t in tables)
-    if names:
-        with connections[alias].cursor() as cursor:
+    names = ', '.join(quote(t) for t in tables if t not in by_row)
+    with connections[alias].cursor() as cursor:
+        if names:
             cursor.execute(f'TRUNCATE {names}')
+        for table in sorted(by_row):
+            cursor.execute(f'DELETE FROM {quote(table)}')
+
+
+def postgres_may_freeze(alias: str, table: str) -> bool:
+    """PostgreSQL: COPY FREEZE needs the table truncated in this
+    transaction; one emptied by DELETE (see truncate) is loaded
+    without it."""
+    return table not in _emptied_row_by_row.get(alias, frozenset())
 
 
 def drop_secondary_indexes(alias: str, tables: Iterable[str]

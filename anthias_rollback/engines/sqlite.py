@@ -366,8 +366,13 @@ def server_down(error: BaseException) -> bool:
     """A file has no server to be down."""
     return False
 
-def truncate(alias: str, tables: Iterable[str]) -> None:
-    """Empty *tables* and forget their AUTOINCREMENT counters."""
+def truncate(alias: str, tables: Iterable[str],
+             referenced: Iterable[str] = ()) -> None:
+    """Empty *tables* and forget their AUTOINCREMENT counters.
+
+    SQLite: always row by row (DELETE), with foreign keys off during the
+    load, so *referenced* (tables a table outside the copy points at)
+    need nothing more."""
     quote = connections[alias].ops.quote_name
     tables = list(tables)
     with connections[alias].cursor() as cursor:

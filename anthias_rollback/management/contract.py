@@ -10,7 +10,10 @@ Commands subclass `RollbackCommand` and implement `run()`. Around it,
 - without --json the last stdout line is the verdict, also on failure
   (the CommandError line still goes to stderr for scripts);
 - -v3 adds every record of the `anthias_rollback` loggers and every SQL
-  statement on stderr.
+  statement on stderr;
+- every plan the command makes leaves out the tables that differ
+  between the engines (engine_tables.py), named once on stderr and in
+  the JSON document (`left_out`).
 Progress events are drawn by management.render; the argparse types of
 the options are in management.types.
 """
@@ -22,7 +25,7 @@ from typing import Any, NoReturn
 
 from django.core.management.base import BaseCommand, CommandError
 
-from anthias_rollback import conf, exit_codes, logs, profiles
+from anthias_rollback import conf, engine_tables, exit_codes, logs, profiles
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.management.render import EventRenderer
 from anthias_rollback.management.types import path_arg
@@ -59,17 +62,41 @@ class RollbackCommand(BaseCommand):
         self.verdict_written = False
         with logs.command_logging(self.stderr, options['verbosity']):
             self.raise_pending_fence()
+            self.register_engine_tables()
             try:
-                self.run_reporting_errors(*args, **options)
-            except CommandError as err:
-                self.conclude(err.returncode, one_line(err))
-                raise
-            except Exception as err:
-                # A crash (a bug) still leaves one document on stdout;
-                # the traceback follows on stderr.
-                self.conclude(exit_codes.FAILED, first_line(err))
-                raise
-            self.conclude(exit_codes.OK, None)
+                self.run_concluding(*args, **options)
+            finally:
+                engine_tables.unregister()
+
+    def run_concluding(self, *args: Any, **options: Any) -> None:
+        try:
+            self.run_reporting_errors(*args, **options)
+        except CommandError as err:
+            self.conclude(err.returncode, one_line(err))
+            raise
+        except Exception as err:
+            # A crash (a bug) still leaves one document on stdout; the
+            # traceback follows on stderr.
+            self.conclude(exit_codes.FAILED, first_line(err))
+            raise
+        self.conclude(exit_codes.OK, None)
+
+    def register_engine_tables(self) -> None:
+        """Every plan of this command leaves out the tables that differ
+        between the two profiles' schemas, found at its first plan; the
+        list is named once (stderr; `left_out` in the JSON document)."""
+        try:
+            data_dir = conf.data_dir()
+        except RollbackError:
+            data_dir = None
+
+        def named(found: engine_tables.EngineTables) -> None:
+            line = found.line()
+            if line and not self.as_json:
+                self.stderr.write(self.style.WARNING(line))
+
+        engine_tables.register_aliases(profiles.SQLITE, profiles.POSTGRES,
+                                       data_dir, named)
 
     def raise_pending_fence(self) -> None:
         """Every command is a first chance to fence a PostgreSQL that a
@@ -121,7 +148,10 @@ class RollbackCommand(BaseCommand):
         self.json_data = dict(data)
 
     def document(self, code: int, error: str | None) -> dict[str, Any]:
-        return {**self.json_data, 'schema_version': SCHEMA_VERSION,
+        found = engine_tables.current()
+        left_out = found.as_dict() if found and found.tables else None
+        return {'left_out': left_out, **self.json_data,
+                'schema_version': SCHEMA_VERSION,
                 'ok': code == exit_codes.OK, 'exit_code': code,
                 'error': error}
 

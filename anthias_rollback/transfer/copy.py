@@ -24,6 +24,7 @@ from anthias_rollback.exceptions import PreflightError, TransferError
 from anthias_rollback.faults import checkpoint
 from anthias_rollback.models_graph import plan_models
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.transfer import exclusions
 from anthias_rollback.transfer.results import (
     DEFAULT_BATCH_SIZE,
     MAX_PROBLEMS,
@@ -313,7 +314,8 @@ def transfer_data(source_alias: str, target_alias: str, *,
             if fk:
                 raise_problems(fk, len(fk), describe_alias(target_alias))
             tables = [s.table for s in specs]
-            target.truncate(target_alias, tables)
+            exclusions.empty_copied_tables(source_alias, target_alias,
+                                           tables)
             indexes = target.drop_secondary_indexes(target_alias, tables)
             for spec in specs:
                 current[0] = spec.label
