@@ -16,6 +16,8 @@ class HealthReport:
     problems: tuple[str, ...]
     # Not a reason for 503 (the device serves), but for a person to see.
     warnings: tuple[str, ...] = ()
+    # The replicator's record (standby_health): None when none was kept.
+    standby: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -57,8 +59,40 @@ def check_health(alias: str = profiles.DEFAULT) -> HealthReport:
     except RollbackError as err:
         problems.append(str(err))
     status = 'ok' if database_ok and not problems else 'degraded'
+    standby, standby_warnings = standby_health(name)
     return HealthReport(status, name, source, database_ok, pending,
-                        tuple(problems), tuple(fence_warnings()))
+                        tuple(problems),
+                        tuple(fence_warnings() + standby_warnings), standby)
+
+
+def standby_health(profile: str
+                   ) -> tuple[dict[str, Any] | None, list[str]]:
+    """The `standby` block of /health (what replicate_changes recorded
+    of its rounds) and its warning when the last rounds failed: the
+    device serves, but a rollback with PostgreSQL down would restore a
+    standby that stopped following. (None, []) when no round was ever
+    recorded, or *profile* is not postgres (no standby is kept then).
+    Reads one small file in the data dir."""
+    from anthias_rollback.window import standby as window_standby
+
+    if profile != profiles.POSTGRES:
+        return None, []
+    try:
+        health = window_standby.replicator_health(conf.data_dir())
+    except RollbackError:   # no usable data dir setting: said elsewhere
+        return None, []
+    if not health.recorded:
+        return None, []
+    block = {'failing': health.failing,
+             'consecutive_failures': health.consecutive_failures,
+             'last_error': health.last_error,
+             'postgres_down': health.postgres_down,
+             'first_failure_at': health.first_failure_at,
+             'last_success_at': health.last_success_at,
+             'last_position_at': health.last_position_at,
+             'problem': health.problem}
+    failing = health.failing or health.problem is not None
+    return block, [health.describe()] if failing else []
 
 
 def fence_warnings() -> list[str]:

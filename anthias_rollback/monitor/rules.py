@@ -6,7 +6,8 @@ window and the trigger rules (`Evaluator`), the standby rule
 
 A round is *bad* when it breaches a threshold; the trigger fires only
 after `consecutive` bad rounds in a row. An *alert* (the standby lagging
-or missing while a rollback window is open) is reported but never counts
+or missing, or replicate_changes failing, while a rollback window is
+open) is reported but never counts
 towards a trigger: a lagging standby is a reason to look, not to roll
 back. Reads settings, the state file, the standby and two catalog or
 journal queries on PostgreSQL (StandbyWatch); never prints.
@@ -42,10 +43,12 @@ DATABASE_UNREACHABLE = 'database_unreachable'
 # Alert kinds: reported, never a trigger.
 STANDBY_LAG = 'standby_lag'
 STANDBY_MISSING = 'standby_missing'
+REPLICATOR_FAILING = 'replicator_failing'
 # StandbyResult.state
 STANDBY_OK = 'ok'
 STANDBY_LAGGING = 'lagging'
 STANDBY_ABSENT = 'missing'
+STANDBY_FAILING = 'failing'
 STANDBY_NOT_EXPECTED = 'not expected'
 STANDBY_UNKNOWN = 'unknown'
 
@@ -168,7 +171,7 @@ class Breach:
 class Alert:
     """A warning-level finding: reported once when it begins (and once
     when it ends, *cleared*), never a rollback trigger."""
-    kind: str                    # STANDBY_LAG, STANDBY_MISSING
+    kind: str              # STANDBY_LAG, STANDBY_MISSING, REPLICATOR_FAILING
     message: str
     cleared: bool = False
 
@@ -180,6 +183,8 @@ class StandbyResult:
     lag_seconds: float | None    # now - the standby's position time
     pending: int | None          # journal entries not applied yet
     detail: str                  # what was seen, or why not checked
+    # STANDBY_FAILING: replicate_changes' last error (redacted).
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -427,6 +432,12 @@ class StandbyWatch:
         if not window_open:
             return StandbyResult(STANDBY_NOT_EXPECTED, None, None,
                                  'no rollback window')
+        # PostgreSQL answers here: a replicator whose last rounds failed
+        # (whatever it failed at) leaves the standby behind, and says why.
+        health = window_standby.replicator_health(self.data_dir)
+        if health.failing:
+            return StandbyResult(STANDBY_FAILING, None, None,
+                                 health.describe(), health.last_error)
         try:
             state = window_standby.standby_state(self.data_dir, self.alias)
         except (OSError, sqlite3.Error) as err:
@@ -446,7 +457,8 @@ class StandbyWatch:
         """This round's reading and the alerts it raises or clears."""
         reading = self.read()
         kind = {STANDBY_LAGGING: STANDBY_LAG,
-                STANDBY_ABSENT: STANDBY_MISSING}.get(reading.state)
+                STANDBY_ABSENT: STANDBY_MISSING,
+                STANDBY_FAILING: REPLICATOR_FAILING}.get(reading.state)
         alerts: list[Alert] = []
         if kind is not None and kind != self.active:
             alerts.append(Alert(kind, self.message(reading)))
@@ -454,13 +466,19 @@ class StandbyWatch:
         elif reading.state == STANDBY_OK and self.active is not None:
             alerts.append(Alert(self.active, (
                 f'standby caught up: {reading.lag_seconds:.1f} s behind '
-                f'(<= {self.max_lag:g} s)'), cleared=True))
+                f'(<= {self.max_lag:g} s)'
+                + ('; replicate_changes succeeds again'
+                   if self.active == REPLICATOR_FAILING else '')),
+                cleared=True))
             self.active = None
         elif reading.state == STANDBY_NOT_EXPECTED:
             self.active = None
         return reading, tuple(alerts)
 
     def message(self, reading: StandbyResult) -> str:
+        if reading.state == STANDBY_FAILING:
+            return ('the standby stopped following (with PostgreSQL '
+                    f'down a rollback would restore it): {reading.detail}')
         if reading.state == STANDBY_ABSENT:
             return (f'no usable standby while a rollback window is open '
                     f'({reading.detail}): with PostgreSQL down a rollback '

@@ -308,10 +308,29 @@ def run_replicator(postgres_alias: str, *, data_dir: Path | None = None,
 def _loop(replicator: Replicator, data_dir: Path, once: bool,
           interval: float, max_backoff: float, stop: threading.Event,
           progress: events.Progress, where: str) -> ReplicationResult:
+    from anthias_rollback.window.standby import record_round
+
     rounds = entries = 0
     position = None
     state = None
     delay = interval
+    unrecorded: str | None = None
+
+    def record(error: str | None, **kwargs: Any) -> None:
+        # Every round's outcome, durably (--show, readiness, /health and
+        # the monitor read it): one log line per state is not enough.
+        # Not recorded is a warning once: the replicating goes on.
+        nonlocal unrecorded
+        try:
+            record_round(data_dir, error, **kwargs)
+            unrecorded = None
+        except OSError as err:
+            if unrecorded is None:
+                events.emit(progress, events.WARNING, 'replicate',
+                            detail='cannot record the round in '
+                                   f'{data_dir}: {err.strerror or err}')
+            unrecorded = str(err)
+
     while True:
         try:
             result = replicator.apply_round()
@@ -323,6 +342,7 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
                 replicator.pg).server_down(err)
             what = (f'PostgreSQL {where} unreachable' if down
                     else 'round failed')
+            record(f'{what}: {first_line(err)}', postgres_down=down)
             if once:
                 raise ReplicationError(f'{what}: {first_line(err)}; the '
                                        'standby is unchanged') from None
@@ -344,6 +364,9 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
                     'nothing to replicate (switch_database --to postgres '
                     'opens one)')
             if result is None:
+                # Nothing left to fail at: earlier failures no longer say
+                # anything about a standby.
+                record(None)
                 events.emit(progress, events.PHASE_DONE, 'replicate',
                             status=PhaseStatus.OK,
                             detail='the rollback window was ended: nothing '
@@ -353,6 +376,12 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
             rounds += 1
             entries += result.entries
             position = result.position
+            # A success is recorded when it changes something a reader
+            # shows (the first, a recovery, applied entries), else every
+            # 60th round: two fsyncs per idle round would wear an SD card.
+            if (state != 'replicating' or result.entries or unrecorded
+                    or rounds % 60 == 0):
+                record(None, position=position)
             delay = interval
             if state != 'replicating':
                 events.emit(progress, events.PHASE_DONE, 'replicate',

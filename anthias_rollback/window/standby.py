@@ -1,5 +1,6 @@
 """The standby's files: the cutover file, the standby SQLite file and the
-position it holds, and what a rollback or a report needs from them
+position it holds, the replicator's record of its rounds (record_round,
+replicator_health), and what a rollback or a report needs from them
 (standby_state, usable_standby, copy_standby). The replicator that keeps
 the standby current is window.replicator.
 
@@ -26,7 +27,7 @@ from anthias_rollback.exceptions import (
     ReplicationError,
     RollbackError,
 )
-from anthias_rollback.report import first_line
+from anthias_rollback.report import first_line, redact
 
 STANDBY_DIR = 'standby'
 CUTOVER_NAME = 'cutover.db'
@@ -37,6 +38,9 @@ CUTOVER_INFO_NAME = 'standby_cutover.json'
 OLD_CUTOVER_INFO_NAME = 'cutover.json'
 STANDBY_NAME = 'standby.db'
 LOCK_NAME = 'replicate.lock'
+# The replicator's record of its rounds (record_round): beside the
+# standby, so a replicator that never built one still says why.
+HEALTH_NAME = 'replicator.json'
 POSITION_TABLE = 'anthias_rb_standby'
 # Keys per statement: far below SQLite's 999 variables; memory stays flat.
 CHUNK = 500
@@ -123,7 +127,7 @@ def discard_standby(data_dir: Path) -> Path:
     folder = private_dir(standby_dir(data_dir))
     for name in (STANDBY_NAME, CUTOVER_NAME):
         sqlite_file.remove_sqlite_file(folder / name)
-    for name in (CUTOVER_INFO_NAME, OLD_CUTOVER_INFO_NAME):
+    for name in (CUTOVER_INFO_NAME, OLD_CUTOVER_INFO_NAME, HEALTH_NAME):
         (folder / name).unlink(missing_ok=True)
     return folder
 
@@ -245,7 +249,7 @@ def standby_state(data_dir: Path, postgres_alias: str | None = None
     path = standby_path(data_dir)
     if not path.exists():
         return StandbyState(path, False, None, None, None, None,
-                            'no standby (replicate_changes not run)')
+                            _missing_reason(data_dir))
     try:
         position = read_position(path)
     except sqlite3.Error as err:
@@ -326,3 +330,147 @@ def copy_standby(data_dir: Path, target: Path,
     if position is None:
         raise ReplicationError(f'the standby {source} has no position')
     return position
+
+
+# --- the replicator's rounds ------------------------------------------------
+
+@dataclass(frozen=True)
+class ReplicatorHealth:
+    """What replicate_changes recorded of its rounds in *path*.
+
+    `failing`: its last round failed (consecutive_failures > 0), decided
+    by the count, never by a clock; `postgres_down`: that failure was
+    PostgreSQL not answering (the standby is then as current as it can
+    be). The *_at times are for people to read."""
+    path: Path
+    recorded: bool                 # False: no round recorded here
+    consecutive_failures: int = 0
+    last_error: str | None = None  # first line, redacted
+    postgres_down: bool = False
+    first_failure_at: str | None = None
+    last_success_at: str | None = None
+    last_position_at: str | None = None
+    last_journal_id: int | None = None
+    pid: int | None = None
+    problem: str | None = None     # the record itself is unreadable
+
+    @property
+    def failing(self) -> bool:
+        return self.consecutive_failures > 0
+
+    def describe(self) -> str:
+        """One line for --show, readiness, /health and the monitor."""
+        if self.problem:
+            return self.problem
+        if not self.recorded:
+            return 'no round recorded (replicate_changes not run)'
+        if self.failing:
+            return (f'replicate_changes is failing: {self.last_error} '
+                    f'({self.consecutive_failures} rounds in a row since '
+                    f'{self.first_failure_at}, pid {self.pid}); see its log')
+        if self.last_success_at is None:
+            return f'no successful round yet (pid {self.pid})'
+        return (f'last round ok at {self.last_success_at} (position '
+                f'{self.last_position_at}, pid {self.pid})')
+
+
+def health_path(data_dir: Path) -> Path:
+    return standby_dir(data_dir) / HEALTH_NAME
+
+
+def record_round(data_dir: Path, error: str | None, *,
+                 position: Position | None = None,
+                 postgres_down: bool = False) -> None:
+    """Record one round of the replicator in *data_dir*'s standby dir
+    (0700; the file 0600, replaced atomically): *error* None is a
+    success (at *position*, if any), which clears the failure fields;
+    else the round failed with *error* (its first line is kept,
+    redacted). One replicator per data dir holds the lock, so this
+    read-modify-write has no competitor. Raises OSError."""
+    path = health_path(data_dir)
+    previous = _read_health_document(path) or {}
+    # Times are for display only: whether it is failing is the count.
+    now = datetime.now(UTC).isoformat()
+    data = {key: previous.get(key) for key in (
+        'last_success_at', 'last_position_at', 'last_journal_id')}
+    data['pid'] = os.getpid()
+    if error is None:
+        data.update(consecutive_failures=0, first_failure_at=None,
+                    last_error=None, postgres_down=False)
+        if position is not None:
+            data.update(last_success_at=now,
+                        last_position_at=position.position_at,
+                        last_journal_id=position.journal_id)
+    else:
+        failures = _count(previous.get('consecutive_failures'))
+        lines = str(redact(error)).strip().splitlines() or ['unknown error']
+        data.update(consecutive_failures=failures + 1,
+                    first_failure_at=(previous.get('first_failure_at')
+                                      if failures else now) or now,
+                    last_error=lines[0], postgres_down=postgres_down)
+    private_dir(path.parent)
+    fsutil.atomic_write_json(path, data, mode=0o600)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _read_health_document(path: Path) -> dict[str, Any] | None:
+    """The recorded document; None when missing or unreadable (a new
+    record replaces an unreadable one)."""
+    try:
+        return fsutil.read_json(path, 'replicator state', OSError,
+                                invalid=lambda _: None)
+    except OSError:
+        return None
+
+
+def replicator_health(data_dir: Path) -> ReplicatorHealth:
+    """What the replicator recorded in *data_dir* (record_round). Reads
+    one small file; never raises."""
+    path = health_path(data_dir)
+    try:
+        data = fsutil.read_json(path, 'replicator state', ReplicationError,
+                                'replicate_changes rewrites it next round')
+    except ReplicationError as err:
+        return ReplicatorHealth(path, True, problem=str(err))
+    if data is None:
+        return ReplicatorHealth(path, False)
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return str(value) if value is not None else None
+
+    journal_id, pid = data.get('last_journal_id'), data.get('pid')
+    return ReplicatorHealth(
+        path, True, _count(data.get('consecutive_failures')),
+        text('last_error'), data.get('postgres_down') is True,
+        text('first_failure_at'), text('last_success_at'),
+        text('last_position_at'),
+        journal_id if isinstance(journal_id, int) else None,
+        pid if isinstance(pid, int) else None)
+
+
+def _missing_reason(data_dir: Path) -> str:
+    """Why there is no standby file: never run, or failing (and how)."""
+    health = replicator_health(data_dir)
+    if health.recorded and (health.failing or health.problem):
+        return f'no standby: {health.describe()}'
+    return 'no standby (replicate_changes not run)'
+
+
+def standby_migrations(data_dir: Path) -> list[str] | None:
+    """`app.name` of the migrations the standby records (read-only),
+    None when there is no readable standby."""
+    path = standby_path(data_dir)
+    if sqlite_file.sqlite_file_problem(path):
+        return None
+    try:
+        conn = sqlite_file.sqlite_open_readonly(path, 5.0)
+        try:
+            return sqlite_file.sqlite_applied_migrations(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None

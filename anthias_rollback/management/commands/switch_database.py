@@ -7,14 +7,17 @@ Before flipping, the target must answer and have no unapplied migrations;
 a switch to postgres also needs PostgreSQL to hold exactly SQLite's rows
 (counts and checksums) and installs the change journal and write fence
 with the cutover, lifting a fence left by a rollback (all unless
---force, which is recorded). --show also reports the rollback window
-and the standby. The state file in the data dir is replaced atomically;
+--force, which is recorded). --show also reports the rollback window,
+the standby and the replicator's last rounds (failing, and its last
+error). The state file in the data dir is replaced atomically;
 the restart adapter (ANTHIAS_ROLLBACK_RESTART_ADAPTER) runs afterwards.
 
 Exit codes: 0 switched (or shown); 1 refused, nothing changed;
 2 usage error; 4 switched, but the restart command failed.
 """
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from django.core.management.base import CommandError
 
@@ -90,7 +93,9 @@ class Command(RollbackCommand):
         except Exception as err:  # noqa: BLE001 --show must answer anyway
             lag = {'position_at': None, 'lag_seconds': None,
                    'pending': None, 'problem': first_line(err)}
-        self.set_json({**asdict(active), 'window': state, 'standby': lag})
+        replicator = replicator_block(conf.data_dir())
+        self.set_json({**asdict(active), 'window': state, 'standby': lag,
+                       'replicator': replicator})
         if as_json:
             return
         if 'error' in state:
@@ -104,8 +109,22 @@ class Command(RollbackCommand):
         if verbosity >= 1:
             self.stdout.write(f'rollback window: {detail}')
             self.stdout.write(render_standby(lag))
+            if replicator['recorded']:
+                line = f'replicator: {replicator["summary"]}'
+                self.stdout.write(self.style.WARNING(line)
+                                  if replicator['failing'] else line)
         self.stdout.write(f'active profile: {active.name} '
                           f'(from {active.source}: {active.detail})')
+
+
+def replicator_block(data_dir: Path) -> dict[str, Any]:
+    """What replicate_changes recorded of its rounds, for --show: a
+    replicator failing every round is named here, not only in its log."""
+    health = window_standby.replicator_health(data_dir)
+    block = asdict(health)
+    block.update(path=str(health.path), failing=health.failing,
+                 summary=health.describe())
+    return block
 
 
 def render_standby(lag: dict) -> str:
