@@ -6,14 +6,18 @@ Reads only, but for ensure_schema. Raises DatabaseUnavailableError
 naming the alias and host:port, never the password, when the alias does
 not answer.
 """
+from collections.abc import Iterable
+from dataclasses import dataclass
 from io import StringIO
+from typing import Any
 
 from django.core.management import call_command
 from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
+from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.recorder import MigrationRecorder
 
-from anthias_rollback import engines
+from anthias_rollback import engines, routers
 from anthias_rollback.exceptions import (
     DatabaseDownError,
     DatabaseUnavailableError,
@@ -57,6 +61,92 @@ def pending_migrations(alias: str) -> list[str]:
             for m, _ in executor.migration_plan(targets)]
 
 
+@dataclass(frozen=True)
+class MigrationState:
+    """A database's recorded migrations as this code's Django sees them.
+
+    unknown: recorded names this code has never heard of (neither a
+    migration on disk nor replaced by a squash on disk): the file is
+    AHEAD of the code, a downgrade. pending: this code's migrations not
+    yet applied there, squashes resolved, in the order `migrate` would
+    apply them: the file is BEHIND and can be migrated forward."""
+    unknown: tuple[str, ...]
+    pending: tuple[str, ...]
+
+    @property
+    def current(self) -> bool:
+        return not self.unknown and not self.pending
+
+
+class _RecordedLoader(MigrationLoader):
+    """MigrationLoader fed a set of recorded (app, name) instead of a
+    connection, so squashes are resolved by Django's own build_graph
+    (all replaced applied: the squash counts as applied; some: the
+    replaced migrations stay in the graph) for a file read elsewhere."""
+
+    def __init__(self, recorded: Iterable[tuple[str, str]]) -> None:
+        self._recorded: dict[tuple[str, str], Any] = dict.fromkeys(recorded)
+        super().__init__(None, ignore_no_migrations=True)
+
+    # build_graph() with no connection assigns {}: the records stand in.
+    @property
+    def applied_migrations(self) -> dict[tuple[str, str], Any]:
+        return self._recorded
+
+    @applied_migrations.setter
+    def applied_migrations(self, value: Any) -> None:
+        pass
+
+
+def migration_state(recorded: Iterable[tuple[str, str]]
+                    ) -> MigrationState:
+    """Compare migrations recorded in a database (django_migrations rows
+    as (app, name)) with this code's. The one check every place that
+    holds a file against the code uses (backup, rollback, standby)."""
+    recorded = set(recorded)
+    loader = _RecordedLoader(recorded)
+    replaced = {name for migration in loader.replacements.values()
+                for name in migration.replaces}
+    unknown = sorted(f'{a}.{n}' for a, n in recorded
+                     if (a, n) not in loader.disk_migrations
+                     and (a, n) not in replaced)
+    applied = loader.applied_migrations
+    pending: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    # MigrationExecutor.migration_plan's forward walk from the leaves.
+    for leaf in loader.graph.leaf_nodes():
+        for key in loader.graph.forwards_plan(leaf):
+            if key not in applied and key not in seen:
+                seen.add(key)
+                pending.append(f'{key[0]}.{key[1]}')
+    return MigrationState(tuple(unknown), tuple(pending))
+
+
+def parse_labels(labels: Iterable[str]) -> set[tuple[str, str]]:
+    """`app.name` labels (a manifest's, sqlite_applied_migrations')
+    back to (app, name)."""
+    return {tuple(label.split('.', 1)) for label in labels}  # type: ignore[misc]
+
+
+def alias_migration_state(alias: str) -> MigrationState:
+    """migration_state of what *alias* records."""
+    return migration_state(applied_migrations(alias))
+
+
+def describe_state(state: MigrationState, limit: int = 5) -> str:
+    """`unknown to this code: a.1, b.2` / `not applied: ...`, shortened."""
+    def names(labels: tuple[str, ...]) -> str:
+        more = len(labels) - limit
+        return ', '.join(labels[:limit]) + (f' and {more} more'
+                                            if more > 0 else '')
+    parts = []
+    if state.unknown:
+        parts.append(f'unknown to this code: {names(state.unknown)}')
+    if state.pending:
+        parts.append(f'not applied: {names(state.pending)}')
+    return '; '.join(parts)
+
+
 def diff_migrations(left_alias: str, right_alias: str
                     ) -> tuple[list[str], list[str]]:
     """Applied migrations only on the left, only on the right."""
@@ -76,8 +166,12 @@ def ensure_schema(alias: str) -> list[str]:
     if not pending:
         return []
     try:
-        call_command('migrate', database=alias, interactive=False,
-                     verbosity=0, stdout=StringIO(), stderr=StringIO())
+        # Data migrations writing through the default manager must land
+        # on *alias*, in its transaction, even when the host did not
+        # install BothProfilesRouter.
+        with routers.migrating(alias):
+            call_command('migrate', database=alias, interactive=False,
+                         verbosity=0, stdout=StringIO(), stderr=StringIO())
     except DatabaseError as err:
         connections[alias].close()
         raise SchemaMismatchError(
