@@ -224,7 +224,9 @@ def record_tables(data_dir: Path | None, tables: tuple[str, ...]) -> None:
     """Keep *tables* for the runs that cannot introspect PostgreSQL
     (0600, atomic; only when it changed). A data dir that cannot be
     written costs only that fallback, never the command."""
-    if data_dir is None or recorded_tables(data_dir) == tables:
+    recorded = recorded_tables(data_dir)
+    if data_dir is None or recorded == tables or (
+            recorded is None and not tables):
         return
     try:
         fsutil.atomic_write_json(record_path(data_dir),
@@ -257,23 +259,28 @@ def rebuild_commands() -> tuple[str, ...]:
 
 
 def run_rebuild_commands(profile: str, *,
+                         env: dict[str, str] | None = None,
                          timeout: float = REBUILD_TIMEOUT_SECONDS
                          ) -> list[RebuildResult]:
     """Run each rebuild command in a child process of this project with
     *profile* active (ANTHIAS_DB_PROFILE), so that it writes into the
     database that profile names: PostgreSQL after migrate_to_postgres,
-    the new live SQLite file after a rollback. Never raises for a
-    command's failure: each result says ok or its last line."""
-    results = []
-    for command in rebuild_commands():
-        results.append(_run_one(command, profile, timeout))
-    return results
+    the new live SQLite file after a rollback (*env* adds variables,
+    e.g. ANTHIAS_SQLITE_PATH). Never raises for a command's failure:
+    each result says ok or its last line."""
+    return [_run_one(command, profile, env or {}, timeout)
+            for command in rebuild_commands()]
 
 
-def _run_one(command: str, profile: str, timeout: float) -> RebuildResult:
-    env = dict(os.environ)
+def _run_one(command: str, profile: str, extra: dict[str, str],
+             timeout: float) -> RebuildResult:
+    env = dict(os.environ, **extra)
     env['ANTHIAS_DB_PROFILE'] = profile
-    env['DJANGO_SETTINGS_MODULE'] = settings.SETTINGS_MODULE
+    # (override_settings hides SETTINGS_MODULE; the variable then has it)
+    module = settings.SETTINGS_MODULE or os.environ.get(
+        'DJANGO_SETTINGS_MODULE')
+    if module:
+        env['DJANGO_SETTINGS_MODULE'] = module
     # `python -m django` finds the project as this process did.
     env['PYTHONPATH'] = os.pathsep.join(
         [os.getcwd(), *(p for p in sys.path if p)])

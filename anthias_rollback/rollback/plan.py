@@ -60,6 +60,7 @@ from anthias_rollback.rollback.steps import (
     preflight,
     preserve_postgres,
     prove_loss,
+    rebuild_derived_tables,
     remove_sqlite_file,
     swap_new_file,
     verify_new_file,
@@ -175,8 +176,10 @@ def _after_swap(run: RunState) -> RollbackResult:
     # that nobody reads it (switch_database --to postgres lifts it).
     prove_loss(run)
     verified = post_verify(run)
+    rebuilt = rebuild_derived_tables(run)
     loss, _ = measured_loss(run)
-    if not verified or (restart is not None and not restart.ok):
+    if not verified or not rebuilt or (restart is not None
+                                       and not restart.ok):
         result = finish(run, Outcome.FOLLOW_UP_FAILED,
                         exit_codes.FOLLOW_UP)
     elif loss not in (LossStatus.PROVEN_NONE, LossStatus.NONE):

@@ -19,7 +19,7 @@ from django.core import checks as django_checks
 from django.db import DatabaseError, connections
 from django.test import Client
 
-from anthias_rollback import conf, engines, profiles, switch
+from anthias_rollback import conf, engine_tables, engines, profiles, switch
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ConfigError, RollbackError
 from anthias_rollback.health import client_host
@@ -398,3 +398,23 @@ def post_verify(run: RunState) -> bool:
             for failure in failures:
                 run.warn(f'post-verification: {failure}')
         return not failures
+
+
+def rebuild_derived_tables(run: RunState) -> bool:
+    """Run ANTHIAS_ROLLBACK_REBUILD_COMMANDS on the new live file (the
+    tables left out as engine-specific, e.g. a search index, were not
+    copied). Each command's result is in the phase's detail; a failure
+    is a warning (the rollback stands: exit 4). No phase without
+    commands."""
+    if not engine_tables.rebuild_commands():
+        return True
+    with run.phase('rebuild', check_deadline=False) as record:
+        results = engine_tables.run_rebuild_commands(
+            profiles.SQLITE, env={'ANTHIAS_SQLITE_PATH': str(run.live_file)})
+        record['detail'] = '; '.join(r.line() for r in results)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            record['status'] = PhaseStatus.FAILED
+            for result in failed:
+                run.warn(f'rebuild after the rollback: {result.line()}')
+    return not failed

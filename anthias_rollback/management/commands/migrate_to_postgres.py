@@ -11,14 +11,25 @@ value PostgreSQL would reject, then copies in one transaction and resets
 the sequences. --dry-run prints the plan and changes nothing. --json
 prints one JSON document on stdout, --report PATH writes it (0600).
 
+Tables that differ between the engines (a search index) are left out
+and named; the commands in ANTHIAS_ROLLBACK_REBUILD_COMMANDS then
+rebuild them on PostgreSQL, each one's result reported.
+
 Exit codes: 0 copied (or planned); 1 could not do it, PostgreSQL
 unchanged (unreachable, different migrations, data present, rejected
-values, lock held); 2 usage error.
+values, lock held); 2 usage error; 4 copied, but a rebuild command
+failed.
 """
 from dataclasses import asdict
 from pathlib import Path
 
-from anthias_rollback import conf, exit_codes, profiles, transfer
+from anthias_rollback import (
+    conf,
+    engine_tables,
+    exit_codes,
+    profiles,
+    transfer,
+)
 from anthias_rollback.engines.sqlite import sqlite_file_problem
 from anthias_rollback.exceptions import TransferError
 from anthias_rollback.management.contract import RollbackCommand
@@ -28,7 +39,8 @@ from anthias_rollback.management.types import batch_size, path_arg
 class Command(RollbackCommand):
     help = ('Copy every model from SQLite into PostgreSQL in one '
             'transaction (schema first, sequences reset). Exit codes: '
-            '0 done, 1 could not do it (PostgreSQL unchanged), 2 usage.')
+            '0 done, 1 could not do it (PostgreSQL unchanged), 2 usage, '
+            '4 copied but a rebuild command failed.')
 
     def add_arguments(self, parser):
         parser.add_argument('--sqlite-db', metavar='PATH', type=path_arg,
@@ -80,16 +92,29 @@ class Command(RollbackCommand):
             data['transfer']['rows_per_second'] = {
                 m.label: round(m.rows_per_second)
                 for m in report.transfer.models}
+        rebuilt = []
+        if report.plan is None:
+            # The tables left out as engine-specific, on PostgreSQL now.
+            rebuilt = engine_tables.run_rebuild_commands(profiles.POSTGRES)
+        data['rebuilt'] = [asdict(r) for r in rebuilt]
         self.set_json(data)
         if not self.as_json:
+            for result in rebuilt:
+                self.stdout.write(f'rebuild: {result.line()}')
             self.show(report)
         if report.plan is not None and report.plan.problem_count:
             self.fail(f'{report.plan.problem_count} source value(s) would '
                       f'be rejected by PostgreSQL; see the list above')
+        failed = [r.line() for r in rebuilt if not r.ok]
+        if failed:
+            self.fail(f'copied, but a rebuild command failed: '
+                      f'{"; ".join(failed)}', exit_codes.FOLLOW_UP)
 
     # ------------------------------------------------------------- output
 
     def show(self, report):
+        for line in report.not_copied:
+            self.stdout.write(line)
         if report.plan is not None:
             self.show_plan(report.plan)
         elif report.repair is not None:

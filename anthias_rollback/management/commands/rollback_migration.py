@@ -14,7 +14,8 @@ or already on sqlite with nothing to roll back); 1 refused or failed,
 live database and profile unchanged; 2 usage error; 4 rolled back, but
 a write is missing (named), the loss is bounded (standby) or unknown
 (backup, PostgreSQL not compared), rows were left out (exported), or
-post-verification or the restart failed (look at it).
+post-verification, the restart or a rebuild command
+(ANTHIAS_ROLLBACK_REBUILD_COMMANDS) failed (look at it).
 """
 import contextlib
 import getpass

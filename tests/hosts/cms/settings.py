@@ -93,3 +93,7 @@ from anthias_rollback.profiles import build_databases  # noqa: E402
 DATABASES = build_databases(data_dir='/data/.anthias')
 DATABASE_ROUTERS = ['anthias_rollback.routers.BothProfilesRouter']
 INSTALLED_APPS += ['anthias_rollback']
+
+# anthias-rollback: the search index differs by engine and is left out
+# of copies; rebuilt on the target after a copy or a rollback.
+ANTHIAS_ROLLBACK_REBUILD_COMMANDS = ['wagtail_update_index']
