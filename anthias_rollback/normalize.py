@@ -1,9 +1,11 @@
-"""Engine-neutral values: what a Django field makes of a database value.
+"""Engine-neutral values: what a column's type makes of a database value.
 
-A value read from either engine goes through the backend's and the field's
-converters (exactly what `values_list()` applies: the backend's
-`get_db_converters` and the field's `from_db_value`), then through one
-canonical form per field type. Canonical values are only None, bool, int,
+A value read from either engine goes through the backend's and the
+converters of the field of its stored values (fields.stored_field: the
+field itself for Django's own classes, else a Django field of the same
+column type, so a custom class's from_db_value never runs), then through
+one canonical form per field type. Decimals skip Django's converters
+(fields.stored_decimal). Canonical values are only None, bool, int,
 float and str, so equal rows give equal tuples and equal `repr()`s on any
 engine, and a checksum over them means the same thing on both sides.
 
@@ -24,7 +26,12 @@ from typing import Any
 from django.db import connections, models
 
 from anthias_rollback import engines
-from anthias_rollback.fields import value_field
+from anthias_rollback.fields import (
+    key_fields,
+    stored_decimal,
+    stored_field,
+    value_field,
+)
 
 Canonical = Callable[[Any], Any]
 
@@ -72,6 +79,9 @@ def canonical_json(value: Any) -> str:
     return _encode_json(value)
 
 
+_WIDE_DECIMALS = decimal.Context(prec=2000)
+
+
 def canonical_decimal(value: Any) -> str:
     # Scale is a storage detail: PostgreSQL numeric(12,4) returns 1.5000,
     # SQLite's REAL-backed column 1.5 before Django quantizes it.
@@ -81,7 +91,9 @@ def canonical_decimal(value: Any) -> str:
         return str(value)
     if value.is_zero():
         return '0'
-    return format(value.normalize(), 'f')
+    # Not the default context: its 28 digits would round a
+    # DecimalField(max_digits=30) and hide a change in the last ones.
+    return format(value.normalize(_WIDE_DECIMALS), 'f')
 
 
 def canonical_datetime(value: Any) -> str:
@@ -322,25 +334,48 @@ def json_digest_column(slow: Callable[[Any], Any]
     return fast
 
 
+def _stored_decimal_canonical(places: int) -> Canonical:
+    def canonical(value: Any) -> str:
+        return canonical_decimal(stored_decimal(value, places))
+    return canonical
+
+
+def key_width(model: type[models.Model]) -> int:
+    """How many of plan_columns' first columns make the key."""
+    return len(key_fields(model))
+
+
 def plan_columns(model: type[models.Model], alias: str, fast: bool = True,
                  digest: bool = False) -> tuple[ColumnPlan, ...]:
-    """Concrete fields of *model*, pk first, with *alias*'s converters
+    """Concrete columns of *model*'s table, the key's first (several for
+    a composite key: key_width), each through the field of its stored
+    values (fields.stored_field), with *alias*'s converters
     (and engine fast paths unless *fast* is False; with *digest*, the
     digest forms where they differ from the exact ones)."""
     connection = connections[alias]
     engine = engines.for_alias(alias) if fast else None
     quote = connection.ops.quote_name
     meta = model._meta
-    fields = [meta.pk] + [f for f in meta.concrete_fields
-                          if f is not meta.pk]
+    keys = key_fields(model)
+    # The key's columns first; then this table's own columns only (a
+    # multi-table child's parent fields live in the parent's table).
+    fields = [stored_field(f) for f in (*keys, *(
+        f for f in meta.local_concrete_fields if f not in keys))]
     plans = []
     for field in fields:
         col = field.get_col(meta.db_table)
         # As SQLCompiler.get_converters: backend converters, then field's.
         converters = (connection.ops.get_db_converters(col)
                       + col.get_db_converters(connection))
+        canonical = canonical_for(field)
+        typed = value_field(field)
+        if typed.get_internal_type() == 'DecimalField':
+            # The stored number, not Django's 15-digit reading of
+            # SQLite's REAL (fields.stored_decimal).
+            converters = []
+            canonical = _stored_decimal_canonical(typed.decimal_places)
         plan = ColumnPlan(field, field.column, quote(field.column), col,
-                          tuple(converters), canonical_for(field))
+                          tuple(converters), canonical)
         if engine is not None and not field.primary_key:
             sql, fast_path = engine.fast_column(plan, alias, plan.sql,
                                                 digest=digest)

@@ -1,4 +1,5 @@
-"""Canonical rows of one alias, in bytewise primary-key order.
+"""Canonical rows of one alias, in bytewise primary-key order (a
+composite key: a tuple, ordered by its columns in turn).
 
 Each engine is asked (through `engines.for_alias`) for its byte-order
 ORDER BY, key-range and key-list clauses and a chunked reader; what
@@ -21,6 +22,7 @@ from anthias_rollback.compare.algorithms import checksum_rows
 from anthias_rollback.exceptions import CompareError
 from anthias_rollback.normalize import (
     ColumnPlan,
+    key_width,
     normalize_chunk,
     plan_columns,
 )
@@ -89,8 +91,12 @@ def select_ordered_sql(model: type[models.Model], alias: str,
     """SELECT of *plans* from *model*'s table in bytewise pk order."""
     quote = connections[alias].ops.quote_name
     columns = ', '.join(p.sql for p in plans)
-    order = engines.for_alias(alias).byte_order(
-        quote(model._meta.pk.column), fields.key_kind(model) == 'text')
+    engine = engines.for_alias(alias)
+    # A composite key: by its columns in turn, as Python orders tuples.
+    order = ', '.join(
+        engine.byte_order(quote(f.column),
+                          fields.internal_type(f) in fields.TEXT_TYPES)
+        for f in fields.key_fields(model))
     where = f' WHERE {where}' if where else ''
     return (f'SELECT {columns} FROM {quote(model._meta.db_table)}{where} '
             f'ORDER BY {order}')
@@ -124,6 +130,7 @@ def stream_canonical_columns(model: type[models.Model], alias: str, *,
     snapshot; raises CompareError if the engine's key order is not
     bytewise."""
     plans = plan_columns(model, alias, fast=fast, digest=digest)
+    width = key_width(model)
     clause, params = where
     sql = select_ordered_sql(model, alias, plans, clause)
     chunks = prefetch(engines.for_alias(alias).fetch_chunks(
@@ -131,6 +138,9 @@ def stream_canonical_columns(model: type[models.Model], alias: str, *,
     previous = None
     for raw in chunks:
         columns = normalize_chunk(raw, plans, alias)
+        if width > 1:
+            # A composite key is one column of tuples.
+            columns = [list(zip(*columns[:width])), *columns[width:]]
         keys = columns[0]
         first = keys[0]
         if (previous is not None and not previous < first) or not all(
@@ -138,7 +148,8 @@ def stream_canonical_columns(model: type[models.Model], alias: str, *,
             raise CompareError(
                 f'{model._meta.label}: {describe_alias(alias)} does not '
                 f'return primary keys in bytewise order (custom collation '
-                f'on {model._meta.pk.column}?); cannot compare safely')
+                f'on {", ".join(fields.key_columns(model))}?); cannot '
+                f'compare safely')
         previous = keys[-1]
         yield columns
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from django.apps import apps
 from django.db import DatabaseError, connections, models
 from django.db.migrations.recorder import MigrationRecorder
 
@@ -56,6 +57,20 @@ def transfer_models(exclude: list[str] | None = None
     if 'migrations' not in excluded and MIGRATIONS_LABEL not in excluded:
         found.insert(0, migration_model())
     return found
+
+
+def not_copied_lines() -> tuple[str, ...]:
+    """One line per installed unmanaged model: its table belongs to
+    whatever made it (SQL of the app's own, another system), so a copy
+    neither empties nor fills it. Proxies share their concrete model's
+    table and need no line."""
+    lines = []
+    for model in apps.get_models():
+        meta = model._meta
+        if not meta.managed and not meta.proxy and not meta.swapped:
+            lines.append(f'not copied: unmanaged {meta.label} '
+                         f'(table {meta.db_table})')
+    return tuple(sorted(lines))
 
 
 def migrate_created_labels() -> set[str]:

@@ -13,6 +13,7 @@ from anthias_rollback.transfer.copy import (
     check_source,
     migrate_created_labels,
     model_rows,
+    not_copied_lines,
     preflight_source,
     source_snapshot,
     transfer_data,
@@ -52,7 +53,8 @@ def migrate_to_postgres(source_alias: str, target_alias: str, *,
     if dry_run:
         return MigrationReport(plan=plan_transfer(
             source_alias, target_alias, replace=replace, repair=repair,
-            batch_size=batch_size, exclude=exclude, progress=progress))
+            batch_size=batch_size, exclude=exclude, progress=progress),
+            not_copied=not_copied_lines())
     with operation_lock(data_dir, 'migrate_to_postgres'):
         emit(progress, PHASE_START, 'creating the schema (migrate)')
         migrated = tuple(schema.ensure_schema(target_alias))
@@ -61,11 +63,13 @@ def migrate_to_postgres(source_alias: str, target_alias: str, *,
             repaired = repair_data(source_alias, target_alias,
                                    batch_size=batch_size, exclude=exclude,
                                    progress=progress)
-            return MigrationReport(repair=repaired, migrated=migrated)
+            return MigrationReport(repair=repaired, migrated=migrated,
+                                   not_copied=not_copied_lines())
         result = transfer_data(source_alias, target_alias,
                                batch_size=batch_size, replace=replace,
                                exclude=exclude, progress=progress)
-        return MigrationReport(transfer=result, migrated=migrated)
+        return MigrationReport(transfer=result, migrated=migrated,
+                               not_copied=not_copied_lines())
 
 
 def plan_transfer(source_alias: str, target_alias: str, *,

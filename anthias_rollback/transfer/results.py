@@ -94,3 +94,6 @@ class MigrationReport:
     transfer: TransferResult | None = None
     repair: RepairResult | None = None
     migrated: tuple[str, ...] = field(default_factory=tuple)
+    # One line per installed model whose rows are never copied:
+    # 'not copied: unmanaged app.Model (table t)'.
+    not_copied: tuple[str, ...] = field(default_factory=tuple)

@@ -2,6 +2,10 @@
 source backend's and the field's converters, strict) -> checked against
 the target engine -> the target's form (get_db_prep_value, then COPY text
 or a DB-API parameter). Rows with a bad value are recorded, not copied.
+
+The fields are those of the stored values (fields.stored_field): a custom
+field class moves as its column type's Django class would, so what is
+copied is what the column holds, never what the class makes of it.
 """
 import json
 from collections.abc import Callable
@@ -18,8 +22,17 @@ from anthias_rollback.engines.rows import (
     postgres_text_columns,
     postgres_text_parser,
 )
+from anthias_rollback.fields import (  # the key API, public here too
+    is_composite_key,
+    key_columns,
+    key_fields,
+    stored_field,
+)
 from anthias_rollback.report import first_line
 from anthias_rollback.transfer.results import MAX_PROBLEMS, SourceProblem
+
+__all__ = ['Converter', 'ModelSpec', 'is_composite_key', 'key_columns',
+           'key_fields', 'stored_field']
 
 
 def _reader(model: type[models.Model], field: models.Field,
@@ -33,6 +46,16 @@ def _reader(model: type[models.Model], field: models.Field,
     converters = (connection.ops.get_db_converters(expression)
                   + expression.get_db_converters(connection))
     internal = fields.internal_type(field)
+    if internal == 'DecimalField':
+        # The stored number, not Django's 15-digit reading of SQLite's
+        # REAL (see fields.stored_decimal).
+        places = fields.value_field(field).decimal_places
+
+        def read_decimal(value: Any) -> Any:
+            if value is None:
+                return None
+            return fields.stored_decimal(value, places)
+        return read_decimal
     if internal == 'JSONField' and engines.for_alias(alias).JSON_AS_TEXT:
         decoder = getattr(fields.value_field(field), 'decoder', None)
 
@@ -59,23 +82,6 @@ def _reader(model: type[models.Model], field: models.Field,
     return read
 
 
-def key_fields(model: type[models.Model]) -> tuple[models.Field, ...]:
-    """The concrete fields whose columns make *model*'s primary key, in
-    key order: one for an ordinary key, the components of a Django 5.2
-    CompositePrimaryKey (which has no column of its own)."""
-    return tuple(model._meta.pk_fields)
-
-
-def key_columns(model: type[models.Model]) -> tuple[str, ...]:
-    """The column names of *model*'s primary key, in key order."""
-    return tuple(f.column for f in key_fields(model))
-
-
-def is_composite_key(model: type[models.Model]) -> bool:
-    """Is *model*'s primary key a tuple of columns?"""
-    return len(model._meta.pk_fields) > 1
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     model: type[models.Model]
@@ -98,8 +104,9 @@ class ModelSpec:
     def of(cls, model: type[models.Model]) -> 'ModelSpec':
         meta = model._meta
         # Local fields only: a multi-table child's parent fields live in
-        # the parent's table.
-        fields = tuple(meta.local_concrete_fields)
+        # the parent's table. Each through the field of its stored values
+        # (a custom class's Python values may not round-trip).
+        fields = tuple(stored_field(f) for f in meta.local_concrete_fields)
         columns = tuple(f.column for f in fields)
         key_indexes = tuple(columns.index(c) for c in key_columns(model))
         return cls(model, meta.label, meta.db_table, fields, columns,
