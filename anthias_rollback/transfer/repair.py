@@ -78,29 +78,39 @@ def _repair_model(spec: ModelSpec, source_alias: str, target_alias: str,
                        check_alias=target_alias)
     for batch in source_batches(target_alias, spec, batch_size):
         for row in reader.convert(batch):
-            existing[_key(row[spec.pk_index])] = row
+            existing[_row_key(spec, row)] = row
     source = Converter(spec, source_alias, None, problems, counter,
                        check_alias=target_alias)
     writers = [_param_writer(f, target_alias) for f in spec.fields]
     to_insert, changed = [], []
     for batch in source_batches(source_alias, spec, batch_size):
         for row in source.convert(batch):
-            old = existing.pop(_key(row[spec.pk_index]), None)
+            old = existing.pop(_row_key(spec, row), None)
             if old is None:
                 to_insert.append(row)
             elif not _rows_equal(old, row):
                 changed.append(row)
-    cursor_delete = [old[spec.pk_index] for old in existing.values()]
-    cursor_delete += [row[spec.pk_index] for row in changed]
-    pk_field = spec.fields[spec.pk_index]
+    # Every key column's value (several for a composite key).
+    cursor_delete = [[old[i] for i in spec.key_indexes]
+                     for old in existing.values()]
+    cursor_delete += [[row[i] for i in spec.key_indexes] for row in changed]
+    key_fields = [spec.fields[i] for i in spec.key_indexes]
+    key_writers = [_param_writer(f, target_alias) for f in key_fields]
     quote = connections[target_alias].ops.quote_name
+    one = ('%s' if len(key_fields) == 1
+           else f'({", ".join(["%s"] * len(key_fields))})')
+    column = (quote(key_fields[0].column) if len(key_fields) == 1
+              else f'({", ".join(quote(f.column) for f in key_fields)})')
+    # Under SQLite's variable limit (999 on old builds).
+    per_statement = 500 // len(key_fields)
     with connections[target_alias].cursor() as cursor:
-        pk_writer = _param_writer(pk_field, target_alias)
-        for start in range(0, len(cursor_delete), 500):
-            keys = [pk_writer(k) for k in cursor_delete[start:start + 500]]
-            marks = ', '.join(['%s'] * len(keys))
+        for start in range(0, len(cursor_delete), per_statement):
+            group = cursor_delete[start:start + per_statement]
+            params = [w(v) for key in group
+                      for w, v in zip(key_writers, key)]
             cursor.execute(f'DELETE FROM {quote(spec.table)} WHERE '
-                           f'{quote(pk_field.column)} IN ({marks})', keys)
+                           f'{column} IN ({", ".join([one] * len(group))})',
+                           params)
         rows = to_insert + changed
         columns = ', '.join(quote(c) for c in spec.columns)
         marks = ', '.join(['%s'] * len(spec.columns))
@@ -122,6 +132,13 @@ def _param_writer(fld: models.Field, alias: str) -> Callable[[Any], Any]:
             return None
         return fld.get_db_prep_value(value, connection, prepared=False)
     return write
+
+
+def _row_key(spec: ModelSpec, row: list) -> Any:
+    """*row*'s key, comparable across engines (a tuple when composite)."""
+    if len(spec.key_indexes) == 1:
+        return _key(row[spec.key_indexes[0]])
+    return tuple(_key(row[i]) for i in spec.key_indexes)
 
 
 def _key(value: Any) -> Any:
