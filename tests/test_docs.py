@@ -27,7 +27,8 @@ PACKAGE = ROOT / 'anthias_rollback'
 README = (ROOT / 'README.md').read_text()
 COMMANDS = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 # The nav of mkdocs.yml: architecture first, then in this order.
-PAGES = ['index.md', 'runbook.md', 'adopting.md', 'configuration.md',
+PAGES = ['index.md', 'runbook.md', 'adopting.md', 'supported-models.md',
+         'configuration.md',
          'operations.md', 'operations-containers.md', 'commands.md',
          'exit-codes.md', 'benchmarks.md', 'development.md']
 # The README's two commands, exactly: .ci/run runs the second.
