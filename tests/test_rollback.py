@@ -303,3 +303,68 @@ def test_named_backup_without_manifest_is_used_with_a_warning(data_dir,
     with pytest.raises(CommandError, match='is not valid'):
         roll_back('--emergency', '--source', 'backup', '--backup-path',
                   str(old_style))
+
+
+def _edited_copy(source: Path, target: Path, *statements: str) -> None:
+    import shutil
+    import sqlite3
+
+    shutil.copyfile(source, target)
+    conn = sqlite3.connect(target)
+    for sql in statements:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_backup_behind_the_code_is_migrated_forward(data_dir, settings):
+    """Issue 20: a backup made before a migration (here: before
+    sessions.0001) is restored with the migration applied to the NEW
+    file; the backup itself is not changed."""
+    import sqlite3
+
+    device = seed_device(settings)
+    behind = data_dir / 'behind.db'
+    _edited_copy(device.backup, behind, 'DROP TABLE django_session',
+                 "DELETE FROM django_migrations WHERE app = 'sessions'")
+    backup_fp = fingerprint_sqlite(behind)
+    digest = file_digest(behind)
+    connections['sqlite'].close()
+    roll_back('--emergency', '--source', 'backup', '--backup-path',
+              str(behind))
+    assert fingerprint_sqlite(device.live) == backup_fp
+    assert file_digest(behind) == digest
+    conn = sqlite3.connect(f'file:{device.live}?mode=ro', uri=True)
+    try:
+        assert conn.execute("SELECT count(*) FROM django_migrations WHERE "
+                            "app = 'sessions'").fetchone()[0] >= 1
+        conn.execute('SELECT count(*) FROM django_session').fetchone()
+    finally:
+        conn.close()
+    phases = {p['name']: p for p in latest_report(data_dir)['phases']}
+    assert 'migrated forward: sessions.0001_initial' in (
+        phases['migrate-forward']['detail'])
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_backup_ahead_of_the_code_is_refused_naming_it(data_dir, settings):
+    device = seed_device(settings)
+    ahead = data_dir / 'ahead.db'
+    _edited_copy(device.backup, ahead,
+                 "INSERT INTO django_migrations (app, name, applied) VALUES "
+                 "('sessions', '0099_from_a_newer_release', "
+                 "'2026-12-01 00:00:00')")
+    connections['sqlite'].close()
+    before = file_digest(device.live)
+    with pytest.raises(CommandError) as excinfo:
+        roll_back('--emergency', '--source', 'backup', '--backup-path',
+                  str(ahead))
+    message = str(excinfo.value)
+    assert excinfo.value.returncode == 1
+    assert 'sessions.0099_from_a_newer_release' in message
+    assert 'ahead of this code' in message
+    assert '\n' not in message.strip()
+    assert file_digest(device.live) == before
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'

@@ -279,3 +279,44 @@ def test_validate_migration_reads_the_standby(data_dir, settings,
     conn = sqlite3.connect(path)
     assert conn.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
     conn.close()
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_replication_carries_on_after_a_migration_on_postgres(data_dir,
+                                                              settings):
+    """A `migrate` during the window gives PostgreSQL a migration the
+    standby lacks (here: the standby is made to predate sessions.0001):
+    the next round rebuilds the standby from PostgreSQL instead of
+    failing, and the rounds after it replicate as before."""
+    from django.contrib.sessions.models import Session
+    from django.utils import timezone
+
+    seed_device(settings, n_assets=5)
+    assert once(data_dir).position.started_from == 'cutover file'
+    path = window_standby.standby_path(data_dir)
+    conn = sqlite3.connect(path)
+    conn.execute('DROP TABLE django_session')
+    conn.execute("DELETE FROM django_migrations WHERE app = 'sessions'")
+    conn.commit()
+    conn.close()
+    Session.objects.using('postgres').create(
+        session_key='k' * 32, session_data='{}',
+        expire_date=timezone.now())
+    AssetFactory.build(asset_id='after-migrate').save(using='postgres')
+    result = once(data_dir)
+    assert result.position.started_from == 'full copy'
+    assert_standby_equals_postgres(data_dir)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*) FROM django_migrations WHERE "
+                            "app = 'sessions'").fetchone()[0] >= 1
+        assert conn.execute('SELECT session_key FROM django_session'
+                            ).fetchall() == [('k' * 32,)]
+    finally:
+        conn.close()
+    Asset.objects.using('postgres').filter(pk='after-migrate').update(
+        name='changed after the rebuild')
+    result = once(data_dir)
+    assert result.entries >= 1
+    assert result.position.started_from == 'full copy'
+    assert_standby_equals_postgres(data_dir)

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from django.core import serializers
-from django.core.management import call_command
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, connections
-from django.db.migrations.loader import MigrationLoader
 
 from anthias_rollback import (
     backup,
@@ -31,6 +29,7 @@ from anthias_rollback import (
     models_graph,
     profiles,
     schema,
+    schema_build,
     transfer,
 )
 from anthias_rollback.engines import sqlite_file
@@ -40,6 +39,7 @@ from anthias_rollback.exceptions import (
     DatabaseDownError,
     DatabaseUnavailableError,
     RollbackError,
+    SchemaMismatchError,
 )
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback import incremental, render
@@ -55,9 +55,9 @@ from anthias_rollback.window import standby as window_standby
 
 
 def code_migrations() -> set[str]:
-    """Every migration the installed code knows, as `app.name`."""
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    return {f'{app}.{name}' for app, name in loader.graph.nodes}
+    """Every migration the installed code knows, as `app.name` (squashes
+    resolved as on an empty database: schema.migration_state)."""
+    return set(schema.migration_state(set()).pending)
 
 
 def postgres_usable(run: RunState) -> tuple[bool, str]:
@@ -221,9 +221,12 @@ def build_full_copy(run: RunState, new_path: Path) -> None:
             faults.checkpoint(f'rollback:copied-{event.name}')
         run.deadline.check('the copy from PostgreSQL')
 
+    # In a child where the new file is the only database: a data
+    # migration writing through the default manager (which here is
+    # PostgreSQL) wrote into production from an in-process migrate.
+    schema_build.migrate_file(new_path,
+                              timeout=max(1.0, run.deadline.remaining()))
     with profiles.sqlite_file_alias(new_path) as alias:
-        call_command('migrate', database=alias, verbosity=0,
-                     interactive=False)
         faults.checkpoint('rollback:schema-created')
         # Also raises sqlite_sequence to PostgreSQL's sequences, so no id
         # PostgreSQL handed out is reused after the rollback.
@@ -232,9 +235,12 @@ def build_full_copy(run: RunState, new_path: Path) -> None:
                 run.snapshot = stack.enter_context(
                     window_journal.snapshot_transaction(opts.postgres_alias))
                 faults.checkpoint('rollback:snapshot-taken')
+            # replace: the rows in this new file are the data
+            # migrations' own (a CMS's root page, seeded settings); the
+            # copy empties every table first and leaves the source's.
             result = transfer.transfer_data(
                 opts.postgres_alias, alias, batch_size=opts.batch_size,
-                progress=on_progress)
+                replace=True, progress=on_progress)
         run.expected_rows = {m.label: m.rows for m in result.models}
     run.rows = dict(run.expected_rows)
 
@@ -245,9 +251,9 @@ def build_from_standby(run: RunState, new_path: Path) -> None:
     Records the bound: every write committed before its position."""
     position = window_standby.copy_standby(
         run.data_dir, new_path, timeout=max(1.0, run.deadline.remaining()))
+    bring_schema_forward(run, new_path, f'standby '
+                         f'{window_standby.standby_path(run.data_dir)}')
     with profiles.sqlite_file_alias(new_path) as alias:
-        _check_schema(alias, f'standby '
-                             f'{window_standby.standby_path(run.data_dir)}')
         run.rows = count_rows(alias)
     run.expected_rows = dict(run.rows)
     run.standby_bound = {
@@ -262,19 +268,43 @@ def build_from_standby(run: RunState, new_path: Path) -> None:
     run.at_risk_note = render.standby_loss_line(run.standby_bound)
 
 
-def _check_schema(alias: str, what: str) -> None:
-    """BackupError unless the file's migrations are this code's."""
-    applied = {f'{a}.{n}' for a, n in schema.applied_migrations(alias)}
-    known = code_migrations()
-    unknown, missing = applied - known, known - applied
-    if unknown or missing:
-        detail = '; '.join(filter(None, [
-            f'unknown to this code: {", ".join(sorted(unknown)[:5])}'
-            if unknown else '',
-            f'not applied in the backup: '
-            f'{", ".join(sorted(missing)[:5])}' if missing else '']))
-        raise BackupError(f'{what} does not match this code\'s schema '
-                          f'({detail})')
+def file_migration_state(path: Path) -> schema.MigrationState:
+    """The migrations recorded in the SQLite file at *path* against this
+    code's (schema.migration_state: the check backup_database and the
+    readiness use too)."""
+    with profiles.sqlite_file_alias(path) as alias:
+        return schema.alias_migration_state(alias)
+
+
+def bring_schema_forward(run: RunState, new_path: Path, what: str) -> None:
+    """The copy at *new_path* of a backup or standby (*what*), made this
+    code's schema: refused (BackupError) when it records migrations this
+    code does not know (made by newer code: restoring it is a downgrade),
+    migrated forward in isolation (schema_build) when it is only behind.
+    The backup or standby itself is never changed."""
+    state = file_migration_state(new_path)
+    if state.unknown:
+        raise BackupError(
+            f'{what} is ahead of this code\'s schema '
+            f'({schema.describe_state(state)}): restoring it would be a '
+            'downgrade; run the rollback with the code that made it')
+    if not state.pending:
+        return
+    with run.phase('migrate-forward') as record:
+        try:
+            applied = schema_build.migrate_file(
+                new_path, timeout=max(1.0, run.deadline.remaining()))
+        except SchemaMismatchError as err:
+            # The child's error names the new file; the operator knows
+            # the backup or standby.
+            detail = str(err).split(': ', 1)[-1]
+            raise BackupError(
+                f'{what} does not match this code\'s schema '
+                f'({schema.describe_state(state)}) and cannot be '
+                f'migrated forward: {detail}') from None
+        shown = ', '.join(applied[:10]) + (
+            f' and {len(applied) - 10} more' if len(applied) > 10 else '')
+        record['detail'] = f'{what}: migrated forward: {shown}'
 
 
 def build_from_backup(run: RunState, new_path: Path) -> None:
@@ -296,8 +326,8 @@ def build_from_backup(run: RunState, new_path: Path) -> None:
                  'integrity only, no checksum')
     sqlite_file.sqlite_snapshot(run.backup_used, new_path,
                                 timeout=max(1.0, run.deadline.remaining()))
+    bring_schema_forward(run, new_path, f'backup {run.backup_used}')
     with profiles.sqlite_file_alias(new_path) as alias:
-        _check_schema(alias, f'backup {run.backup_used}')
         run.rows = count_rows(alias)
         run.expected_rows = dict(run.rows)
         at_risk_rows(run, alias)

@@ -40,6 +40,7 @@ from anthias_rollback import (
     faults,
     fsutil,
     profiles,
+    schema,
 )
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite_file
@@ -66,6 +67,10 @@ from anthias_rollback.window.standby import (
     standby_path,
     write_start_position,
 )
+
+# Longest a standby's schema build may take (a Pi's SD card, every
+# migration of a CMS): the replicator has no deadline of its own.
+SCHEMA_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -168,10 +173,12 @@ class Replicator:
         self.close()
         return self.bootstrap(cutover)
 
-    def bootstrap(self, cutover: dict[str, Any]) -> Position:
+    def bootstrap(self, cutover: dict[str, Any],
+                  full: bool = False) -> Position:
         """Build standby.db for this window: a copy of the cutover file
-        (when it is this window's, unchanged), else a full copy of
-        PostgreSQL in one snapshot. Built beside it, renamed in whole."""
+        (when it is this window's, unchanged, and *full* is not asked),
+        else a full copy of PostgreSQL in one snapshot. Built beside it,
+        renamed in whole."""
         folder = private_dir(self.path.parent)
         tmp = folder / f'.{STANDBY_NAME}.{os.getpid()}.tmp'
         sqlite_file.remove_sqlite_file(tmp)
@@ -182,7 +189,8 @@ class Replicator:
             os.close(fd)
             # A forced cutover skipped the check that SQLite held
             # PostgreSQL's rows: its file is not PostgreSQL's snapshot.
-            if (info.get('sha256') and info.get('window') == cutover['txid']
+            if (not full and info.get('sha256')
+                    and info.get('window') == cutover['txid']
                     and not cutover.get('forced') and cut.exists()
                     and sqlite_file.file_sha256(cut)[0] == info['sha256']):
                 sqlite_file.sqlite_snapshot(cut, tmp, 20.0)
@@ -208,16 +216,39 @@ class Replicator:
         return position
 
     def _full_copy(self, tmp: Path) -> tuple[str, float]:
-        from django.core.management import call_command
+        from anthias_rollback import schema_build, transfer
 
-        from anthias_rollback import transfer
-
-        with profiles.sqlite_file_alias(tmp) as alias:
-            call_command('migrate', database=alias, verbosity=0,
-                         interactive=False)
-            with pj.postgres_tick(self.pg) as (snapshot, ts):
-                transfer.transfer_data(self.pg, alias)
+        # The schema in a child where tmp is the only database: from an
+        # in-process migrate, a data migration's default-manager writes
+        # went to `default`, the production PostgreSQL.
+        schema_build.migrate_file(tmp, timeout=SCHEMA_TIMEOUT)
+        # replace: the data migrations' rows in tmp go; the copy leaves
+        # exactly PostgreSQL's rows.
+        with profiles.sqlite_file_alias(tmp) as alias, \
+                pj.postgres_tick(self.pg) as (snapshot, ts):
+            transfer.transfer_data(self.pg, alias, replace=True)
         return snapshot, ts
+
+    # -- following PostgreSQL's schema
+    def schema_moved(self) -> bool:
+        """True when PostgreSQL records migrations the standby lacks (a
+        `migrate` ran during the window). The other way round (this
+        code's build gave the standby migrations PostgreSQL has not run
+        yet) is no reason: rebuilding would not change it. Raises
+        ReplicationError when PostgreSQL records migrations this code
+        does not know: the standby can only be rebuilt by the new code
+        (a failed round, retried: the service restarted on the new
+        release carries on)."""
+        pg = schema.applied_migrations(self.pg)
+        if not pg - schema.applied_migrations(self.open()):
+            return False
+        unknown = schema.migration_state(pg).unknown
+        if unknown:
+            raise ReplicationError(
+                f'PostgreSQL has migrations this code does not know '
+                f'({", ".join(unknown[:5])}): restart replicate_changes '
+                'with the new release')
+        return True
 
     # -- one batch
     def apply_round(self) -> RoundResult | None:
@@ -229,6 +260,15 @@ class Replicator:
         if cutover is None:
             return None
         position = self.ensure(cutover)
+        if self.schema_moved():
+            # Rebuilt (a full copy in one snapshot), not migrated forward
+            # in place: tables a migration creates have no journal
+            # triggers, and its data migration's rows on the standby
+            # would be rows PostgreSQL may not hold (they ran twice, with
+            # other ids); re-reading every touched table would be a full
+            # copy anyway. The position stays in the same window.
+            self.close()
+            position = self.bootstrap(cutover, full=True)
         alias = self.open()
         applier = self.applier
         assert applier is not None   # open() made it

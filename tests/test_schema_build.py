@@ -1,0 +1,207 @@
+"""schema_build: a SQLite file's schema built (or migrated forward) in a
+child where the file is the only database, so data migrations writing
+through the default manager reach nothing else (they wrote into the
+production PostgreSQL when the rollback built its file in-process); and
+schema.migration_state, the one view of a file's migrations against the
+code (squashes resolved as Django's MigrationLoader does).
+
+The data migrations are the CMS host's (tests/hosts/cms: wagtail's, and
+tests/models_corners 0002), run in real processes.
+"""
+import json
+import logging
+import sqlite3
+import stat
+import subprocess
+import sys
+
+import pytest
+from django.db import connections
+
+from anthias_rollback import schema, schema_build
+from anthias_rollback.exceptions import SchemaMismatchError
+from tests.conftest import ROOT
+from tests.helpers import raw_tables
+from tests.test_host_cms import (  # noqa: F401
+    BY_KEY,
+    SEARCH_TABLES,
+    Device,
+    cms_database,
+)
+
+
+def in_cms(device: Device, script: str, *args: str, **env: str) -> dict:
+    """Run *script* in the CMS host (django set up); its last stdout line
+    is JSON."""
+    code = 'import django, json, sys\ndjango.setup()\n' + script
+    done = subprocess.run([sys.executable, '-c', code, *args],
+                          env=device.env(**env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def migrated_postgres(device: Device) -> None:
+    done = device.run('migrate', '--database', 'postgres', '--noinput',
+                      env=device.env(ANTHIAS_DB_PROFILE='postgres'))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+BUILD_AND_COPY = '''
+from pathlib import Path
+from anthias_rollback import profiles, schema_build, transfer
+path = Path(sys.argv[1])
+applied = schema_build.migrate_file(path, timeout=300)
+import sqlite3
+conn = sqlite3.connect(path)
+seeded = conn.execute('SELECT key FROM models_corners_setting').fetchall()
+conn.close()
+with profiles.sqlite_file_alias(path) as alias:
+    # The composite-key model is another piece of work's (transfer).
+    transfer.transfer_data('postgres', alias, replace=True,
+                           exclude=['models_corners.Composite'])
+print(json.dumps({'applied': applied, 'seeded': seeded}))
+'''
+
+
+@pytest.mark.slow
+def test_new_file_built_in_isolation_then_holds_exactly_postgres_rows(
+        tmp_path, cms_database):  # noqa: F811
+    """On the postgres profile (`default` is PostgreSQL): the data
+    migrations run in the new file only (PostgreSQL's fingerprint,
+    sequences included, does not move), and the copy afterwards leaves
+    exactly PostgreSQL's rows, not the ones the data migrations made."""
+    import psycopg2
+
+    data = tmp_path / 'data'
+    data.mkdir()
+    device = Device(data, cms_database)
+    migrated_postgres(device)
+    conn = psycopg2.connect(device.pg_url)
+    with conn, conn.cursor() as cursor:
+        # PostgreSQL's rows differ from what the data migration makes.
+        cursor.execute("UPDATE models_corners_setting SET value = 'edited' "
+                       "WHERE key = 'seeded-by-0002'")
+        cursor.execute("INSERT INTO models_corners_setting (key, value) "
+                       "VALUES ('only-on-postgres', 'x')")
+        cursor.execute('DELETE FROM "MixedCase" WHERE "Parent" IS NOT NULL')
+    conn.close()
+    before = raw_tables.pg_fingerprint(device.pg_url)
+    new = data / 'new.db'
+    result = in_cms(device, BUILD_AND_COPY, str(new),
+                    ANTHIAS_DB_PROFILE='postgres')
+    assert raw_tables.pg_fingerprint(device.pg_url) == before
+    assert 'models_corners.0002_settings_seeded' in result['applied']
+    assert result['seeded'] == [['seeded-by-0002']]
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    diff = raw_tables.compare_all(
+        new, device.pg_url, by_key=BY_KEY,
+        skip=SEARCH_TABLES | {'models_corners_composite'})
+    assert diff.equal, json.dumps(diff.differing, default=str)[:3000]
+    assert {'MixedCase', 'models_corners_setting',
+            'wagtailcore_page'} <= set(diff.compared)
+
+
+SQUASH_STATE = '''
+from pathlib import Path
+import sqlite3
+from anthias_rollback import schema_build
+from anthias_rollback.rollback import sources
+path = Path(sys.argv[1])
+schema_build.migrate_file(path, timeout=300)
+squash = 'wagtailcore', '0001_squashed_0016_change_page_url_path_to_text_field'
+out = {}
+def state(name):
+    s = sources.file_migration_state(path)
+    out[name] = {'unknown': list(s.unknown), 'pending': list(s.pending)}
+conn = sqlite3.connect(path)
+out['recorded'] = [r[0] for r in conn.execute(
+    "SELECT name FROM django_migrations WHERE app = 'wagtailcore'")]
+state('fresh')
+# A file from before the squash was shipped: only the replaced names.
+conn.execute('DELETE FROM django_migrations WHERE app = ? AND name = ?',
+             squash)
+conn.commit()
+state('replaced names only')
+# Part of the squash applied: Django uses the replaced migrations.
+conn.execute("DELETE FROM django_migrations WHERE app = 'wagtailcore' "
+             "AND name = '0016_change_page_url_path_to_text_field'")
+conn.commit()
+state('partly')
+conn.close()
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_squashed_history_is_neither_unknown_nor_pending(
+        tmp_path, cms_database):  # noqa: F811
+    """wagtailcore's 0001..0016 are squashed: Django records the replaced
+    names too, which the rollback called 'unknown to this code'."""
+    data = tmp_path / 'data'
+    data.mkdir()
+    device = Device(data, cms_database)
+    out = in_cms(device, SQUASH_STATE, str(data / 'squash.db'))
+    assert '0002_initial_data' in out['recorded']     # a replaced name
+    assert out['fresh'] == {'unknown': [], 'pending': []}
+    assert out['replaced names only'] == {'unknown': [], 'pending': []}
+    assert out['partly'] == {
+        'unknown': [],
+        'pending': ['wagtailcore.0016_change_page_url_path_to_text_field']}
+
+
+def test_failing_migration_is_one_line_naming_the_file(tmp_path, caplog):
+    path = tmp_path / 'clash.db'
+    conn = sqlite3.connect(path)
+    conn.execute('CREATE TABLE django_content_type (x integer)')
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger='anthias_rollback.schema'
+                         ), pytest.raises(SchemaMismatchError) as excinfo:
+        schema_build.migrate_file(path, timeout=300)
+    message = str(excinfo.value)
+    assert '\n' not in message
+    assert str(path) in message
+    assert 'already exists' in message
+    assert 'Traceback' not in message
+    assert any('Traceback' in r.getMessage() for r in caplog.records)
+
+
+def test_new_file_is_created_private_and_migrated(tmp_path):
+    path = tmp_path / 'new.db'
+    applied = schema_build.migrate_file(path, timeout=300)
+    assert 'sessions.0001_initial' in applied
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute('PRAGMA journal_mode').fetchone()[0] == 'delete'
+        names = {f'{a}.{n}' for a, n in conn.execute(
+            'SELECT app, name FROM django_migrations')}
+    finally:
+        conn.close()
+    assert set(applied) <= names
+    assert schema_build.migrate_file(path, timeout=300) == []
+
+
+@pytest.mark.django_db(databases=['sqlite'])
+def test_migration_state_of_the_code():
+    recorded = schema.applied_migrations('sqlite')
+    assert schema.migration_state(recorded).current
+    everything = schema.migration_state(set())
+    assert everything.unknown == ()
+    assert 'sessions.0001_initial' in everything.pending
+    # contenttypes before auth: the order migrate applies them in.
+    assert everything.pending.index('contenttypes.0001_initial') < \
+        everything.pending.index('auth.0001_initial')
+    behind = schema.migration_state(
+        recorded - {('sessions', '0001_initial')})
+    assert behind.pending == ('sessions.0001_initial',)
+    assert behind.unknown == ()
+    ahead = schema.migration_state(
+        recorded | {('sessions', '0099_newer'), ('gone_app', '0001_x')})
+    assert ahead.unknown == ('gone_app.0001_x', 'sessions.0099_newer')
+    assert ahead.pending == ()
+    assert 'unknown to this code: gone_app.0001_x' in schema.describe_state(
+        ahead)
+    assert connections['sqlite'].vendor == 'sqlite'
