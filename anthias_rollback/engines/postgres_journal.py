@@ -93,9 +93,11 @@ END
 $f$;
 """
 
-# One row function per table, reading its key column directly: the
+# One row function per table, reading its key columns directly: the
 # generic `to_jsonb(NEW) ->> key` form made a 10,000-row UPDATE about 5x
 # slower than without the journal (bench_journal; ~2.8x when direct).
+# {old_key}/{new_key}: the key as the journal's text (key_sql);
+# {old_row}/{new_row}: the key columns, compared to see a key change.
 _ROW_FUNCTION_SQL = """
 CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $f$
@@ -103,23 +105,62 @@ BEGIN
 {fence}
     IF TG_OP = 'INSERT' THEN
         INSERT INTO {journal} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'I', NEW.{pk}::text);
+        VALUES (TG_TABLE_NAME, 'I', {new_key});
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO {journal} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'D', OLD.{pk}::text);
-    ELSIF OLD.{pk} IS DISTINCT FROM NEW.{pk} THEN
+        VALUES (TG_TABLE_NAME, 'D', {old_key});
+    ELSIF {old_row} IS DISTINCT FROM {new_row} THEN
         -- A changed key is a delete of the old and an insert of the new.
         INSERT INTO {journal} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'D', OLD.{pk}::text),
-               (TG_TABLE_NAME, 'I', NEW.{pk}::text);
+        VALUES (TG_TABLE_NAME, 'D', {old_key}),
+               (TG_TABLE_NAME, 'I', {new_key});
     ELSE
         INSERT INTO {journal} (tbl, op, pk)
-        VALUES (TG_TABLE_NAME, 'U', NEW.{pk}::text);
+        VALUES (TG_TABLE_NAME, 'U', {new_key});
     END IF;
     RETURN NULL;
 END
 $f$;
 """
+
+
+def key_sql(quoted: Sequence[str], row: str = '') -> str:
+    """The journal's text for a row's key, from its (quoted) key columns,
+    qualified by *row* ('NEW', 'OLD' or ''): one column, its text, as
+    windows have always recorded it; a composite key (Django 5.2
+    CompositePrimaryKey), the JSON array of its columns in key order
+    (`["eu", 1]`): one text column, so the journal's format, DISTINCT and
+    the standby's batches stay as they are."""
+    prefix = f'{row}.' if row else ''
+    if len(quoted) == 1:
+        return f'{prefix}{quoted[0]}::text'
+    inner = ', '.join(f'{prefix}{column}' for column in quoted)
+    return f'jsonb_build_array({inner})::text'
+
+
+def postgres_key_tuples_clause(quoted: Sequence[str],
+                               db_types: Sequence[str],
+                               keys: Sequence[tuple]) -> tuple[str, list]:
+    """WHERE clause and parameters for rows whose composite key (the
+    *quoted* columns, of *db_types*) is one of *keys*: one array per
+    column, whatever their number; the key index serves it."""
+    columns = ', '.join(quoted)
+    arrays = ', '.join(f'%s::{db_type}[]' for db_type in db_types)
+    params = [list(column) for column in zip(*keys)]
+    return f'({columns}) IN (SELECT * FROM unnest({arrays}))', params
+
+
+def _row_function_sql(name: str, quoted: Sequence[str]) -> str:
+    """CREATE the row function *name* for a table keyed by *quoted*."""
+    def row(prefix: str) -> str:
+        if len(quoted) == 1:
+            return f'{prefix}.{quoted[0]}'
+        return 'ROW(' + ', '.join(f'{prefix}.{c}' for c in quoted) + ')'
+
+    return _ROW_FUNCTION_SQL.format(
+        name=name, fence=_FENCE_CHECK, journal=JOURNAL,
+        new_key=key_sql(quoted, 'NEW'), old_key=key_sql(quoted, 'OLD'),
+        old_row=row('OLD'), new_row=row('NEW'))
 
 
 # Tables created while the window is open (an upgrade's `migrate`, run by
@@ -140,6 +181,8 @@ DECLARE
     tbl text;
     keys text[];
     fn text;
+    new_cols text;
+    old_cols text;
 BEGIN
     FOR made IN SELECT objid FROM pg_event_trigger_ddl_commands()
             WHERE command_tag = 'CREATE TABLE' AND object_type = 'table'
@@ -157,17 +200,31 @@ BEGIN
             WHERE i.indrelid = made.objid AND i.indisprimary;
         EXECUTE format('CREATE TRIGGER {trigger}_t AFTER TRUNCATE ON %I.%I '
             'FOR EACH STATEMENT EXECUTE FUNCTION {function}()', {schema}, tbl);
-        -- Rows are journaled by their key. Without a one-column key a
-        -- write is fenced and journaled as the whole table changing
-        -- ('T'): the standby and the incremental build re-read it.
-        IF coalesce(array_length(keys, 1), 0) <> 1 THEN
+        -- Rows are journaled by their key (key_sql: a composite key as
+        -- the JSON array of its columns). Without a primary key a write
+        -- is fenced and journaled as the whole table changing ('T'):
+        -- the standby and the incremental build re-read it.
+        IF coalesce(array_length(keys, 1), 0) = 0 THEN
             EXECUTE format('CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE '
                 'OR DELETE ON %I.%I FOR EACH STATEMENT EXECUTE FUNCTION '
                 '{function}()', {schema}, tbl);
             CONTINUE;
         END IF;
         fn := '{function}_row_' || left(md5(tbl), 12);
-        EXECUTE format({row_function}, fn, keys[1]);
+        IF array_length(keys, 1) = 1 THEN
+            EXECUTE format({row_function}, fn, format('NEW.%I::text',
+                keys[1]), format('OLD.%I::text', keys[1]),
+                format('OLD.%I', keys[1]), format('NEW.%I', keys[1]));
+        ELSE
+            SELECT string_agg(format('NEW.%I', k), ', ' ORDER BY o),
+                   string_agg(format('OLD.%I', k), ', ' ORDER BY o)
+                INTO new_cols, old_cols
+                FROM unnest(keys) WITH ORDINALITY AS u(k, o);
+            EXECUTE format({row_function}, fn,
+                'jsonb_build_array(' || new_cols || ')::text',
+                'jsonb_build_array(' || old_cols || ')::text',
+                'ROW(' || old_cols || ')', 'ROW(' || new_cols || ')');
+        END IF;
         EXECUTE format('CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR '
             'DELETE ON %I.%I FOR EACH ROW EXECUTE FUNCTION %I()',
             {schema}, tbl, fn);
@@ -194,7 +251,8 @@ def postgres_watch_new_tables(alias: str) -> str | None:
         cursor.execute('SELECT current_schema()')
         schema = cursor.fetchone()[0]
     row_function = _ROW_FUNCTION_SQL.format(
-        name='%1$I', fence=_FENCE_CHECK, journal=JOURNAL, pk='%2$I')
+        name='%1$I', fence=_FENCE_CHECK, journal=JOURNAL, new_key='%2$s',
+        old_key='%3$s', old_row='%4$s', new_row='%5$s')
     sql = _WATCH_SQL.format(
         watch=WATCH, schema=_literal(schema), trigger=TRIGGER,
         function=FUNCTION, row_function=_literal(row_function))
@@ -218,17 +276,19 @@ def postgres_allow_copy_past_fence(alias: str) -> None:
         return
     with connections[alias].cursor() as cursor:
         cursor.execute(_INSTALL_SQL)
+        # Row-level triggers only (tgtype bit 0): a table journaled by
+        # the statement trigger has no row function to refresh.
         cursor.execute(
-            'SELECT c.relname, a.attname FROM pg_trigger t '
-            'JOIN pg_class c ON c.oid = t.tgrelid '
+            'SELECT c.relname, array_agg(a.attname::text ORDER BY k.ord) '
+            'FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid '
             'JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary '
-            'AND i.indnatts = 1 '
-            'JOIN pg_attribute a ON a.attrelid = c.oid '
-            'AND a.attnum = i.indkey[0] WHERE t.tgname = %s', [TRIGGER])
-        for table, key in cursor.fetchall():
-            cursor.execute(_ROW_FUNCTION_SQL.format(
-                name=_row_function(table), fence=_FENCE_CHECK,
-                journal=JOURNAL, pk=_quote(alias, key)))
+            'CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY '
+            'AS k(num, ord) JOIN pg_attribute a ON a.attrelid = c.oid '
+            'AND a.attnum = k.num WHERE t.tgname = %s '
+            'AND t.tgtype & 1 = 1 GROUP BY c.relname', [TRIGGER])
+        for table, keys in cursor.fetchall():
+            cursor.execute(_row_function_sql(
+                _row_function(table), [_quote(alias, k) for k in keys]))
 
 
 def _row_function(table: str) -> str:
@@ -273,9 +333,8 @@ def postgres_install_journal(alias: str,
         for model in model_list:
             table = _quote(alias, model._meta.db_table)
             row_function = _row_function(model._meta.db_table)
-            cursor.execute(_ROW_FUNCTION_SQL.format(
-                name=row_function, fence=_FENCE_CHECK, journal=JOURNAL,
-                pk=_quote(alias, model._meta.pk.column)))
+            cursor.execute(_row_function_sql(row_function, [
+                _quote(alias, f.column) for f in model._meta.pk_fields]))
             cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER} ON {table}')
             cursor.execute(f'DROP TRIGGER IF EXISTS {TRIGGER}_t ON {table}')
             cursor.execute(
@@ -499,20 +558,25 @@ def postgres_changes_after(alias: str, snapshot: str
                 for t, o, p, x in cursor.fetchall()]
 
 
-def postgres_table_after(alias: str, table: str, pk_column: str,
+def postgres_table_after(alias: str, table: str,
+                         pk_column: str | Sequence[str],
                          snapshot: str) -> tuple[int, list[str]]:
-    """One pass over *table*: its row count now, and the keys of every
-    row whose current version was written by a transaction not visible
-    in *snapshot* (by xmin: this sees writes the journal missed, e.g. a
-    session with triggers disabled). Complete, never capped."""
+    """One pass over *table*: its row count now, and the keys (as the
+    journal's text: key_sql) of every row whose current version was
+    written by a transaction not visible in *snapshot* (by xmin: this
+    sees writes the journal missed, e.g. a session with triggers
+    disabled). *pk_column*: the key column, or a composite key's
+    columns in key order. Complete, never capped."""
     quote = connections[alias].ops.quote_name
+    columns = [pk_column] if isinstance(pk_column, str) else pk_column
+    key = key_sql([quote(c) for c in columns])
     # xmin is 32 bits; widen it with the snapshot's epoch (a rollback
     # window is far shorter than 2^31 transactions). The expensive
     # widening runs only for rows no older than the snapshot's xmin:
     # age() is cheap, and in one statement every age() counts from the
     # same latest xid, so the cut is exact (older rows were committed
     # before the snapshot began).
-    sql = (f'SELECT count(*), (array_agg({quote(pk_column)}::text) FILTER ('
+    sql = (f'SELECT count(*), (array_agg({key}) FILTER ('
            'WHERE age(xmin) <= (SELECT age((pg_snapshot_xmin(%s::'
            'pg_snapshot)::text::bigint & 4294967295)::text::xid)) '
            'AND xmin::text::bigint > 2 AND NOT pg_visible_in_snapshot(('

@@ -30,6 +30,7 @@ from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ReplicationError
 from anthias_rollback.rollback.state import RunState, count_rows
+from anthias_rollback.transfer.values import is_composite_key
 from anthias_rollback.window import applier as window_applier
 from anthias_rollback.window import standby as window_standby
 
@@ -145,6 +146,9 @@ def differing_keys(changed: dict[Any, list[str]], alias: str,
     for model, texts in changed.items():
         label = model._meta.label
         unique = sorted(set(texts))
+        if is_composite_key(model):
+            found += differing_key_tuples(model, unique, alias, pg)
+            continue
         for start in range(0, len(unique), streams.KEY_BATCH):
             pg_keys, sqlite_keys = window_applier.keys_for(
                 model, unique[start:start + streams.KEY_BATCH], alias)
@@ -155,6 +159,33 @@ def differing_keys(changed: dict[Any, list[str]], alias: str,
                 if left.get(key) != right.get(key):
                     found.append(f'{label} pk={key}')
     return found
+
+
+def _rows_by_key_tuple(model: Any, texts: list[str], alias: str,
+                       where: Any) -> dict:
+    """Canonical rows (key tuple first) of the composite keys *texts* on
+    *alias*, by key; *where* builds the engine's clause."""
+    keys = window_applier.key_tuples(model, texts, alias)
+    found: dict[Any, tuple] = {}
+    for start in range(0, len(keys), streams.KEY_BATCH):
+        clause = where(alias, model, keys[start:start + streams.KEY_BATCH])
+        for columns in streams.stream_canonical_columns(model, alias,
+                                                        where=clause):
+            found.update(zip(columns[0], zip(*columns)))
+    return found
+
+
+def differing_key_tuples(model: Any, texts: list[str], alias: str,
+                         pg: str) -> list[str]:
+    """differing_keys for a composite key: 'label pk=(...)' per key whose
+    canonical row differs or is on one side only."""
+    left = _rows_by_key_tuple(model, texts, alias,
+                              window_applier.sqlite_key_tuples_where)
+    right = _rows_by_key_tuple(model, texts, pg,
+                               window_applier.postgres_key_tuples_where)
+    return [f'{model._meta.label} pk={key}'
+            for key in sorted(left.keys() | right.keys(), key=str)
+            if left.get(key) != right.get(key)]
 
 
 def base_quick_check(pool: futures.Executor, path: Path
@@ -186,6 +217,12 @@ def standby_applied_keys(pg: str, applier: Any, start: str, position: str
         for texts in pj.postgres_batch_keys(pg, start, position, table):
             found.setdefault(model, []).extend(texts)
     return found
+
+
+def _checkable(model: Any) -> bool:
+    """Can the changed keys of *model* be read back one by one (an
+    orderable key, or a composite one, read by tuple)?"""
+    return fields.key_kind(model) is not None or is_composite_key(model)
 
 
 def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
@@ -246,7 +283,7 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
             run.runner.emit('model-done', model._meta.label,
                             rows=len(set(texts)))
         unverified = [m._meta.label for m in changed
-                      if fields.key_kind(m) is None]
+                      if not _checkable(m)]
         to_check = {m: list(t) for m, t in changed.items()}
         applied_before = 0
         if base.kind == 'standby':
@@ -259,7 +296,7 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
                 to_check.setdefault(model, []).extend(texts)
                 applied_before += len(texts)
         differing = differing_keys(
-            {m: t for m, t in to_check.items() if fields.key_kind(m)},
+            {m: t for m, t in to_check.items() if _checkable(m)},
             alias, pg)
         if differing:
             shown = ', '.join(differing[:5])

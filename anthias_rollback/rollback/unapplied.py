@@ -14,13 +14,15 @@ from pathlib import Path
 
 from django.db import DatabaseError, connections
 
-from anthias_rollback import schema
+from anthias_rollback import models_graph, schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback.render import load_result
 from anthias_rollback.rollback.sources import export_rows
 from anthias_rollback.rollback.state import Source
+from anthias_rollback.transfer.values import is_composite_key
+from anthias_rollback.window import applier as window_applier
 from anthias_rollback.window import journal as window_journal
 
 
@@ -37,6 +39,25 @@ class UnappliedWrites:
     @property
     def none(self) -> bool:
         return not self.writes and not self.count_differences
+
+
+def _export_keys(keep: dict[str, list]) -> dict[str, list]:
+    """The journal's key texts as what `pk__in` takes: a composite key's
+    JSON array (postgres_journal.key_sql) as its tuple of values; other
+    keys as they are (the field converts the text)."""
+    found = {}
+    for label, texts in keep.items():
+        try:
+            model = models_graph.get_model(label)
+        except LookupError:     # a table no model has: export_rows says
+            found[label] = texts
+            continue
+        if is_composite_key(model):
+            found[label] = [window_applier.key_values(model, t)
+                            for t in texts]
+        else:
+            found[label] = texts
+    return found
 
 
 def standby_rollback_report(reports_dir: Path) -> Path:
@@ -98,7 +119,8 @@ def unapplied_writes(postgres_alias: str, reports_dir: Path,
     if export and keep:
         # Keys deleted again later are simply not found: the fixture holds
         # the rows PostgreSQL has now.
-        fixture = export_rows(postgres_alias, keep, Path(reports_dir))
+        fixture = export_rows(postgres_alias, _export_keys(keep),
+                              Path(reports_dir))
         exported = str(fixture)
         rows = {label: len(pks) for label, pks in keep.items()}
     return UnappliedWrites(str(path), bound['position_at'], proof.lost,

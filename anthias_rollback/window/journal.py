@@ -25,6 +25,7 @@ from anthias_rollback import faults, models_graph, profiles, schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.transfer.values import key_columns
 from anthias_rollback.window import standby as window_standby
 
 
@@ -208,7 +209,7 @@ def prove_copy(alias: str, snapshot: str, copied_rows: dict[str, int]
     for table, model in by_table.items():
         label = model._meta.label
         now, written = pj.postgres_table_after(
-            alias, table, model._meta.pk.column, snapshot)
+            alias, table, key_columns(model), snapshot)
         for pk in written:
             if (label, pk) not in seen:
                 lost.append(LostWrite(label, pk, 'write'))
