@@ -375,7 +375,27 @@ def _verify_sqlite(path: Path, manifest: dict[str, Any] | None,
                 break
         if sorted(manifest['migrations']) != migrations:
             reasons.append('applied migrations differ from the manifest')
+    ahead = _unknown_migrations(migrations)
+    if ahead:
+        reasons.append(ahead)
     return counts
+
+
+def _unknown_migrations(migrations: list[str]) -> str:
+    """A reason when the file records migrations this code does not know
+    (made by a newer release): the rollback refuses such a file, so
+    backup_database and the readiness must not call it verified. A file
+    only BEHIND the code is fine: the rollback migrates its copy forward.
+    The same check as the rollback's (schema.migration_state)."""
+    from anthias_rollback import schema
+
+    unknown = schema.migration_state(schema.parse_labels(migrations)).unknown
+    if not unknown:
+        return ''
+    more = f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''
+    return (f'records migrations this code does not know '
+            f'({", ".join(unknown[:5])}{more}): made by a newer release, '
+            'it cannot be restored by this one')
 
 
 # --- list / retention -------------------------------------------------------

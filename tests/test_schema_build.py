@@ -205,3 +205,35 @@ def test_migration_state_of_the_code():
     assert 'unknown to this code: gone_app.0001_x' in schema.describe_state(
         ahead)
     assert connections['sqlite'].vendor == 'sqlite'
+
+
+@pytest.mark.django_db(databases=['sqlite'])
+def test_backup_verification_agrees_with_the_rollback(tmp_path):
+    """backup_database's check (verify_backup, which the readiness and
+    the rollback's choice of backup use) calls a file ahead of the code
+    not valid, naming the migration, and a file behind it valid (the
+    rollback migrates its copy forward)."""
+    from anthias_rollback import backup
+
+    live = tmp_path / 'live.db'
+    schema_build.migrate_file(live, timeout=300)
+    made = backup.create_backup(live, tmp_path / 'backups')
+    assert backup.verify_backup(made.path).valid
+
+    def edited(name, sql):
+        path = tmp_path / name
+        path.write_bytes(made.path.read_bytes())
+        conn = sqlite3.connect(path)
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+        return backup.verify_backup(path).reasons
+
+    behind = edited('behind.db', "DELETE FROM django_migrations WHERE "
+                                 "app = 'sessions'")
+    assert not any('does not know' in r for r in behind)
+    ahead = edited('ahead.db', "INSERT INTO django_migrations (app, name, "
+                               "applied) VALUES ('sessions', '0099_newer', "
+                               "'2026-12-01')")
+    assert any('sessions.0099_newer' in r and 'does not know' in r
+               for r in ahead), ahead

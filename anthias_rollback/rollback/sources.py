@@ -284,10 +284,13 @@ def bring_schema_forward(run: RunState, new_path: Path, what: str) -> None:
     The backup or standby itself is never changed."""
     state = file_migration_state(new_path)
     if state.unknown:
+        shown = ', '.join(state.unknown[:5]) + (
+            f' and {len(state.unknown) - 5} more'
+            if len(state.unknown) > 5 else '')
         raise BackupError(
-            f'{what} is ahead of this code\'s schema '
-            f'({schema.describe_state(state)}): restoring it would be a '
-            'downgrade; run the rollback with the code that made it')
+            f'{what} records migrations this code does not know '
+            f'({shown}): made by a newer release, restoring it with this '
+            'one would be a downgrade')
     if not state.pending:
         return
     with run.phase('migrate-forward') as record:
