@@ -228,6 +228,9 @@ def postgres_key_sorted_from(model: type[models.Model], source_alias: str,
             or connections[target_alias].vendor != 'sqlite'):
         return ''
     pk = model._meta.pk
+    if len(model._meta.pk_fields) > 1:
+        # A composite key has no column of its own: scan order.
+        return ''
     typed = pk
     while typed.is_relation and getattr(typed, 'target_field', None):
         typed = typed.target_field
