@@ -12,6 +12,7 @@ import subprocess
 import sys
 import urllib.parse
 import uuid
+from io import StringIO
 from pathlib import Path
 
 import psycopg2
@@ -24,11 +25,13 @@ from anthias_rollback import (
     engine_tables,
     models_graph,
     profiles,
+    rollback,
     transfer,
 )
 from anthias_rollback.exceptions import ConfigError, TransferError
 from tests.conftest import ROOT
 from tests.helpers import pgserver
+from tests.helpers.rollback import seed_device
 from tests.helpers.transfer import make_kitchen_sink, rows_by_pk
 from tests.kitchensink.models import Item, Membership, Person
 
@@ -296,3 +299,31 @@ def test_cms_rollback_rebuilds_the_search_index_on_the_new_file(cms_host):
         indexed = conn.execute('SELECT count(*) FROM '
                                'wagtailsearch_indexentry').fetchone()[0]
     assert indexed > 0
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite', 'postgres'],
+                       transaction=True)
+def test_failed_rebuild_after_a_rollback_is_a_warning_and_exit_4(
+        data_dir, settings):
+    """The rollback stands (the new file is live); the failed rebuild
+    command is a warning with its last line, exit 4, no traceback."""
+    seed_device(settings)
+    settings.ANTHIAS_ROLLBACK_REBUILD_COMMANDS = [
+        'migrate no_such_app_here --noinput']
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError) as excinfo:
+        call_command('rollback_migration', '--emergency', stdout=out,
+                     stderr=err)
+    assert excinfo.value.returncode == 4, str(excinfo.value)
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
+    report = json.loads(rollback.latest_report(
+        data_dir / 'reports').read_text())
+    rebuild = next(p for p in report['phases'] if p['name'] == 'rebuild')
+    assert rebuild['status'] == 'failed'
+    assert rebuild['detail'].startswith(
+        'migrate no_such_app_here --noinput: failed (exit 1: ')
+    assert "No installed app with label 'no_such_app_here'" in \
+        rebuild['detail']
+    assert any(w.startswith('rebuild after the rollback: ')
+               for w in report['warnings'])
+    assert 'Traceback' not in out.getvalue() + err.getvalue()
