@@ -15,7 +15,7 @@ from pathlib import Path
 
 from django.db import DatabaseError
 
-from anthias_rollback import backup, locking, schema
+from anthias_rollback import backup, locking, profiles, schema
 from anthias_rollback.drill import history as drill_history
 from anthias_rollback.exceptions import (
     ConfigError,
@@ -24,6 +24,7 @@ from anthias_rollback.exceptions import (
 )
 from anthias_rollback.report import first_line
 from anthias_rollback.rollback import preserve
+from anthias_rollback.window import standby as window_standby
 
 DISK_FACTOR = 3
 
@@ -67,6 +68,61 @@ class ReadinessContext:
         self.now = now
 
     @cached_property
+    def window_expected(self) -> bool:
+        """The device runs on PostgreSQL, so a standby is kept (an
+        unreadable profile counts: better a finding than a silence)."""
+        try:
+            active = profiles.resolve_active_profile(self.data_dir)
+        except RollbackError:
+            return True
+        return active.name == profiles.POSTGRES
+
+    @cached_property
+    def replicator(self) -> window_standby.ReplicatorHealth:
+        return window_standby.replicator_health(self.data_dir)
+
+    @cached_property
+    def replicator_broken(self) -> bool:
+        """replicate_changes' last rounds failed, and not because
+        PostgreSQL is down (then the standby is as current as it can
+        be): a replicator that cannot reach a PostgreSQL that answers
+        here is misconfigured, not waiting."""
+        health = self.replicator
+        if not (self.window_expected and health.failing):
+            return False
+        return not health.postgres_down or self.postgres_answers
+
+    @cached_property
+    def postgres_answers(self) -> bool:
+        if self.postgres_alias is None:
+            return False
+        try:
+            schema.check_connection(self.postgres_alias)
+        except RollbackError:
+            return False
+        return True
+
+    @cached_property
+    def usable_standby(self) -> tuple[window_standby.Position | None, str]:
+        """(position, '') of a standby a rollback could restore with
+        PostgreSQL down, or (None, why not)."""
+        position, why = window_standby.usable_standby(self.data_dir)
+        if position is None:
+            return None, why
+        if self.replicator_broken:
+            return None, self.replicator.describe()
+        state = self.standby_migrations
+        if state is not None and state.unknown:
+            path = window_standby.standby_path(self.data_dir)
+            return None, f'standby {path} {schema.describe_state(state)}'
+        return position, ''
+
+    @cached_property
+    def standby_migrations(self) -> schema.MigrationState | None:
+        labels = window_standby.standby_migrations(self.data_dir)
+        return None if labels is None else file_migration_state(labels)
+
+    @cached_property
     def backups(self) -> list[backup.BackupInfo]:
         return backup.list_backups(self.backup_dir)
 
@@ -103,6 +159,22 @@ class ReadinessContext:
 Check = Callable[[ReadinessContext], ReadinessCheck]
 
 
+def file_migration_state(labels: list[str]) -> schema.MigrationState:
+    """The migrations a file records (`app.name`), held against this
+    code's by Django's loader: unknown ones (the file is ahead: no
+    rollback may use it) and pending ones (behind: the rollback
+    migrates it forward in isolation). The same check as the rollback's
+    and backup_database's (schema.migration_state)."""
+    return schema.migration_state(schema.parse_labels(labels))
+
+
+def _migrations_note(state: schema.MigrationState | None) -> str:
+    if state is None or not state.pending:
+        return ''
+    return (f'; {len(state.pending)} migrations behind this code: a '
+            'rollback migrates it forward in isolation')
+
+
 # A backup dated further ahead than this is a finding, not fresh.
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
@@ -117,8 +189,16 @@ def check_backup_fresh(ctx: ReadinessContext) -> ReadinessCheck:
     name = 'backup_age'
     latest = ctx.latest_verified
     if latest is None:
+        position, why = ctx.usable_standby
+        # With PostgreSQL down a rollback restores a backup or the
+        # standby: say when neither would do.
+        standby = ('; with PostgreSQL down a rollback would restore the '
+                   'standby' if position is not None else
+                   f' and no usable standby ({why}): with PostgreSQL down '
+                   'no rollback could run')
         return ReadinessCheck(name, False, f'no verified backup in '
-                              f'{ctx.backup_dir}; run backup_database')
+                              f'{ctx.backup_dir}{standby}; run '
+                              'backup_database')
     limit = timedelta(hours=ctx.max_age_hours)
     age = _age(ctx, latest.created_at)
     ahead = latest.created_at - ctx.now
@@ -148,8 +228,14 @@ def check_backup_integrity(ctx: ReadinessContext) -> ReadinessCheck:
     if not verification.valid:
         return ReadinessCheck(name, False, f'{verification.path.name}: '
                               f'{verification.reasons[0]}')
+    # (verify_backup refuses a backup ahead of this code: only a file
+    # behind it is left to note.)
+    labels = (verification.manifest or {}).get('migrations')
+    state = (file_migration_state(labels) if isinstance(labels, list)
+             else None)
     return ReadinessCheck(name, True, f'{verification.path.name}: sha256, '
-                          f'integrity and row counts match')
+                          f'integrity and row counts match'
+                          f'{_migrations_note(state)}')
 
 
 def check_disk_space(ctx: ReadinessContext) -> ReadinessCheck:
@@ -330,10 +416,22 @@ def check_window(ctx: ReadinessContext) -> ReadinessCheck:
 
 
 def check_standby(ctx: ReadinessContext) -> ReadinessCheck:
-    """Informational: the standby replicate_changes keeps (what a
-    rollback with PostgreSQL down would restore) and how far behind."""
-    from anthias_rollback.window import standby as window_standby
-
+    """The standby replicate_changes keeps (what a rollback with
+    PostgreSQL down would restore) and how far behind: informational,
+    but not ready when replicate_changes' last rounds failed (the
+    standby stopped following) or the standby records migrations this
+    code does not know (no rollback may use it)."""
+    if ctx.replicator_broken:
+        return ReadinessCheck('standby', False, ctx.replicator.describe())
+    migrations = ctx.standby_migrations
+    if migrations is not None and migrations.unknown:
+        return ReadinessCheck(
+            'standby', False, f'standby '
+            f'{window_standby.standby_path(ctx.data_dir)} '
+            f'{schema.describe_state(migrations)}: a rollback with '
+            'PostgreSQL down cannot restore it; deploy the code that '
+            'applied them, or switch_database --to postgres again for a '
+            'new standby')
     state = window_standby.standby_state(ctx.data_dir, ctx.postgres_alias)
     if state.position is None:
         return ReadinessCheck('standby', False, state.problem or
@@ -346,10 +444,13 @@ def check_standby(ctx: ReadinessContext) -> ReadinessCheck:
                               f'{state.position_at}{pending}: '
                               f'{state.problem}', informational=True)
     problem = f'; {state.problem}' if state.problem else ''
+    health = ctx.replicator
+    if ctx.window_expected and health.failing:   # PostgreSQL down
+        problem += f'; {health.describe()}'
     return ReadinessCheck(
         'standby', True, f'standby at {state.position_at} '
-        f'({state.lag_seconds:.1f}s behind{pending}){problem}',
-        informational=True)
+        f'({state.lag_seconds:.1f}s behind{pending}){problem}'
+        f'{_migrations_note(migrations)}', informational=True)
 
 
 CHECKS: list[Check] = [

@@ -266,3 +266,53 @@ def test_a_backup_dated_in_the_future_is_a_finding_not_fresh(device):
     assert not report.ready
     reason = by_name(report)['backup_age'].reason
     assert 'dated in the future' in reason and '48.0h ahead' in reason
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_no_backup_and_no_usable_standby_is_not_ready(device):
+    """With PostgreSQL down a rollback restores a backup or the standby:
+    neither, and readiness says no rollback could run."""
+    report = run(device)
+    assert not report.ready
+    reason = by_name(report)['backup_age'].reason
+    assert 'and no usable standby (no standby)' in reason
+    assert 'with PostgreSQL down no rollback could run' in reason
+    assert reason.endswith('run backup_database')
+
+
+def _record_migrations(path, rows):
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute('CREATE TABLE IF NOT EXISTS django_migrations (id INTEGER '
+                 'PRIMARY KEY, app TEXT, name TEXT, applied TEXT)')
+    conn.executemany('INSERT INTO django_migrations (app, name, applied) '
+                     "VALUES (?, ?, '2026-01-01')", rows)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_a_backup_ahead_of_the_code_is_not_ready_behind_is_a_note(device):
+    from django.db import connections
+    from django.db.migrations.recorder import MigrationRecorder
+
+    _data, live, backups = device
+    recorded = list(MigrationRecorder(
+        connections['postgres']).applied_migrations())
+    # Behind: every migration of this code but the newest one of an app.
+    _record_migrations(live, recorded[:-1])
+    backup.create_backup(live, backups)
+    report = run(device)
+    check = by_name(report)['backup_integrity']
+    assert check.ok and report.ready, report.checks
+    assert 'migrations behind this code: a rollback migrates it ' \
+        'forward' in check.reason
+    # Ahead: a migration this code has never heard of.
+    _record_migrations(live, [recorded[-1], ('anthias_app', '9999_future')])
+    backup.create_backup(live, backups)
+    report = run(device)
+    check = by_name(report)['backup_integrity']
+    assert not report.ready and not check.ok
+    assert 'records migrations this code does not know ' \
+        '(anthias_app.9999_future)' in check.reason

@@ -7,7 +7,10 @@ Checks: a verified backup younger than --max-age-hours; the newest
 backup's integrity; free disk in the data dir >= 3 x the database; the
 live SQLite path is writable; pg_dump runs (ANTHIAS_PG_DUMP); no other
 operation holds the lock; PostgreSQL reachable (informational: decides
-whether a zero-loss rollback from PostgreSQL is possible). For cron and
+whether a zero-loss rollback from PostgreSQL is possible); the path with
+PostgreSQL down: not ready when replicate_changes' last rounds failed,
+or the standby or newest backup records migrations this code does not
+know (a file merely behind is migrated forward: a note). For cron and
 monitoring.
 
 Exit codes: 0 ready; 1 the check itself could not run; 2 usage error;
@@ -22,9 +25,10 @@ from anthias_rollback.management.types import path_arg, positive_hours
 
 class Command(RollbackCommand):
     help = ('Check whether a rollback could run now (backup age and '
-            'integrity, disk, writable SQLite path, pg_dump, lock; '
-            'PostgreSQL informational). Exit codes: 0 ready, 1 the check '
-            'could not run, 2 usage, 3 not ready.')
+            'integrity, disk, writable SQLite path, pg_dump, lock, a '
+            'failing replicate_changes, a standby or backup ahead of this '
+            'code; PostgreSQL informational). Exit codes: 0 ready, 1 the '
+            'check could not run, 2 usage, 3 not ready.')
 
     def add_arguments(self, parser):
         parser.add_argument('--max-age-hours', type=positive_hours,
