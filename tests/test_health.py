@@ -148,3 +148,26 @@ def test_bad_state_file_is_degraded_and_named(data_dir):
         assert response.status_code == 503
         assert response.json() == {'status': 'degraded',
                                    'profile': 'unknown'}
+
+
+@pytest.mark.django_db(databases=['default', 'sqlite'], transaction=True)
+def test_standby_block_only_on_postgres_and_never_for_remote_callers(
+        data_dir):
+    """A failure replicate_changes recorded in a window that ended (the
+    device rolled back to SQLite) says nothing about this device; on
+    postgres it is a warning and a block, for local callers only."""
+    from anthias_rollback import profiles
+    from anthias_rollback.window import standby as window_standby
+
+    window_standby.record_round(data_dir, 'round failed: disk I/O error')
+    body = Client().get('/health').json()
+    assert body['standby'] is None and body['warnings'] == []
+    profiles.write_active_profile(data_dir, 'postgres', {})
+    report = health.check_health('sqlite')
+    assert report.standby['failing'] is True
+    assert report.standby['last_error'] == 'round failed: disk I/O error'
+    assert report.status == 'ok'
+    assert any('replicate_changes is failing: round failed: disk I/O '
+               'error' in w for w in report.warnings)
+    remote = Client(REMOTE_ADDR='192.0.2.7').get('/health').json()
+    assert 'standby' not in remote and 'warnings' not in remote

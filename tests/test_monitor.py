@@ -546,3 +546,47 @@ def test_standby_lag_threshold_comes_from_settings(settings):
         with pytest.raises(ConfigError,
                            match='ANTHIAS_ROLLBACK_MONITOR_MAX_STANDBY_LAG'):
             monitor_rules.default_max_standby_lag()
+
+
+@pytest.mark.django_db(**PG)
+def test_a_failing_replicator_is_one_alert_with_its_error_then_cleared(
+        data_dir, settings):
+    import sqlite3
+
+    from anthias_rollback.exceptions import ReplicationError
+
+    def rename(old, new):
+        conn = sqlite3.connect(window_standby.standby_path(data_dir))
+        conn.execute(f'ALTER TABLE {old} RENAME TO {new}')
+        conn.commit()
+        conn.close()
+
+    seed_device(settings, n_assets=5)
+    replicate_once(data_dir)
+    rename('assets', 'assets_away')     # a real failure, every round
+    AssetFactory.build(asset_id='needs-the-table').save(using='postgres')
+    with pytest.raises(ReplicationError):
+        replicate_once(data_dir)
+    seen = []
+
+    def on_probe(rnd):
+        seen.append(rnd)
+        if rnd.number == 2:
+            rename('assets_away', 'assets')
+            replicate_once(data_dir)     # mended: the next round succeeds
+
+    fake = FakeTime()
+    result = monitor_loop.run_monitor(standby_config(data_dir, max_probes=4),
+                                      on_probe=on_probe, sleep=fake.sleep,
+                                      clock=fake.clock,
+                                      prober=ScriptedProber(1))
+    assert alert_kinds(seen) == [
+        [(monitor_rules.REPLICATOR_FAILING, False)], [],
+        [(monitor_rules.REPLICATOR_FAILING, True)], []]
+    raised = seen[0].alerts[0].message
+    assert 'replicate_changes is failing: round failed: no such table: ' \
+        'assets' in raised
+    assert seen[0].standby.state == monitor_rules.STANDBY_FAILING
+    assert 'no such table: assets' in seen[0].standby.last_error
+    assert 'replicate_changes succeeds again' in seen[2].alerts[0].message
+    assert not result.triggered
