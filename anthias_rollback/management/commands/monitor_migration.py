@@ -10,8 +10,9 @@ in-process (Django's test client) or over HTTP with --base-url. A trigger
 unreachable) counts only after --consecutive bad rounds in a row. Record a
 baseline on SQLite first with --record-baseline. While the profile is
 postgres and a rollback window is open, the standby replicate_changes
-keeps is checked too: more than --max-standby-lag seconds behind, or
-missing, is an ALERT (stderr, once when it begins and once when it ends),
+keeps is checked too: more than --max-standby-lag seconds behind,
+missing, or replicate_changes' last rounds failed (the alert names its
+last error), is an ALERT (stderr, once when it begins and once when it ends),
 never a trigger, even with --auto-rollback. --json-lines streams one JSON
 object per round; --json prints one final JSON document.
 
@@ -66,11 +67,11 @@ class Command(RollbackCommand):
     help = ('Probe /health and ANTHIAS_ROLLBACK_VERIFY_URLS every '
             '--interval seconds after a cutover; on a persisting trigger, '
             'alert (exit 3) or, with --auto-rollback, run rollback_migration '
-            '--emergency; a lagging or missing standby is an alert, never '
-            'a rollback. Exit codes: 0 no trigger and no alert (or rolled '
-            'back), 1 could not run / rollback failed, 2 usage, 3 trigger '
-            'fired or standby alert, 4 rolled back but its follow-up '
-            'failed.')
+            '--emergency; a lagging or missing standby or a failing '
+            'replicate_changes is an alert, never a rollback. Exit codes: '
+            '0 no trigger and no alert (or rolled back), 1 could not run '
+            '/ rollback failed, 2 usage, 3 trigger fired or standby alert, '
+            '4 rolled back but its follow-up failed.')
 
     def add_arguments(self, parser):
         parser.add_argument('--interval', type=positive_float, default=5.0,
