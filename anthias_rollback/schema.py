@@ -162,14 +162,15 @@ def ensure_schema(alias: str) -> list[str]:
     Raises SchemaMismatchError naming the alias when `migrate` fails (no
     permission to create tables, disk full on the server...).
     """
-    pending = pending_migrations(alias)
-    if not pending:
-        return []
     try:
-        # Data migrations writing through the default manager must land
-        # on *alias*, in its transaction, even when the host did not
-        # install BothProfilesRouter.
+        # Data migrations writing through the default manager (or naming
+        # `default`) must land on *alias*, in its transaction, even when
+        # the host did not install BothProfilesRouter; and migrations
+        # first imported here see *alias*'s vendor as `connection`'s.
         with routers.migrating(alias):
+            pending = pending_migrations(alias)
+            if not pending:
+                return []
             call_command('migrate', database=alias, interactive=False,
                          verbosity=0, stdout=StringIO(), stderr=StringIO())
     except DatabaseError as err:
