@@ -139,6 +139,12 @@ def _resolve() -> None:
     left, right = _registry.aliases or ('', '')
     found: EngineTables | None = None
     if not _registry.unreachable:
+        # A connection this look opens is closed after it: an open one
+        # on the live SQLite file made a rollback's swap fail ("disk I/O
+        # error") and left an empty -wal beside it after a dry run.
+        closed = [a for a in (left, right)
+                  if a in connections and
+                  connections[a].connection is None]
         try:
             tables = find_engine_tables(left, right)
         except _NotComparable:
@@ -148,6 +154,9 @@ def _resolve() -> None:
             # not this run's to read: the record, and not asked again.
             _registry.unreachable = True
             tables = None
+        finally:
+            for alias in closed:
+                connections[alias].close()
         if tables is not None:
             found = EngineTables(tables, 'introspected', rebuild_commands())
             _registry.final = True
