@@ -285,6 +285,37 @@ def target_data_rows(alias: str, model_list: list[type[models.Model]]
     return counts
 
 
+def beyond_migrate(occupied: dict[str, int],
+                   model_list: list[type[models.Model]]) -> dict[str, int]:
+    """The entries of *occupied* (rows per model label on a target) that
+    are more than this code's migrations make in an empty database.
+
+    Third-party data migrations fill tables (a CMS's root page, default
+    groups, a settings row): after the runbook's `migrate --database
+    postgres` those rows are all PostgreSQL holds, and the copy replaces
+    them. What migrate makes is measured, not listed: the migrations run
+    on a scratch SQLite file in an isolated child (schema_build), and a
+    table holding no more rows than that there counts as migrate's. Run
+    only when the target holds rows (the first move's usual case)."""
+    import tempfile
+    from pathlib import Path
+
+    from anthias_rollback import schema_build
+    from anthias_rollback.engines import sqlite_file
+
+    with tempfile.TemporaryDirectory(prefix='anthias-scratch-') as tmp:
+        scratch = Path(tmp) / 'scratch.db'
+        schema_build.migrate_file(scratch, timeout=600.0)
+        conn = sqlite_file.sqlite_open_readonly(scratch, 5.0)
+        try:
+            made = sqlite_file.sqlite_table_counts(conn)
+        finally:
+            conn.close()
+    tables = {m._meta.label: m._meta.db_table for m in model_list}
+    return {label: rows for label, rows in occupied.items()
+            if rows > made.get(tables.get(label, ''), 0)}
+
+
 # ---------------------------------------------------------------- transfer
 
 def transfer_data(source_alias: str, target_alias: str, *,
@@ -319,12 +350,15 @@ def transfer_data(source_alias: str, target_alias: str, *,
             emit(progress, PHASE_START, 'checking the target')
             occupied = target_data_rows(target_alias, model_list)
             if occupied and not replace:
+                occupied = beyond_migrate(occupied, model_list)
+            if occupied and not replace:
                 listed = ', '.join(f'{k} ({v} rows)'
                                    for k, v in occupied.items())
                 raise TransferError(
                     f'{describe_alias(target_alias)} already holds data: '
-                    f'{listed}; use --replace to overwrite it or --repair '
-                    f'to make it equal to the source')
+                    f'{listed} (more rows than `migrate` makes); use '
+                    '--replace to overwrite it or --repair to make it '
+                    'equal to the source')
             fk = _foreign_key_problems(source_alias, specs)
             if fk:
                 raise_problems(fk, len(fk), describe_alias(target_alias))
