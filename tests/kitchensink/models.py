@@ -74,7 +74,6 @@ class Membership(models.Model):
         unique_together = (('person', 'item'),)
 
 
-
 # Only in a run with ANTHIAS_TEST_COMPOSITE=1 (tests/test_window_composite.py
 # starts one): until copy and compare take composite keys, every other
 # test that copies or compares all models would meet it.
