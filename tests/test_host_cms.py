@@ -295,7 +295,9 @@ def test_cms_runbook(tmp_path, cms_database):
     device.step('export_unapplied_writes', 'export_unapplied_writes')
     assert_same(device, 'after the standby rollback', device.sqlite)
 
-    # A new window, more edits, then the full copy from PostgreSQL.
+    # A new window (the runbook: the copy again, then the switch), more
+    # edits, then the full copy from PostgreSQL.
+    device.step('migrate again', 'migrate_to_postgres', '--replace')
     device.step('switch to postgres again', 'switch_database', '--to',
                 'postgres')
     filled(device, 'fill on PostgreSQL again', '--phase', 'again')

@@ -61,12 +61,19 @@ def sqlite_tables(path: Path) -> dict[str, list[str]]:
         conn.close()
 
 
+# SQLite keeps a decimal in a NUMERIC column as a REAL: no device can
+# hold more than 15 significant digits there (Django reads it back so).
+# Across the engines a number is compared at that width; a wider value
+# written on PostgreSQL is "the same row" when SQLite holds all it can.
+_SQLITE_DIGITS = decimal.Context(prec=15)
+
+
 def _number(value) -> decimal.Decimal | None:
     if value is None:
         return None
     if isinstance(value, float):
-        return decimal.Decimal(value).normalize()
-    return decimal.Decimal(str(value)).normalize()
+        return _SQLITE_DIGITS.create_decimal_from_float(value).normalize()
+    return _SQLITE_DIGITS.create_decimal(str(value)).normalize()
 
 
 def _when(value) -> dt.datetime | None:
