@@ -30,6 +30,7 @@ from django.conf import settings
 from django.db import connections
 
 from anthias_rollback import conf, engines, fsutil, schema
+from anthias_rollback.engines.sqlite_schema import sqlite_file_schema
 from anthias_rollback.exceptions import RollbackError
 from anthias_rollback.report import first_line, redact
 
@@ -182,21 +183,17 @@ def find_engine_tables(sqlite_alias: str, postgres_alias: str
     """Planned tables (every concrete managed model, exclusions aside)
     missing on one alias or with other column names there, sorted.
 
-    Reads both schemas (Django's introspection) and django_migrations.
+    Reads both schemas and django_migrations: the SQLite file read-only
+    (engines.sqlite_schema), PostgreSQL through Django's introspection.
     Raises _NotComparable when the applied migrations differ (then the
-    schemas differ for that reason), RollbackError or DatabaseError when
-    an alias cannot be read.
+    schemas differ for that reason), RollbackError, DatabaseError, OSError
+    or sqlite3.Error when an alias cannot be read.
     """
-    problem = engines.for_alias(sqlite_alias).source_problem(sqlite_alias)
-    if problem:
-        raise RollbackError(problem)
-    left_migrations = schema.applied_migrations(sqlite_alias)
-    right_migrations = schema.applied_migrations(postgres_alias)
+    planned = sorted({m._meta.db_table for m in _planned_models()})
+    left_migrations, left = _schema(sqlite_alias, planned)
+    right_migrations, right = _schema(postgres_alias, planned)
     if left_migrations != right_migrations or not left_migrations:
         raise _NotComparable()
-    planned = sorted({m._meta.db_table for m in _planned_models()})
-    left = _columns(sqlite_alias, planned)
-    right = _columns(postgres_alias, planned)
     return tuple(t for t in planned if left.get(t) != right.get(t))
 
 
@@ -206,9 +203,14 @@ def _planned_models() -> list:
                     or m._meta.swapped)]
 
 
-def _columns(alias: str, tables: list[str]
-             ) -> dict[str, frozenset[str] | None]:
-    """Column names per table of *tables* that exists on *alias*."""
+def _schema(alias: str, tables: list[str]
+            ) -> tuple[set[tuple[str, str]],
+                       dict[str, frozenset[str] | None]]:
+    """(applied migrations, column names per table, None if missing)."""
+    if engines.is_sqlite(alias):
+        return sqlite_file_schema(
+            Path(connections[alias].settings_dict['NAME']), tables)
+    migrations = schema.applied_migrations(alias)
     connection = connections[alias]
     existing = set(connection.introspection.table_names())
     found: dict[str, frozenset[str] | None] = {}
@@ -220,7 +222,7 @@ def _columns(alias: str, tables: list[str]
             found[table] = frozenset(
                 c.name for c in connection.introspection
                 .get_table_description(cursor, table))
-    return found
+    return migrations, found
 
 
 # ------------------------------------------------------------- the record
