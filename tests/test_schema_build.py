@@ -237,3 +237,81 @@ def test_backup_verification_agrees_with_the_rollback(tmp_path):
                                "'2026-12-01')")
     assert any('sessions.0099_newer' in r and 'does not know' in r
                for r in ahead), ahead
+
+
+def settings_rows(path) -> dict:
+    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+    try:
+        return dict(conn.execute(
+            'SELECT key, value FROM models_corners_setting'))
+    finally:
+        conn.close()
+
+
+def recorded(path) -> set:
+    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+    try:
+        return {f'{a}.{n}' for a, n in conn.execute(
+            'SELECT app, name FROM django_migrations')}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(databases=['postgres'])
+def test_cms_backup_from_before_a_release_is_migrated_forward(
+        tmp_path, cms_database):  # noqa: F811
+    """Issue 20 on the CMS host: a backup made at release 1, restored by
+    release 2 (tests.hosts.cms.release2: a data migration through the
+    default manager), is migrated forward in the new file and restored;
+    the backup is not changed. A backup made at release 2 is refused by
+    release 1, naming the migration it does not know."""
+    from anthias_rollback.engines.sqlite_file import file_sha256
+
+    data = tmp_path / 'data'
+    data.mkdir()
+    device = Device(data, cms_database)
+
+    def run(*args, expect=(0,)):
+        done = device.run(*args)
+        assert done.returncode in expect, (done.stdout
+                                           + done.stderr)[-3000:]
+        assert 'Traceback' not in done.stderr
+        return done
+
+    run('migrate', '--database', 'sqlite', '--noinput')
+    run('migrate', '--database', 'postgres', '--noinput')
+    run('backup_database')
+    old = list(data.rglob('anthias_backup_*.db'))
+    assert len(old) == 1
+    digest = file_sha256(old[0])
+    run('switch_database', '--to', 'postgres', '--force')
+    device.release = 2
+    run('migrate', '--database', 'postgres', '--noinput')
+    run('rollback_migration', '--emergency', '--source', 'backup',
+        '--backup-path', str(old[0]), expect=(0, 4))
+    assert file_sha256(old[0]) == digest
+    assert 'release2.0001_release2_data' in recorded(device.sqlite)
+    assert settings_rows(device.sqlite) == {
+        'seeded-by-0002': 'first release, upgraded',
+        'release-2': 'second release'}
+    report = json.loads(max((data / 'reports').glob('rollback_*.json'))
+                        .read_text())
+    forward = [p for p in report['phases']
+               if p['name'] == 'migrate-forward']
+    assert forward and ('migrated forward: release2.0001_release2_data'
+                        in forward[0]['detail'])
+
+    # A backup made at release 2, restored by release 1: a downgrade.
+    run('backup_database')
+    new, = set(data.rglob('anthias_backup_*.db')) - set(old)
+    assert 'release2.0001_release2_data' in recorded(new)
+    run('switch_database', '--to', 'postgres', '--force')
+    device.release = 1
+    live = raw_tables.sqlite_fingerprint(device.sqlite)
+    done = run('rollback_migration', '--emergency', '--source', 'backup',
+               '--backup-path', str(new), expect=(1,))
+    output = done.stdout + done.stderr
+    assert 'release2.0001_release2_data' in output
+    assert 'does not know' in output
+    assert raw_tables.sqlite_fingerprint(device.sqlite) == live
