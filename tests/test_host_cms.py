@@ -220,7 +220,6 @@ def filled(device: Device, name: str, *args: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='issue 19: the fixes are not in yet')
 @pytest.mark.django_db(databases=['postgres'])
 def test_cms_runbook(tmp_path, cms_database):
     """check, migrate both aliases, backup, migrate_to_postgres,
