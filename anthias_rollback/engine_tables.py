@@ -140,9 +140,9 @@ def _resolve() -> None:
     left, right = _registry.aliases or ('', '')
     found: EngineTables | None = None
     if not _registry.unreachable:
-        # A connection this look opens is closed after it: an open one
-        # on the live SQLite file made a rollback's swap fail ("disk I/O
-        # error") and left an empty -wal beside it after a dry run.
+        # A connection this look opens is closed after it: the caller's
+        # aliases stay as they were (the SQLite side is read from the
+        # file read-only, engines/sqlite_schema.py says why).
         closed = [a for a in (left, right)
                   if a in connections and
                   connections[a].connection is None]
