@@ -228,3 +228,35 @@ def test_every_model_shape_copies_and_compares_exactly(
     code, report = validate(device)
     assert code == 0 and report['ok'], [
         m for m in report['models'] if not m['ok']]
+
+
+# -- the value rules, without a database ------------------------------------
+
+def test_stored_decimal_is_the_exact_stored_number_at_the_scale():
+    from decimal import Decimal
+
+    from anthias_rollback.fields import stored_decimal
+
+    # SQLite's REAL for 12345678901234567890.0123456789: Django reads it
+    # back as 12345678901234600000 (15 digits); the column holds this.
+    assert stored_decimal(1.2345678901234567e19, 10) == Decimal(
+        '12345678901234567168.0000000000')
+    assert stored_decimal(-0.0009765625, 10) == Decimal('-0.0009765625')
+    # numeric's input rounds half away from zero.
+    assert stored_decimal(2.5, 0) == 3
+    assert stored_decimal(-2.5, 0) == -3
+    assert stored_decimal('1.25', 1) == Decimal('1.3')
+    assert stored_decimal(7, 2) == Decimal('7.00')
+    with pytest.raises(TypeError):
+        stored_decimal(b'1', 2)
+
+
+def test_canonical_decimal_keeps_every_digit_of_a_wide_column():
+    from decimal import Decimal
+
+    from anthias_rollback.normalize import canonical_decimal
+
+    # 30 digits: the default context's 28 made these two equal.
+    assert canonical_decimal(Decimal('12345678901234567168.0000000001')) \
+        != canonical_decimal(Decimal('12345678901234567168.0000000000'))
+    assert canonical_decimal(Decimal('1.5000')) == canonical_decimal(1.5)
