@@ -131,8 +131,8 @@ def test_migrating_without_the_router_installed(settings):
         assert router.routers == []
         assert router.db_for_write(User) == 'default'
     finally:
-        settings.DATABASE_ROUTERS = ['anthias_rollback.routers.'
-                                     'BothProfilesRouter']
+        settings.DATABASE_ROUTERS = [
+            'anthias_rollback.routers.BothProfilesRouter']
         forget()
 
 
