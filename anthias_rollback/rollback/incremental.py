@@ -29,8 +29,8 @@ from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ReplicationError
+from anthias_rollback.fields import is_composite_key
 from anthias_rollback.rollback.state import RunState, count_rows
-from anthias_rollback.transfer.values import is_composite_key
 from anthias_rollback.window import applier as window_applier
 from anthias_rollback.window import standby as window_standby
 

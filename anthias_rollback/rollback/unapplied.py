@@ -17,11 +17,11 @@ from django.db import DatabaseError, connections
 from anthias_rollback import models_graph, schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.fields import is_composite_key
 from anthias_rollback.report import describe_alias, first_line
 from anthias_rollback.rollback.render import load_result
 from anthias_rollback.rollback.sources import export_rows
 from anthias_rollback.rollback.state import Source
-from anthias_rollback.transfer.values import is_composite_key
 from anthias_rollback.window import applier as window_applier
 from anthias_rollback.window import journal as window_journal
 

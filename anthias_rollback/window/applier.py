@@ -20,13 +20,12 @@ from anthias_rollback import engines, faults, fields, models_graph
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.exceptions import ReplicationError
-from anthias_rollback.transfer.values import (
-    Converter,
-    ModelSpec,
+from anthias_rollback.fields import (
     is_composite_key,
     key_columns,
     key_fields,
 )
+from anthias_rollback.transfer.values import Converter, ModelSpec
 from anthias_rollback.window.standby import CHUNK
 
 

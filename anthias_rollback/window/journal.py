@@ -24,8 +24,8 @@ from django.db import DatabaseError, transaction
 from anthias_rollback import faults, models_graph, profiles, schema
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.exceptions import RollbackError
+from anthias_rollback.fields import key_columns
 from anthias_rollback.report import describe_alias, first_line
-from anthias_rollback.transfer.values import key_columns
 from anthias_rollback.window import standby as window_standby
 
 
