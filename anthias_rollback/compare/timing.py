@@ -69,7 +69,9 @@ def _time_query(run: Callable[[str], Any], alias: str) -> float:
 
 
 def _indexed_field(model: type[models.Model]) -> models.Field | None:
-    for f in model._meta.concrete_fields:
+    # This model's own table's (a multi-table child's parent fields are
+    # timed with the parent).
+    for f in model._meta.local_concrete_fields:
         if f.primary_key:
             continue
         if f.db_index or f.unique or f.is_relation:
