@@ -324,3 +324,22 @@ def test_failed_rebuild_after_a_rollback_is_a_warning_and_exit_4(
     assert any(w.startswith('rebuild after the rollback: ')
                for w in report['warnings'])
     assert 'Traceback' not in out.getvalue() + err.getvalue()
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_failed_rebuild_after_migrate_to_postgres_is_exit_4(settings):
+    """The copy is committed; the failed rebuild command is reported
+    with its last line (stdout and --json) and the exit code is 4."""
+    make_kitchen_sink('sqlite')
+    settings.ANTHIAS_ROLLBACK_REBUILD_COMMANDS = [
+        'check', 'migrate no_such_app_here --noinput']
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError) as excinfo:
+        call_command('migrate_to_postgres', stdout=out, stderr=err)
+    assert excinfo.value.returncode == 4, str(excinfo.value)
+    assert 'copied, but a rebuild command failed: migrate ' \
+        'no_such_app_here --noinput: failed (exit 1: ' in str(excinfo.value)
+    assert 'rebuild: check: ok' in out.getvalue()
+    assert Item.objects.using('postgres').count() == \
+        Item.objects.using('sqlite').count() > 0
+    assert 'Traceback' not in out.getvalue() + err.getvalue()
