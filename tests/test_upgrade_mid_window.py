@@ -34,6 +34,8 @@ cms_database = test_host_cms.cms_database
 
 NEW_TABLE = 'release3_notice'
 SETTING = 'models_corners_setting'
+# Tables `migrate` fills itself (post_migrate): the upgrade adds rows.
+MIGRATE_MADE = {'auth_permission', 'django_content_type'}
 
 
 def ok(done: subprocess.CompletedProcess, *codes: int) -> str:
@@ -195,6 +197,12 @@ def test_c_postgres_killed_from_a_backup_before_the_upgrade(
             left = [r for r in left if r[1] != 'release-2'
                     and r[1] != 'seeded-by-0002']
             right = [r for r in right if r[1] != 'seeded-by-0002']
+        if table in MIGRATE_MADE:
+            # migrate's post_migrate adds the new model's rows.
+            extra = set(left) - set(right)
+            assert set(right) <= set(left), table
+            assert extra and all('notice' in repr(r) for r in extra), extra
+            continue
         assert left == right, table
     assert 'priority' in after[SETTING]
     assert {p for (p,) in sqlite_rows(device.sqlite, SETTING,
