@@ -8,6 +8,7 @@ from django.core.management import CommandError, call_command
 
 from anthias_rollback.drill import history as drill_history
 from tests.conftest import postgres_url_for, run_manage
+from tests.kitchensink.models import Category
 from tests.test_drill_run import (
     closed_port,
     fingerprint_dir,
@@ -62,13 +63,12 @@ def test_json_prints_the_report_only(data_dir):
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
-def test_broken_transfer_setting_exits_3_naming_the_step(data_dir,
-                                                         settings):
-    settings.ANTHIAS_ROLLBACK_MIGRATE_CREATED = ''
+def test_failed_transfer_exits_3_naming_the_step(data_dir, settings):
+    # A value PostgreSQL refuses (a NUL in text) in the live file.
+    Category.objects.using('sqlite').create(name='bad\x00name')
     out = StringIO()
     with pytest.raises(CommandError) as excinfo:
-        call_command('rollback_drill', '--seed', '20', stdout=out,
-                     stderr=StringIO())
+        call_command('rollback_drill', stdout=out, stderr=StringIO())
     assert excinfo.value.returncode == 3
     last = out.getvalue().splitlines()[-1]
     assert last.startswith('FAIL: rollback drill failed at step transfer')
