@@ -47,6 +47,9 @@ INSTALLED_APPS = [
     'django.contrib.sessions',
     'django.contrib.messages',
     'django.contrib.staticfiles',
+    # Django 6.0 checks it for wagtailsearch's PostgreSQL index
+    # (postgres.E005); a real wagtail site on PostgreSQL needs it too.
+    'django.contrib.postgres',
 ]
 if os.environ.get('CMS_HOST_RELEASE') == '2':
     INSTALLED_APPS.insert(2, 'tests.hosts.cms.release2')
