@@ -6,6 +6,7 @@ Reads only, but for ensure_schema. Raises DatabaseUnavailableError
 naming the alias and host:port, never the password, when the alias does
 not answer.
 """
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from io import StringIO
@@ -156,6 +157,26 @@ def diff_migrations(left_alias: str, right_alias: str
             sorted(f'{a}.{n}' for a, n in right - left))
 
 
+def forget_migration_modules() -> None:
+    """Drop the installed apps' migration modules from sys.modules, so
+    the next MigrationLoader imports them again.
+
+    Some migrations choose their operations from `django.db.connection`'s
+    vendor when imported (wagtailsearch 0006: an FTS5 table on SQLite,
+    tsvector columns on PostgreSQL). Imported once in a process whose
+    `default` is SQLite (a backup's migration check, say), the module
+    would later create SQLite's table on PostgreSQL."""
+    from django.apps import apps
+
+    prefixes = []
+    for config in apps.get_app_configs():
+        module, _ = MigrationLoader.migrations_module(config.label)
+        if module:
+            prefixes.append(module + '.')
+    for name in [n for n in sys.modules if n.startswith(tuple(prefixes))]:
+        del sys.modules[name]
+
+
 def ensure_schema(alias: str) -> list[str]:
     """Apply pending migrations on *alias*; return their labels.
 
@@ -166,8 +187,10 @@ def ensure_schema(alias: str) -> list[str]:
         # Data migrations writing through the default manager (or naming
         # `default`) must land on *alias*, in its transaction, even when
         # the host did not install BothProfilesRouter; and migrations
-        # first imported here see *alias*'s vendor as `connection`'s.
+        # imported here (again: forget_migration_modules) see *alias*'s
+        # vendor as `connection`'s.
         with routers.migrating(alias):
+            forget_migration_modules()
             pending = pending_migrations(alias)
             if not pending:
                 return []

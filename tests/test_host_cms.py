@@ -248,6 +248,12 @@ def test_cms_runbook(tmp_path, cms_database):
                      before)
     filled(device, 'fill on SQLite', '--phase', 'before')
     device.step('backup', 'backup_database', '--retention-days', '14')
+    # The docs' step 5 rehearses the whole loop in a sandbox, on the
+    # configured server (a scratch database): live data untouched.
+    before = raw_tables.sqlite_fingerprint(device.sqlite)
+    device.step('drill', 'rollback_drill', '--no-embedded-postgres',
+                says='PASS')
+    sqlite_unchanged(device, 'rollback_drill', device.sqlite, before)
     before = raw_tables.sqlite_fingerprint(device.sqlite)
     device.step('migrate_to_postgres', 'migrate_to_postgres')
     sqlite_unchanged(device, 'migrate_to_postgres', device.sqlite, before)

@@ -54,6 +54,7 @@ from anthias_rollback import (
     phases,
     profiles,
     rollback,
+    routers,
     schema,
     transfer,
 )
@@ -306,7 +307,11 @@ def _execute(run: DrillRun) -> None:
         run.postgres = describe_alias(scratch)
         migrate_and_compare(run, sandbox_db, scratch)
         with run.step('writes', LOOP) as record:
-            run.writes = drill_seeder.simulate_writes(scratch)
+            # As the app writes: through `default` (third-party code
+            # ignores `using`: treebeard's node deletes read `default`),
+            # which is the scratch database's connection for the block.
+            with routers.migrating(scratch):
+                run.writes = drill_seeder.simulate_writes(scratch)
             totals = {k: sum(len(w[k]) for w in run.writes.values())
                       for k in ('created', 'edited', 'deleted')}
             if not any(totals.values()):
