@@ -13,7 +13,6 @@ import sys
 import urllib.parse
 import uuid
 from io import StringIO
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -30,10 +29,10 @@ from anthias_rollback import (
 )
 from anthias_rollback.exceptions import ConfigError, TransferError
 from tests.conftest import ROOT
-from tests.helpers import pgserver
 from tests.helpers.rollback import seed_device
 from tests.helpers.transfer import make_kitchen_sink, rows_by_pk
 from tests.kitchensink.models import Item, Membership, Person
+from tests.test_host_cms import Device
 
 BOTH = ['sqlite', 'postgres']
 SEARCH_TABLES = 'wagtailsearch_indexentry, wagtailsearch_indexentry_fts'
@@ -78,22 +77,9 @@ def _pg_rows(url: str, table: str) -> int:
         conn.close()
 
 
-class Host:
-    def __init__(self, data: Path, pg_url: str):
-        self.data = data
-        self.pg_url = pg_url
-
-    def env(self, **extra: str) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(('ANTHIAS_', 'DJANGO_', 'POSTGRES_'))}
-        env.update({
-            'DJANGO_SETTINGS_MODULE': 'tests.hosts.cms.settings',
-            'ANTHIAS_DATA_DIR': str(self.data),
-            'ANTHIAS_POSTGRES_URL': self.pg_url,
-            'ANTHIAS_PG_DUMP': str(pgserver.embedded_bin_dir() / 'pg_dump'),
-            'PYTHONPATH': str(ROOT),
-        }, **extra)
-        return env
+class Host(Device):
+    """The CMS host's environment as the runbook test builds it
+    (Device.env); `run` asserts the exit code."""
 
     def run(self, *args: str, expect: int = 0, **extra: str
             ) -> subprocess.CompletedProcess:
