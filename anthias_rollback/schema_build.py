@@ -13,21 +13,50 @@ the file; the copy that follows replaces their rows.
 The child prints one JSON line on stdout: {"applied": [labels]} or
 {"error": "<one line>"}; its traceback goes to stderr, which the parent
 sends to the `anthias_rollback.schema` log, never to the user.
+
+A new (missing or empty) file is a copy of a schema template when one
+exists for this code's migrations: the child's first build from an
+empty file, kept in `<data dir>/schema_templates/` under a digest of
+everything that decides what migrate makes (Django, SQLite, the
+migration files' bytes, INSTALLED_APPS, the installed distributions,
+the settings module). The template never holds anything but what the
+child made from nothing; a template that fails its checks is dropped
+and rebuilt, never the caller's failure.
 """
+import contextlib
 import copy
+import hashlib
+import importlib.util
 import json
 import os
+import pkgutil
+import sqlite3
 import subprocess
 import sys
+import time
 import traceback
+import uuid
+from datetime import UTC, datetime
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from anthias_rollback import logs
+from anthias_rollback import fsutil, logs
+from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import SchemaMismatchError
 
 MODULE = 'anthias_rollback.schema_build'
+TEMPLATE_DIR = 'schema_templates'
+# Two: the current code's and the one before it (a release and its
+# rollback to the previous one both stay fast).
+KEEP_TEMPLATES = 2
+# Bumped when the template files or the key's recipe change.
+TEMPLATE_FORMAT = 1
+# A temp file or an unreferenced template this old is a crashed
+# writer's, not one being committed right now.
+STALE_SECONDS = 600
+# Children started by this process (tests check a template was used).
+CHILD_RUNS = 0
 
 
 def migrate_file(path: Path, *, timeout: float, wal: bool = False
@@ -38,23 +67,75 @@ def migrate_file(path: Path, *, timeout: float, wal: bool = False
     file keeps its own journal mode (a new rollback file: a plain
     rollback journal, one self-contained file).
 
+    A new file (missing, or empty with no side files) becomes a copy of
+    this code's schema template when a sound one exists, without a
+    child; else the child builds it and the result is kept as the
+    template. A file that is not empty always goes through the child.
+
     Raises SchemaMismatchError, one line naming the file and the child's
     last error, when the migrate fails or outlives *timeout* seconds;
     the file is then to be thrown away by the caller."""
+    path = Path(path).absolute()
+    template = _template_for(wal) if _is_new(path) else None
+    if template is not None:
+        applied = template.copy_into(path)
+        if applied is not None:
+            return applied
+    applied = _run_child(path, timeout, wal)
+    if template is not None:
+        try:
+            template.save(path, applied)
+        except Exception as err:  # noqa: BLE001  (a cache: logged only)
+            _log().warning('cannot keep a schema template in %s: %s',
+                           template.folder, _one_line(err))
+    return applied
+
+
+def ensure_template(*, timeout: float, wal: bool = False) -> Path:
+    """The schema template of this code's migrations (built by the
+    isolated child from an empty file when there is no sound one): its
+    path under <data dir>/schema_templates/. Reads and writes no
+    database but a scratch file of its own.
+
+    Raises SchemaMismatchError, one line, when the child fails or the
+    template cannot be written."""
+    scratch = None
+    try:
+        template = _Template.current(wal)
+        found = template.sound(verify_bytes=True)
+        if found is not None:
+            return found
+        fsutil.ensure_private_dir(template.folder)
+        scratch = template.folder / f'.build-{uuid.uuid4().hex}.db'
+        applied = _run_child(scratch, timeout, wal)
+        return template.save(scratch, applied)
+    except SchemaMismatchError:
+        raise
+    except Exception as err:  # noqa: BLE001  (one line for the caller)
+        raise SchemaMismatchError(
+            f'cannot keep a schema template: {_one_line(err)}') from None
+    finally:
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                sqlite_file.remove_sqlite_file(scratch)
+
+
+def _run_child(path: Path, timeout: float, wal: bool) -> list[str]:
+    """The migrate of *path* in the isolated child (see the module)."""
     from django.conf import settings
 
-    path = Path(path).absolute()
+    global CHILD_RUNS
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
     env = dict(os.environ)
-    env['DJANGO_SETTINGS_MODULE'] = (env.get('DJANGO_SETTINGS_MODULE')
-                                     or settings.SETTINGS_MODULE)
+    env['DJANGO_SETTINGS_MODULE'] = _settings_module(settings)
     # The parent's import path (a test's or a host's sys.path edits).
     env['PYTHONPATH'] = os.pathsep.join(p for p in sys.path if p)
     command = [sys.executable, '-m', MODULE, str(path)]
     if wal:
         command.append('--wal')
-    log = logs.get_logger('schema')
+    log = _log()
+    CHILD_RUNS += 1
     try:
         done = subprocess.run(command, env=env, capture_output=True,
                               text=True, timeout=timeout, check=False)
@@ -72,6 +153,310 @@ def migrate_file(path: Path, *, timeout: float, wal: bool = False
         f'the child exited with {done.returncode}')
     raise SchemaMismatchError(f'cannot migrate {path}: {error}')
 
+
+def _settings_module(settings: Any) -> str:
+    return (os.environ.get('DJANGO_SETTINGS_MODULE')
+            or settings.SETTINGS_MODULE)
+
+
+def _log() -> Any:
+    return logs.get_logger('schema')
+
+
+def _one_line(err: BaseException) -> str:
+    from anthias_rollback.report import first_line, redact
+
+    return redact(first_line(err) or type(err).__name__)
+
+
+def _is_new(path: Path) -> bool:
+    """Missing, or an empty regular file with no side files (a stale
+    -wal or -journal would be applied to whatever is put there)."""
+    if any(Path(f'{path}{s}').exists() for s in sqlite_file.SIDE_SUFFIXES):
+        return False
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True
+    return path.is_file() and st.st_size == 0
+
+
+# --- the schema template cache ------------------------------------------
+
+def template_key(wal: bool = False) -> str:
+    """A digest of everything that decides what the child's migrate of
+    an empty file makes: Django, Python and SQLite versions, the
+    settings module (name and bytes), INSTALLED_APPS, every migration
+    package's files (names and sha256, read from disk now: the child
+    reads them, not this process's imports), the models' tables and
+    permissions (post_migrate's rows), the installed distributions (code
+    a data migration calls) and *wal*."""
+    import importlib.metadata
+
+    import django
+    from django.conf import settings
+
+    parts = {
+        'format': TEMPLATE_FORMAT,
+        'django': django.get_version(),
+        'python': list(sys.version_info[:2]),
+        'sqlite': sqlite3.sqlite_version,
+        'settings': [_settings_module(settings),
+                     _module_sha256(_settings_module(settings))],
+        'installed_apps': [str(a) for a in settings.INSTALLED_APPS],
+        'migrations': _migration_files(),
+        'models': _model_options(),
+        'distributions': sorted(
+            f'{d.name}=={d.version}'
+            for d in importlib.metadata.distributions()),
+        'wal': bool(wal),
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _module_sha256(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return _file_sha256(spec.origin if spec else None)
+
+
+def _migration_files() -> list[Any]:
+    """Per app, in INSTALLED_APPS order: its migration package and every
+    module file in it with its sha256. Found as the MigrationLoader
+    finds them but not imported (a migration may choose its operations
+    from connection.vendor at import, wagtailsearch 0006 does)."""
+    from django.apps import apps
+    from django.db.migrations.loader import MigrationLoader
+
+    out: list[Any] = []
+    for config in apps.get_app_configs():
+        module, _explicit = MigrationLoader.migrations_module(config.label)
+        files = []
+        locations = None
+        if module is not None:
+            try:
+                spec = importlib.util.find_spec(module)
+            except (ImportError, ValueError):
+                spec = None
+            locations = spec.submodule_search_locations if spec else None
+        for info in sorted(pkgutil.iter_modules(list(locations or [])),
+                           key=lambda i: i.name):
+            found = info.module_finder.find_spec(  # type: ignore[call-arg]  # FileFinder takes one argument
+                f'{module}.{info.name}')
+            files.append([info.name, info.ispkg,
+                          _file_sha256(found.origin if found else None)])
+        out.append([config.label, config.name, module, files])
+    return out
+
+
+def _model_options() -> list[Any]:
+    """What post_migrate makes rows from: content types per model,
+    permissions per model's options."""
+    from django.apps import apps
+
+    return sorted(
+        [m._meta.label_lower, m._meta.db_table,
+         list(m._meta.default_permissions),
+         [list(p) for p in m._meta.permissions],
+         m._meta.managed, m._meta.proxy]
+        for m in apps.get_models(include_auto_created=True))
+
+
+def _template_for(wal: bool) -> '_Template | None':
+    """This code's template slot, or None (logged) when the key or the
+    data dir cannot be had: the child then runs as without a cache."""
+    try:
+        return _Template.current(wal)
+    except Exception as err:  # noqa: BLE001  (a cache: logged only)
+        _log().warning('no schema template: %s', _one_line(err))
+        return None
+
+
+class _Template:
+    """The template of one key: `<key>.json` (what the child applied,
+    the database file's name and sha256) committing `<key>-<sha>.db`."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder = folder
+        self.key = key
+        self.meta_path = folder / f'{key}.json'
+
+    @classmethod
+    def current(cls, wal: bool) -> '_Template':
+        from anthias_rollback import conf
+
+        return cls(conf.data_dir() / TEMPLATE_DIR, template_key(wal))
+
+    def _meta(self) -> dict[str, Any] | None:
+        """The committed record, None if there is none; ValueError if it
+        is not one of ours."""
+        try:
+            raw = self.meta_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        meta = json.loads(raw)
+        if not (isinstance(meta, dict)
+                and meta.get('format') == TEMPLATE_FORMAT
+                and meta.get('key') == self.key
+                and isinstance(meta.get('applied'), list)
+                and all(isinstance(a, str) for a in meta['applied'])
+                and isinstance(meta.get('sha256'), str)
+                and isinstance(meta.get('file'), str)
+                and '/' not in meta['file']):
+            raise ValueError('its record is not a template record')
+        return meta
+
+    def sound(self, verify_bytes: bool) -> Path | None:
+        """The template's file when it passes quick_check (and, with
+        *verify_bytes*, its recorded sha256); None when there is none or
+        it fails (then logged and removed)."""
+        try:
+            meta = self._meta()
+            if meta is None:
+                return None
+            db = self.folder / meta['file']
+            self._check(db, meta, verify_bytes)
+        except Exception as err:  # noqa: BLE001  (a cache: logged only)
+            self._drop(err)
+            return None
+        return db
+
+    def _check(self, db: Path, meta: dict[str, Any],
+               verify_bytes: bool) -> None:
+        # Immutable: the file never changes once renamed into place, and
+        # a plain read-only open of a WAL-mode file leaves side files.
+        conn = sqlite_file.sqlite_open_readonly(db, 5.0, immutable=True)
+        try:
+            line = sqlite_file.quick_check_line(conn)
+        finally:
+            conn.close()
+        if line != 'ok':
+            raise ValueError(f'quick_check: {line}')
+        if verify_bytes and sqlite_file.file_sha256(db)[0] != meta['sha256']:
+            raise ValueError('its sha256 differs from its record')
+
+    def _drop(self, err: BaseException) -> None:
+        _log().warning('schema template %s ignored and rebuilt: %s',
+                       self.meta_path, _one_line(err))
+        try:
+            self.meta_path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def copy_into(self, path: Path) -> list[str] | None:
+        """Make the new file *path* a copy of the template (0600) and
+        return the labels it recorded as applied; None when there is no
+        sound template (*path* then left empty)."""
+        meta = None
+        try:
+            meta = self._meta()
+            if meta is None:
+                return None
+            db = self.folder / meta['file']
+            self._check(db, meta, verify_bytes=False)
+            if _copy_bytes(db, path) != meta['sha256']:
+                raise ValueError('its sha256 differs from its record')
+            # Used now: the newest to keep (pruning drops the oldest).
+            os.utime(self.meta_path)
+        except Exception as err:  # noqa: BLE001  (a cache: logged only)
+            if meta is not None or not isinstance(err, OSError):
+                self._drop(err)
+            else:
+                _log().warning('schema template %s unreadable: %s',
+                               self.meta_path, _one_line(err))
+            try:
+                if path.exists():
+                    os.truncate(path, 0)
+            except OSError:
+                pass
+            return None
+        _log().info('schema of %s: a copy of template %s', path, db.name)
+        return list(meta['applied'])
+
+    def save(self, built: Path, applied: list[str]) -> Path:
+        """Keep the file *built* (the child's work on an empty file,
+        nothing written to it since) as this key's template; prune to
+        the newest KEEP_TEMPLATES. Raises OSError or ValueError."""
+        if any(Path(f'{built}{s}').exists()
+               for s in sqlite_file.SIDE_SUFFIXES):
+            raise ValueError(f'{built} has side files; not a closed file')
+        if not self.folder.parent.is_dir():
+            raise ValueError(f'the data dir {self.folder.parent} does not '
+                             'exist')
+        fsutil.ensure_private_dir(self.folder)
+        tmp = self.folder / f'.tmp-{uuid.uuid4().hex}.db'
+        try:
+            digest = sqlite_file.copy_file_sha256(built, tmp)
+            fsutil.fsync_file(tmp)
+            db = self.folder / f'{self.key}-{digest[:16]}.db'
+            os.replace(tmp, db)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsutil.atomic_write_json(self.meta_path, {
+            'format': TEMPLATE_FORMAT, 'key': self.key,
+            'file': db.name, 'sha256': digest, 'applied': list(applied),
+            'created_at': datetime.now(UTC).isoformat()})
+        self.prune()
+        return db
+
+    def prune(self) -> None:
+        """Keep the newest KEEP_TEMPLATES records and their files; drop
+        other files once they are not a writer's work in progress."""
+        def mtime(p: Path) -> float:
+            try:
+                return p.stat().st_mtime
+            except FileNotFoundError:
+                return 0.0
+
+        records = sorted(self.folder.glob('*.json'), key=mtime,
+                         reverse=True)
+        for old in records[KEEP_TEMPLATES:]:
+            old.unlink(missing_ok=True)
+        kept_keys = {r.stem for r in records[:KEEP_TEMPLATES]}
+        referenced = set()
+        for record in records[:KEEP_TEMPLATES]:
+            try:
+                referenced.add(json.loads(record.read_bytes())['file'])
+            except Exception:  # noqa: BLE001, S112  (dropped when read)
+                continue
+        now = time.time()
+        for item in self.folder.iterdir():
+            if item.name in referenced or item.suffix == '.json':
+                continue
+            fresh = now - mtime(item) < STALE_SECONDS
+            current = item.name.split('-', 1)[0] in kept_keys
+            if fresh and (item.name.startswith('.') or current):
+                continue
+            if item.is_file():
+                item.unlink(missing_ok=True)
+
+
+def _copy_bytes(source: Path, target: Path) -> str:
+    """Copy *source* into *target* (missing or empty; left 0600, synced);
+    the sha256 of what was read."""
+    digest = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, 'wb', buffering=0) as out, \
+            open(source, 'rb', buffering=0) as fh:
+        os.fchmod(out.fileno(), 0o600)
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+        os.fsync(out.fileno())
+    return digest.hexdigest()
 
 def _result(stdout: str) -> dict[str, Any]:
     for line in reversed(stdout.splitlines()):

@@ -76,6 +76,26 @@ def check_same_rows(sqlite_alias: str, postgres_alias: str) -> None:
             '--repair) first, or pass --force to switch anyway')
 
 
+# Generous: the CMS host's 185 migrations take ~14 s on the dev box.
+SCHEMA_TEMPLATE_TIMEOUT = 600.0
+
+
+def prepare_schema_template() -> list[str]:
+    """After a cutover (the profile flipped, the processes restarted):
+    build the schema template a rollback's new file is copied from
+    (schema_build), so the rollback does not wait for `migrate`. Writes
+    only under <data dir>/schema_templates/. Its failure is a warning
+    line, never a failed switch: the rollback then builds the schema."""
+    from anthias_rollback import schema_build
+
+    try:
+        schema_build.ensure_template(timeout=SCHEMA_TEMPLATE_TIMEOUT)
+    except RollbackError as err:
+        return [(f'no schema template prepared ({first_line(err)}): a '
+                 'rollback builds its schema itself, which takes longer')]
+    return []
+
+
 def switch_profile(target: str, force: bool = False,
                    restart: bool = True,
                    extra_state: dict | None = None) -> SwitchResult:
@@ -142,5 +162,7 @@ def switch_profile(target: str, force: bool = False,
                                                 data_dir)
     path = profiles.write_active_profile(data_dir, target, state)
     result = restart_after_flip(profiles.sqlite_alias_path(), restart)
+    if cutover:
+        warnings.extend(prepare_schema_template())
     return SwitchResult(previous.name, target, path, force,
                         tuple(warnings), result, journal, opened)
