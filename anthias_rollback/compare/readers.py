@@ -3,10 +3,12 @@ holding that side's snapshot (SideReader), through one call protocol.
 
 Messages on the pipe, parent -> child: ('count', label),
 ('stream', label, low, high), ('sample', label, size),
-('digests', label, bounds, report), ('rows', label, keys), ('stop', '').
+('blockers', label), ('digests', label, bounds, report, in_engine),
+('rows', label, keys), ('stop', '').
 Child -> parent: ('ready',), ('value', v), ('chunk', keys, rows),
 ('end',), ('progress', rows), ('error', is_database_error, text).
 """
+import collections
 import contextlib
 import copy
 import multiprocessing
@@ -18,6 +20,7 @@ from django.db.utils import load_backend
 
 from anthias_rollback import engines, models_graph
 from anthias_rollback.compare import streams
+from anthias_rollback.engines import digests
 from anthias_rollback.exceptions import CompareError, RollbackError
 from anthias_rollback.report import first_line
 
@@ -32,6 +35,9 @@ class LocalReader:
     def __init__(self, alias: str):
         self.alias = alias
         self._digest_request: tuple | None = None
+        # Which path computed each model's bucket digests ('engine' or
+        # 'python'), for the report's notes and the tests.
+        self.digest_paths: collections.Counter[str] = collections.Counter()
 
     def count(self, model: type[models.Model]) -> int:
         return count_rows(model, self.alias)
@@ -44,15 +50,41 @@ class LocalReader:
     def key_sample(self, model: type[models.Model], size: int) -> list:
         return streams.key_sample(model, self.alias, size)
 
+    def digest_blockers(self, model: type[models.Model]) -> list[str]:
+        """Columns without an in-engine digest form (empty: the engine
+        can hash every bucket itself)."""
+        return engines.for_alias(self.alias).digest_blockers(self.alias,
+                                                             model)
+
     def start_digests(self, model: type[models.Model], bounds: list,
-                      report: bool = False) -> None:
-        self._digest_request = (model, bounds)
+                      report: bool = False, in_engine: bool = False
+                      ) -> None:
+        """*in_engine*: the engine hashes (both sides must agree on it:
+        the two paths' digests never match each other)."""
+        self._digest_request = (model, bounds, in_engine)
+        self.digest_paths['engine' if in_engine else 'python'] += 1
 
     def finish_digests(self, on_rows: Callable[[int], None] | None = None
                        ) -> list[tuple[int, bytes]]:
         assert self._digest_request is not None   # start_digests first
-        model, bounds = self._digest_request
-        return streams.bucket_digests(model, self.alias, bounds, on_rows)
+        model, bounds, in_engine = self._digest_request
+        if not in_engine:
+            return streams.bucket_digests(model, self.alias, bounds,
+                                          on_rows)
+        found = engines.for_alias(self.alias).bucket_digests(
+            self.alias, model, bounds, on_rows)
+        json_columns = digests.json_columns(model, self.alias)
+        if not json_columns:
+            return found
+        # JSON in Python, key order as jsonb's (engines/digests.py).
+        python = streams.bucket_digests(model, self.alias, bounds,
+                                        only=json_columns)
+        if [rows for rows, _ in found] != [rows for rows, _ in python]:
+            # One snapshot: cannot happen unless the reads were not in it.
+            raise CompareError(f'{model._meta.label}: row counts differ '
+                               f'between two reads of one snapshot')
+        return [(rows, digest + other) for (rows, digest), (_, other)
+                in zip(found, python, strict=True)]
 
     def rows_for_keys(self, model: type[models.Model], keys: list
                       ) -> tuple[list, list[tuple]]:
@@ -82,6 +114,7 @@ class SideReader:
             daemon=True, name=f'anthias-compare-{alias}')
         self.process.start()
         child.close()
+        self.digest_paths: collections.Counter[str] = collections.Counter()
         self._receive()
 
     def _receive(self) -> tuple:
@@ -114,12 +147,18 @@ class SideReader:
     def key_sample(self, model: type[models.Model], size: int) -> list:
         return self._call('sample', model._meta.label, size)
 
+    def digest_blockers(self, model: type[models.Model]) -> list[str]:
+        return self._call('blockers', model._meta.label)
+
     def start_digests(self, model: type[models.Model], bounds: list,
-                      report: bool = False) -> None:
+                      report: bool = False, in_engine: bool = False
+                      ) -> None:
         """Start hashing; both sides' children work at once. Only one
         side should *report* progress: its messages wait in the pipe
         while the parent reads the other side."""
-        self.pipe.send(('digests', model._meta.label, bounds, report))
+        self.digest_paths['engine' if in_engine else 'python'] += 1
+        self.pipe.send(('digests', model._meta.label, bounds, report,
+                        in_engine))
 
     def finish_digests(self, on_rows: Callable[[int], None] | None = None
                        ) -> list[tuple[int, bytes]]:
@@ -159,9 +198,11 @@ def _serve_reader(pipe: Any, reader: LocalReader) -> None:
             pipe.send(('end',))
         elif kind == 'sample':
             pipe.send(('value', reader.key_sample(model, *args)))
+        elif kind == 'blockers':
+            pipe.send(('value', reader.digest_blockers(model)))
         elif kind == 'digests':
-            bounds, report = args
-            reader.start_digests(model, bounds)
+            bounds, report, in_engine = args
+            reader.start_digests(model, bounds, in_engine=in_engine)
             on_rows = (lambda done: pipe.send(('progress', done))) \
                 if report else None
             pipe.send(('value', reader.finish_digests(on_rows)))

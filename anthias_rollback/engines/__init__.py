@@ -65,6 +65,15 @@ class Engine(Protocol):
     def select_sql(self, alias: str, table: str,
                    fields: Sequence) -> str: ...
 
+    # Checksum mode's bucket digests computed in the engine (digests.py).
+    def digest_blockers(self, alias: str, model: type['models.Model']
+                        ) -> list[str]: ...
+
+    def bucket_digests(self, alias: str, model: type['models.Model'],
+                       bounds: list,
+                       on_rows: Callable[[int], None] | None = None
+                       ) -> list[tuple[int, bytes]]: ...
+
     def sequence_values(self, alias: str,
                         tables: Iterable[tuple[str, str]]
                         ) -> dict[str, int]: ...

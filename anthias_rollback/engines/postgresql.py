@@ -630,3 +630,21 @@ def postgres_digest_column(plan: Any, alias: str, quoted: str
         return f'{quoted}::text', normalize.identity
     return postgres_fast_column(plan, alias, quoted)
 
+
+
+# -- checksum mode: bucket digests in the engine (engines/digests.py)
+
+def digest_blockers(alias: str, model: type[models.Model]) -> list[str]:
+    """Columns of *model* without an in-engine digest form here."""
+    from anthias_rollback.engines import digests
+
+    return digests.digest_blockers(model, alias)
+
+
+def bucket_digests(alias: str, model: type[models.Model], bounds: list,
+                   on_rows: Callable[[int], None] | None = None
+                   ) -> list[tuple[int, bytes]]:
+    """(rows, md5) per key-range bucket, computed in the engine."""
+    from anthias_rollback.engines import digests
+
+    return digests.postgres_bucket_digests(alias, model, bounds, on_rows)

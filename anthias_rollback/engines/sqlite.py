@@ -544,3 +544,21 @@ def sqlite_digest_column(plan: Any, alias: str, quoted: str
         return quoted, normalize.json_digest_column(
             normalize.slow_values(plan, alias))
     return sqlite_fast_column(plan, alias, quoted)
+
+
+# -- checksum mode: bucket digests in the engine (engines/digests.py)
+
+def digest_blockers(alias: str, model: type[models.Model]) -> list[str]:
+    """Columns of *model* without an in-engine digest form here."""
+    from anthias_rollback.engines import digests
+
+    return digests.digest_blockers(model, alias)
+
+
+def bucket_digests(alias: str, model: type[models.Model], bounds: list,
+                   on_rows: Callable[[int], None] | None = None
+                   ) -> list[tuple[int, bytes]]:
+    """(rows, md5) per key-range bucket, computed in the engine."""
+    from anthias_rollback.engines import digests
+
+    return digests.sqlite_bucket_digests(alias, model, bounds, on_rows)
