@@ -10,15 +10,18 @@ tests/models_corners 0002), run in real processes.
 """
 import json
 import logging
+import os
 import sqlite3
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from django.db import connections
 
 from anthias_rollback import schema, schema_build
+from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import SchemaMismatchError
 from tests.conftest import ROOT
 from tests.helpers import raw_tables
@@ -315,3 +318,222 @@ def test_cms_backup_from_before_a_release_is_migrated_forward(
     assert 'release2.0001_release2_data' in output
     assert 'does not know' in output
     assert raw_tables.sqlite_fingerprint(device.sqlite) == live
+
+
+# --- the schema template cache ----------------------------------------------
+
+def master(path) -> set:
+    """The schema as SQLite records it."""
+    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+    try:
+        return set(conn.execute(
+            'SELECT type, name, tbl_name, sql FROM sqlite_master'))
+    finally:
+        conn.close()
+
+
+def template_files(data_dir) -> dict:
+    folder = data_dir / schema_build.TEMPLATE_DIR
+    return {p.name: p for p in folder.iterdir()} if folder.exists() else {}
+
+
+def test_new_file_after_the_first_is_a_copy_of_the_template(data_dir):
+    """The first new file is built by the child and kept as the template;
+    the next is a copy of it (no child), with the same schema, the same
+    recorded migrations and the same rows migrate makes. A file that
+    is not empty still goes through the child."""
+    runs = schema_build.CHILD_RUNS
+    first = data_dir / 'first.db'
+    applied = schema_build.migrate_file(first, timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 1
+    kept = template_files(data_dir)
+    assert sorted(p.suffix for p in kept.values()) == ['.db', '.json']
+
+    second = data_dir / 'second.db'
+    second.touch(mode=0o644)        # an empty file is new too
+    assert schema_build.migrate_file(second, timeout=300) == applied
+    assert schema_build.CHILD_RUNS == runs + 1
+    assert master(second) == master(first)
+    assert recorded(second) == recorded(first) >= set(applied)
+    counts = []
+    for path in (first, second):
+        conn = sqlite_file.sqlite_open_readonly(path, 5.0)
+        counts.append(sqlite_file.sqlite_table_counts(conn))
+        conn.close()
+    assert counts[0] == counts[1]
+    assert counts[1]['auth_permission'] > 0
+    assert stat.S_IMODE(second.stat().st_mode) == 0o600
+    conn = sqlite3.connect(second)
+    assert conn.execute('PRAGMA journal_mode').fetchone()[0] == 'delete'
+    conn.close()
+
+    folder = data_dir / schema_build.TEMPLATE_DIR
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in
+            template_files(data_dir).values()} == {0o600}
+    # Not empty: the child, which finds nothing to do.
+    assert schema_build.migrate_file(second, timeout=300) == []
+    assert schema_build.CHILD_RUNS == runs + 2
+    assert template_files(data_dir).keys() == kept.keys()
+
+
+def test_the_key_follows_the_options_and_the_code(data_dir):
+    assert schema_build.template_key() == schema_build.template_key()
+    assert schema_build.template_key() != schema_build.template_key(
+        wal=True)
+
+
+@pytest.mark.parametrize('damage', ['database', 'record', 'bytes'])
+def test_broken_template_is_ignored_and_rebuilt(data_dir, caplog, damage):
+    schema_build.migrate_file(data_dir / 'first.db', timeout=300)
+    files = template_files(data_dir)
+    db, = (p for p in files.values() if p.suffix == '.db')
+    record, = (p for p in files.values() if p.suffix == '.json')
+    if damage == 'database':
+        # The schema pages overwritten: quick_check fails.
+        with open(db, 'r+b') as fh:
+            fh.seek(100)
+            fh.write(b'\xff' * 8000)
+    elif damage == 'record':
+        record.write_text('{not json')
+    else:
+        # A row's bytes changed, the pages still sound: the checksum.
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE auth_permission SET name = 'x' WHERE id = 1")
+        conn.commit()
+        conn.close()
+    runs = schema_build.CHILD_RUNS
+    new = data_dir / 'new.db'
+    with caplog.at_level(logging.WARNING, logger='anthias_rollback.schema'):
+        applied = schema_build.migrate_file(new, timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 1
+    assert 'sessions.0001_initial' in applied
+    assert any('ignored and rebuilt' in r.getMessage()
+               for r in caplog.records)
+    assert sqlite_file.sqlite_quick_check(new) == 'ok'
+    conn = sqlite3.connect(new)
+    assert conn.execute('SELECT name FROM auth_permission WHERE id = 1'
+                        ).fetchone()[0] != 'x'
+    conn.close()
+    # Rebuilt: the next new file is a sound copy again.
+    again = data_dir / 'again.db'
+    assert schema_build.migrate_file(again, timeout=300) == applied
+    assert schema_build.CHILD_RUNS == runs + 1
+    assert master(again) == master(new)
+
+
+def test_unusable_template_dir_never_fails_the_caller(data_dir, caplog):
+    """A file where the folder belongs: migrate_file builds as without a
+    cache; ensure_template and the switch say so in one line."""
+    from anthias_rollback import switch
+
+    (data_dir / schema_build.TEMPLATE_DIR).write_text('not a folder')
+    path = data_dir / 'new.db'
+    with caplog.at_level(logging.WARNING, logger='anthias_rollback.schema'):
+        assert 'sessions.0001_initial' in schema_build.migrate_file(
+            path, timeout=300)
+    assert sqlite_file.sqlite_quick_check(path) == 'ok'
+    assert any('cannot keep a schema template' in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(SchemaMismatchError) as excinfo:
+        schema_build.ensure_template(timeout=300)
+    assert '\n' not in str(excinfo.value)
+    warning, = switch.prepare_schema_template()
+    assert warning.startswith('no schema template prepared (')
+    assert 'Traceback' not in warning
+
+
+def test_ensure_template_builds_once(data_dir):
+    from anthias_rollback import switch
+
+    runs = schema_build.CHILD_RUNS
+    assert switch.prepare_schema_template() == []
+    assert schema_build.CHILD_RUNS == runs + 1
+    made = schema_build.ensure_template(timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 1
+    assert made.parent == data_dir / schema_build.TEMPLATE_DIR
+    # Only the template and its record: the scratch file is gone.
+    assert len(template_files(data_dir)) == 2
+    new = data_dir / 'new.db'
+    schema_build.migrate_file(new, timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 1
+    assert master(new) == master(made)
+
+
+EDITED_HOST = '''
+import os, sys, json, sqlite3
+import django
+django.setup()
+from pathlib import Path
+from anthias_rollback import schema_build
+migration = Path(sys.argv[1])
+data = Path(os.environ['ANTHIAS_DATA_DIR'])
+original = migration.read_text()
+out = {}
+
+def build(name):
+    path = data / f'{name}.db'
+    before = schema_build.CHILD_RUNS
+    schema_build.migrate_file(path, timeout=300)
+    conn = sqlite3.connect(path)
+    sql, = conn.execute("SELECT sql FROM sqlite_master "
+                        "WHERE name = 'django_session'").fetchone()
+    conn.close()
+    folder = data / 'schema_templates'
+    out[name] = {'child': schema_build.CHILD_RUNS - before,
+                 'wide_key': 'varchar(41)' in sql,
+                 'records': len(list(folder.glob('*.json')))}
+
+build('original')
+build('original-again')
+migration.write_text(original.replace('max_length=40', 'max_length=41'))
+build('edited')
+migration.write_text(original)
+build('original-after-edit')
+migration.write_text(original + '# a comment changes the bytes\\n')
+build('commented')
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_an_edited_migration_changes_the_key(tmp_path):
+    """The reference project with sessions' migrations from a package of
+    this test (MIGRATION_MODULES): editing its 0001 makes the next new
+    file go through the child (a template of the old code would have the
+    old column); going back to the old bytes finds the old template; only
+    the newest two are kept."""
+    import shutil
+
+    import django.contrib.sessions.migrations as shipped
+
+    package = tmp_path / 'edited_sessions_migrations'
+    shutil.copytree(Path(shipped.__file__).parent, package,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    (tmp_path / 'edited_settings.py').write_text(
+        'from settings_profiles.settings import *  # noqa\n'
+        "MIGRATION_MODULES = {'sessions': 'edited_sessions_migrations'}\n")
+    data = tmp_path / 'data'
+    data.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('ANTHIAS_', 'DJANGO_'))}
+    env.update({'DJANGO_SETTINGS_MODULE': 'edited_settings',
+                'ANTHIAS_DATA_DIR': str(data),
+                'PYTHONPATH': os.pathsep.join([str(tmp_path), str(ROOT)]),
+                # Edits within one second keep a stale .pyc otherwise.
+                'PYTHONDONTWRITEBYTECODE': '1'})
+    done = subprocess.run(
+        [sys.executable, '-c', EDITED_HOST,
+         str(package / '0001_initial.py')],
+        env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {
+        'original': {'child': 1, 'wide_key': False, 'records': 1},
+        'original-again': {'child': 0, 'wide_key': False, 'records': 1},
+        'edited': {'child': 1, 'wide_key': True, 'records': 2},
+        'original-after-edit': {'child': 0, 'wide_key': False,
+                                'records': 2},
+        'commented': {'child': 1, 'wide_key': False, 'records': 2},
+    }
