@@ -1,0 +1,242 @@
+"""Checksum mode's bucket digests computed inside each engine
+(engines/digests.py): equal data gives equal digests on SQLite and
+PostgreSQL without the Python per-row path, every changed value is found
+exactly, a rendering difference only costs a re-read."""
+import collections
+import contextlib
+import datetime as dt
+import sqlite3
+import uuid
+
+import pytest
+from django.db import connections, models
+from django.test.utils import isolate_apps
+
+from anthias_app.models import Asset
+from anthias_rollback import engines
+from anthias_rollback.compare import orchestrator
+from anthias_rollback.compare.readers import LocalReader
+from anthias_rollback.engines import digests
+from tests.helpers.compare import fill_both
+from tests.kitchensink.models import Item, Tag
+
+BOTH = ['sqlite', 'postgres']
+UTC = dt.UTC
+
+
+@pytest.fixture
+def sample_model():
+    """A model with one column of each type that has an in-engine form,
+    its table created on both aliases for the test."""
+    with isolate_apps('tests.kitchensink'):
+        class Sample(models.Model):
+            name = models.CharField(max_length=50, null=True)
+            body = models.TextField(blank=True)
+            flag = models.BooleanField(default=False)
+            at = models.DateTimeField(null=True)
+            day = models.DateField(null=True)
+            clock = models.TimeField(null=True)
+            ref = models.UUIDField(null=True)
+            blob = models.BinaryField(null=True)
+            data = models.JSONField(null=True)
+            count = models.IntegerField(null=True)
+            tag = models.ForeignKey(Tag, null=True, on_delete=models.CASCADE,
+                                    db_constraint=False)
+
+            class Meta:
+                app_label = 'kitchensink'
+                db_table = 'test_engine_digest_sample'
+
+        for alias in BOTH:
+            with connections[alias].schema_editor() as editor:
+                editor.create_model(Sample)
+        try:
+            yield Sample
+        finally:
+            for alias in BOTH:
+                with connections[alias].schema_editor() as editor:
+                    editor.delete_model(Sample)
+
+
+def sample_rows(model, n=40):
+    rows = []
+    for i in range(1, n + 1):
+        rows.append(model(
+            id=i, name=None if i == 1 else ('' if i == 2 else f'név {i} 🎉'),
+            body='tab\tand\nnewline' * (i % 3), flag=i % 2 == 0,
+            at=None if i == 3 else dt.datetime(
+                2024, 2, 29, 23, 59, i % 60, 0 if i % 2 else i * 1001,
+                tzinfo=UTC),
+            day=dt.date(2000 + i, 1, 1 + i % 28),
+            clock=None if i == 4 else dt.time(6, i % 60, 15,
+                                              0 if i % 3 else i),
+            ref=uuid.UUID(int=i * 7919), blob=None if i == 5 else (
+                bytes([0, 255, i]) * (i % 3)),
+            data=None if i == 6 else {'zz': i, 'a': {'y': [1, 'ü']},
+                                      'ok': i % 2 == 0},
+            count=None if i == 7 else -i * 1000,
+            tag_id=uuid.UUID(int=i) if i % 4 else None))
+    return rows
+
+
+def fill_samples(model):
+    for alias in BOTH:
+        model.objects.using(alias).bulk_create(sample_rows(model))
+
+
+def compare(model, monkeypatch, bucket_rows=4):
+    monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', bucket_rows)
+    left, right = LocalReader('sqlite'), LocalReader('postgres')
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        for alias in BOTH:
+            stack.enter_context(engines.for_alias(alias).read_snapshot(
+                alias))
+        result = orchestrator.compare_model(
+            model, 'sqlite', 'postgres', left_reader=left,
+            right_reader=right, notes=notes)
+    return result, left, right, notes
+
+
+def engine_digests(model, alias, bounds):
+    return engines.for_alias(alias).bucket_digests(alias, model, bounds)
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_identical_rows_match_in_the_engines(sample_model, monkeypatch):
+    fill_samples(sample_model)
+    bounds = [5, 6, 20, 33]
+    sqlite_digests = engine_digests(sample_model, 'sqlite', bounds)
+    assert [rows for rows, _ in sqlite_digests] == [4, 1, 14, 13, 8]
+    assert sqlite_digests == engine_digests(sample_model, 'postgres',
+                                            bounds)
+    result, left, right, notes = compare(sample_model, monkeypatch)
+    assert result.ok and result.identical == 40 and result.rechecked == 0
+    # The engine path, never the Python per-row digests.
+    assert left.digest_paths == right.digest_paths == collections.Counter(
+        engine=1)
+    assert notes == []
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_text_keys_and_json_key_order_match_without_rereads(monkeypatch):
+    # Assets: text keys whose bytewise and locale orders differ, and JSON
+    # written in the other key order on each side (helpers/compare.py).
+    fill_both('sqlite', 'postgres', n_assets=40)
+    result, left, _, _ = compare(Asset, monkeypatch, bucket_rows=3)
+    assert result.ok and result.identical == 40
+    assert result.rechecked == 0
+    assert left.digest_paths == collections.Counter(engine=1)
+
+
+CHANGES = [
+    # (row id, field, new value on PostgreSQL)
+    (8, 'name', 'changed'),
+    (2, 'name', None),                       # '' -> NULL
+    (1, 'name', ''),                         # NULL -> ''
+    (9, 'body', 'tab\tand\nnewlinX'),
+    (11, 'flag', True),
+    (11, 'at', dt.datetime(2024, 2, 29, 23, 59, 11, 1, tzinfo=UTC)),
+    (12, 'at', dt.datetime(2024, 2, 29, 23, 59, 12, 12013, tzinfo=UTC)),
+    (12, 'day', dt.date(2012, 1, 14)),
+    (13, 'clock', dt.time(6, 13, 15, 1)),    # zero fraction -> 1 us
+    (15, 'clock', dt.time(6, 15, 15)),       # 15 us -> zero fraction
+    (14, 'ref', uuid.UUID(int=14 * 7919 + 1)),
+    (15, 'blob', b'\x01'),                 # b'' -> 1 byte
+    (13, 'blob', b''),
+    (16, 'blob', None),
+    (17, 'data', {'zz': 17, 'a': {'y': [1, 'u']}, 'ok': False}),
+    (18, 'count', -18001),
+    (19, 'tag_id', uuid.UUID(int=20)),
+]
+
+
+@pytest.mark.parametrize('pk,field,value', CHANGES,
+                         ids=[f'{f}-{pk}' for pk, f, _ in CHANGES])
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_each_changed_value_is_found_exactly(sample_model, monkeypatch,
+                                              pk, field, value):
+    fill_samples(sample_model)
+    sample_model.objects.using('postgres').filter(pk=pk).update(
+        **{field: value})
+    name = sample_model._meta.get_field(field).name
+    result, left, _, _ = compare(sample_model, monkeypatch)
+    assert result.changed == ((pk, (name,)),)
+    assert result.missing_keys == result.extra_keys == ()
+    assert result.identical == 39
+    assert 0 < result.rechecked < 40   # its bucket, not the table
+    assert left.digest_paths == collections.Counter(engine=1)
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_missing_and_extra_rows_by_engine_digests(sample_model,
+                                                  monkeypatch):
+    fill_samples(sample_model)
+    sample_model.objects.using('postgres').filter(pk__in=[1, 40]).delete()
+    extra = sample_rows(sample_model, 41)[-1]
+    extra.save(using='postgres', force_insert=True)
+    result, _, _, _ = compare(sample_model, monkeypatch)
+    assert result.missing_keys == (1, 40)
+    assert result.extra_keys == (41,)
+    assert result.changed == ()
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_unexpected_sqlite_storage_class_is_reread_not_matched(
+        sample_model, monkeypatch):
+    # SQLite holds the bytes of '-21000' in the integer column (a blob
+    # escapes the integer affinity): the engine text marks it ('!'), the
+    # bucket is compared exactly, and Python's canonical forms tell the
+    # rows apart.
+    fill_samples(sample_model)
+    with connections['sqlite'].cursor() as cursor:
+        cursor.execute('UPDATE test_engine_digest_sample SET count = '
+                       "CAST(CAST(count AS TEXT) AS BLOB) WHERE id = 21")
+        cursor.execute('SELECT typeof(count) FROM test_engine_digest_sample'
+                       ' WHERE id = 21')
+        assert cursor.fetchone() == ('blob',)
+    result, _, _, _ = compare(sample_model, monkeypatch)
+    assert result.rechecked > 0
+    assert result.changed == ((21, ('count',)),)
+
+
+@pytest.mark.django_db(databases=BOTH)
+def test_model_with_float_and_decimal_keeps_python_digests(monkeypatch):
+    fill_both('sqlite', 'postgres')
+    Item.objects.using('postgres').filter(pk=3).update(price='3.5001')
+    result, left, right, notes = compare(Item, monkeypatch, bucket_rows=2)
+    assert result.changed == ((3, ('price',)),)
+    assert result.identical == 7
+    assert left.digest_paths == right.digest_paths == collections.Counter(
+        python=1)
+    assert len(notes) == 1 and 'kitchensink.Item' in notes[0]
+    for column in ('ratio', 'price', 'span', 'ip'):
+        assert column in notes[0]
+
+
+def test_row_texts_are_injective_on_sqlite():
+    """Values that the canonical forms tell apart render differently,
+    including where a concatenation could run columns together."""
+    db = sqlite3.connect(':memory:')
+    forms = {'a': 'text', 'b': 'text', 'n': 'int', 'f': 'bool',
+             'blob': 'binary'}
+    db.execute('CREATE TABLE t (a text, b text, n integer, f bool, '
+               'blob blob)')
+    rows = [('a', 'bc', 1, 1, b''), ('ab', 'c', 1, 1, b''),
+            ('', None, 1, 1, b''), (None, '', 1, 1, b''),
+            ('~', None, 1, 1, b''), ('1:', 'x', 1, 1, b''),
+            ('a', 'bc', 12, 1, b''), ('a', 'bc', 1, 0, b''),
+            ('a', 'bc', 1, 1, None), ('a', 'bc', 1, 1, b'\x00'),
+            ('a', 'bc', -1, 1, b''), ('a', 'bc', None, 1, b''),
+            ('a', 'bc', 1, None, b''), ('a', 'bc', 1, 1, b'\x0a')]
+    db.executemany('INSERT INTO t VALUES (?, ?, ?, ?, ?)', rows)
+    expression = ' || '.join(digests._sqlite_form(c, k)
+                             for c, k in forms.items())
+    texts = [t for (t,) in db.execute(f'SELECT {expression} FROM t')]
+    assert len(set(texts)) == len(rows), texts
+    assert not any('!' in t for t in texts)
+    # A value of the wrong storage class is marked, never rendered.
+    db.execute("UPDATE t SET n = CAST('1' AS BLOB) WHERE a = 'a' "
+               "AND b = 'bc' AND n = 1 AND f = 1 AND blob = x''")
+    assert any('!' in t for (t,) in db.execute(
+        f'SELECT {expression} FROM t'))
