@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import StringIO
 from pathlib import Path
@@ -57,6 +58,21 @@ TEMPLATE_FORMAT = 1
 STALE_SECONDS = 600
 # Children started by this process (tests check a template was used).
 CHILD_RUNS = 0
+# > 0 inside templates_read_only(): use templates, never write them.
+_READ_ONLY = 0
+
+
+@contextlib.contextmanager
+def templates_read_only() -> Iterator[None]:
+    """Within: new files may still be copies of a sound template, but no
+    template is written or dropped (the drill writes only its sandbox
+    and drills/, and its data dir is not conf.data_dir()'s)."""
+    global _READ_ONLY
+    _READ_ONLY += 1
+    try:
+        yield
+    finally:
+        _READ_ONLY -= 1
 
 
 def migrate_file(path: Path, *, timeout: float, wal: bool = False
@@ -82,7 +98,7 @@ def migrate_file(path: Path, *, timeout: float, wal: bool = False
         if applied is not None:
             return applied
     applied = _run_child(path, timeout, wal)
-    if template is not None:
+    if template is not None and not _READ_ONLY:
         try:
             template.save(path, applied)
         except Exception as err:  # noqa: BLE001  (a cache: logged only)
@@ -348,8 +364,10 @@ class _Template:
             raise ValueError('its sha256 differs from its record')
 
     def _drop(self, err: BaseException) -> None:
-        _log().warning('schema template %s ignored and rebuilt: %s',
-                       self.meta_path, _one_line(err))
+        _log().warning('schema template %s ignored%s: %s', self.meta_path,
+                       '' if _READ_ONLY else ' and rebuilt', _one_line(err))
+        if _READ_ONLY:
+            return
         try:
             self.meta_path.unlink(missing_ok=True)
         except OSError:
@@ -369,7 +387,8 @@ class _Template:
             if _copy_bytes(db, path) != meta['sha256']:
                 raise ValueError('its sha256 differs from its record')
             # Used now: the newest to keep (pruning drops the oldest).
-            os.utime(self.meta_path)
+            if not _READ_ONLY:
+                os.utime(self.meta_path)
         except Exception as err:  # noqa: BLE001  (a cache: logged only)
             if meta is not None or not isinstance(err, OSError):
                 self._drop(err)

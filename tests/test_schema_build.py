@@ -537,3 +537,30 @@ def test_an_edited_migration_changes_the_key(tmp_path):
                                 'records': 2},
         'commented': {'child': 1, 'wide_key': False, 'records': 2},
     }
+
+
+def test_read_only_templates_are_used_never_written(data_dir, caplog):
+    """The drill's mode: no template is made, refreshed or dropped in
+    the data dir, but a sound one is copied."""
+    runs = schema_build.CHILD_RUNS
+    with schema_build.templates_read_only():
+        schema_build.migrate_file(data_dir / 'a.db', timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 1
+    assert not (data_dir / schema_build.TEMPLATE_DIR).exists()
+
+    made = schema_build.ensure_template(timeout=300)
+    record, = (data_dir / schema_build.TEMPLATE_DIR).glob('*.json')
+    os.utime(record, (1_000_000_000, 1_000_000_000))
+    with schema_build.templates_read_only():
+        schema_build.migrate_file(data_dir / 'b.db', timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 2
+    assert record.stat().st_mtime == 1_000_000_000
+    assert master(data_dir / 'b.db') == master(made)
+
+    record.write_text('{not json')
+    with schema_build.templates_read_only(), caplog.at_level(
+            logging.WARNING, logger='anthias_rollback.schema'):
+        schema_build.migrate_file(data_dir / 'c.db', timeout=300)
+    assert schema_build.CHILD_RUNS == runs + 3
+    assert record.read_text() == '{not json'
+    assert any('ignored' in r.getMessage() for r in caplog.records)

@@ -56,6 +56,7 @@ from anthias_rollback import (
     rollback,
     routers,
     schema,
+    schema_build,
     transfer,
 )
 from anthias_rollback.drill import seeder as drill_seeder
@@ -258,7 +259,10 @@ def run_drill(options: DrillOptions,
         phases.Deadline(options.timeout_seconds, expired=EXPIRED),
         progress=progress, name='drill')
     run = DrillRun(options, data_dir, runner)
-    with locking.operation_lock(drills, 'rollback_drill'):
+    # Templates of the live data dir are read, never written: the drill
+    # writes only its sandbox and drills/.
+    with locking.operation_lock(drills, 'rollback_drill'), \
+            schema_build.templates_read_only():
         try:
             _execute(run)
         except _StepFailed:
