@@ -51,10 +51,13 @@ def test_switch_writes_state_file_with_previous(same_data, data_dir):
     assert written['reason'] == 'cutover'
     assert 'changed_at' in written
     assert profiles.resolve_active_profile(data_dir, {}).name == 'postgres'
-    # Only the state file, the cutover journal and the standby dir (the
-    # cutover file): no temp file left.
+    # Only the state file, the cutover journal, the standby dir (the
+    # cutover file) and the schema template built after the flip: no
+    # temp file left.
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(
-        [path.name, window_cutover.record_path(data_dir).name, 'standby'])
+        [path.name, window_cutover.record_path(data_dir).name, 'standby',
+         'schema_templates'])
+    assert len(list((data_dir / 'schema_templates').glob('*.json'))) == 1
 
 
 @pytest.mark.django_db(databases=BOTH)
