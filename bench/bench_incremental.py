@@ -1,32 +1,37 @@
-"""Benchmark: incremental rollback against the full copy.
+"""Benchmark: incremental rollback against the full copy (issue 22).
 
-A device with N assets (default 1,000,000) is moved to PostgreSQL; then,
-for each repeat, the device is switched to postgres (a new window: new
-journal, new cutover file), 1,000 rows change on PostgreSQL (900
-updates, 50 deletes, 50 inserts, through the journal's triggers), and
-`rollback_migration --emergency --json` runs in a real process:
+For each size (default 100,000 and 1,000,000 assets, one sitting), a
+device is moved to PostgreSQL; then, for each repeat, the device is
+switched to postgres (a new window: new journal, new cutover file),
+1,000 rows change on PostgreSQL (900 updates, 50 deletes, 50 inserts,
+through the journal's triggers), and `rollback_migration --emergency
+--json` runs in a real process (bench.measured: peak RSS, bytes
+written):
 
 - incremental, base = the cutover file (no replicator ran);
 - incremental, base = the standby (`replicate_changes --once` after the
-  changes: the tail is empty);
+  changes: the tail is empty, the standby checked and promoted);
 - full (`--full`), the fallback.
 
 The three are rotated within one sitting; medians of wall time
 (including Python and Django start-up), of the rollback's own time (its
-report's `seconds`) and of its phases. Targets (issue 14): incremental
-<= 3 s end to end at 1,000,000 rows with 1,000 changed, >= 10x faster
-than the full copy.
+report's `seconds`), of its phases, of peak RSS and of the bytes handed
+to write(2). Targets (issue 22), checked and printed at the end:
+standby <= 1.5 s at 1,000,000; 1M within 2x of 100k (standby); >= 10x
+faster than --full; cutover file <= 3 s; RSS < 150 MB.
 
-Usage: python -m bench.bench_incremental [--assets N] [--repeat R]
+Usage: python -m bench.bench_incremental [--assets N,M] [--repeat R]
 """
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.bench_rollback import device, manage, postgres_url, psql
-from bench.seed import median
+from bench.seed import ROOT, median
 
 PHASES = ('source', 'fence', 'build', 'verify', 'swap', 'proof',
           'post-verify')
@@ -56,57 +61,107 @@ def one(env: dict, url: str, case: str, round_no: int) -> dict:
     args = ['--full'] if case == 'full' else []
     if case == 'incremental (standby)':
         manage(env, 'replicate_changes', '--once')
+    cost = Path(tempfile.mktemp(prefix='bench-cost-', suffix='.json'))
     started = time.perf_counter()
-    done = manage(env, 'rollback_migration', '--emergency', '--yes',
-                  '--json', '--timeout-minutes', '30', *args)
+    done = subprocess.run(
+        [sys.executable, '-m', 'bench.measured', str(cost),
+         'rollback_migration', '--emergency', '--yes', '--json',
+         '--timeout-minutes', '30', *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f'rollback failed ({done.returncode}):\n'
+                         f'{done.stderr[-2000:]}')
+    measured = json.loads(cost.read_text())
+    cost.unlink()
     result = json.loads(done.stdout)
     assert result['outcome'] == 'rolled back', result
     assert result['loss'] == 'proven-none', result['loss_detail']
     method = result['copy']['method']
     assert method == ('full' if case == 'full' else 'incremental'), result
+    if case == 'incremental (standby)':
+        assert result['copy'].get('promoted'), result['copy']
     return {'wall': wall, 'inside': result['seconds'],
+            'rss': measured['maxrss_mb'], 'written': measured['wchar_mb'],
             'detail': result['copy'].get('detail')
             or result['copy'].get('reason'),
             **{p['name']: p['seconds'] for p in result['phases']}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--assets', type=int, default=1_000_000)
-    parser.add_argument('--repeat', type=int, default=3)
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix='bench-incremental-'))
-    base_url = postgres_url(workdir)
-    env = device(workdir, base_url, args.assets)
+def sitting(workdir: Path, base_url: str, assets: int,
+            repeat: int) -> dict[str, list[dict]]:
+    env = device(workdir, base_url, assets)
     url = env['ANTHIAS_POSTGRES_URL']
     # The device is on postgres after device(); start from sqlite.
     manage(env, 'rollback_migration', '--emergency', '--yes', '--full')
     runs: dict[str, list[dict]] = {case: [] for case in CASES}
     round_no = 0
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for case in CASES:
             round_no += 1
             runs[case].append(one(env, url, case, round_no))
-            print(f'# {case}: {runs[case][-1]["wall"]:.2f} s '
+            print(f'# {assets:,} {case}: {runs[case][-1]["wall"]:.2f} s '
                   f'({runs[case][-1]["detail"]})', flush=True)
-    load = Path('/proc/loadavg').read_text().split()[:3]
-    print(f'\n# {args.assets:,} assets, 1,000 changed per run, '
-          f'{args.repeat} runs per case rotated, medians; load average '
-          f'{" ".join(load)}; wall includes Python + Django start-up')
-    print(f'| case | wall s | rollback s | {" | ".join(PHASES)} |')
-    print('|---|---:|---:|' + '---:|' * len(PHASES))
-    walls, inside = {}, {}
+    return runs
+
+
+def table(assets: int, runs: dict[str, list[dict]]) -> dict[str, float]:
+    print(f'\n# {assets:,} assets, 1,000 changed per run, medians')
+    print(f'| case | wall s | rollback s | peak RSS MB | written MB | '
+          f'{" | ".join(PHASES)} |')
+    print('|---|---:|---:|---:|---:|' + '---:|' * len(PHASES))
+    walls = {}
     for case in CASES:
-        walls[case] = median([r['wall'] for r in runs[case]])
-        inside[case] = median([r['inside'] for r in runs[case]])
-        cells = [f'{median([r.get(p, 0.0) for r in runs[case]]):.3f}'
-                 for p in PHASES]
-        print(f'| {case} | {walls[case]:.2f} | {inside[case]:.2f} | '
+        def med(key: str, rows: list[dict] = runs[case]) -> float:
+            return median([r.get(key, 0.0) for r in rows])
+        walls[case] = med('wall')
+        cells = [f'{med(p):.3f}' for p in PHASES]
+        print(f'| {case} | {walls[case]:.2f} | {med("inside"):.2f} | '
+              f'{med("rss"):.0f} | {med("written"):.0f} | '
               + ' | '.join(cells) + ' |')
-    for case in CASES[:2]:
-        print(f'# full / {case}: {walls["full"] / walls[case]:.1f}x wall, '
-              f'{inside["full"] / inside[case]:.1f}x inside the rollback')
+        walls[f'rss {case}'] = max(r['rss'] for r in runs[case])
+    return walls
+
+
+def verdict(name: str, ok: bool, figure: str) -> bool:
+    print(f'{"PASS" if ok else "FAIL"}  {name}: {figure}')
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--assets', default='100000,1000000',
+                        type=lambda v: [int(n) for n in v.split(',')],
+                        help='sizes, comma-separated, in one sitting')
+    parser.add_argument('--repeat', type=int, default=3)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix='bench-incremental-'))
+    base_url = postgres_url(workdir)
+    results = {n: sitting(workdir, base_url, n, args.repeat)
+               for n in args.assets}
+    load = Path('/proc/loadavg').read_text().split()[:3]
+    print(f'\n# {args.repeat} runs per case rotated; load average '
+          f'{" ".join(load)}; wall includes Python + Django start-up')
+    walls = {n: table(n, runs) for n, runs in results.items()}
+    big, small = max(walls), min(walls)
+    w = walls[big]
+    print()
+    standby, cutover = 'incremental (standby)', 'incremental (cutover file)'
+    verdict(f'standby <= 1.5 s at {big:,}', w[standby] <= 1.5,
+            f'{w[standby]:.2f} s')
+    if big != small:
+        ratio = w[standby] / walls[small][standby]
+        verdict(f'{big:,} within 2x of {small:,} (standby)', ratio <= 2,
+                f'{ratio:.2f}x')
+    for case in (standby, cutover):
+        speedup = w['full'] / w[case]
+        verdict(f'>= 10x faster than --full ({case})', speedup >= 10,
+                f'{speedup:.1f}x')
+    verdict(f'cutover file <= 3 s at {big:,}', w[cutover] <= 3.0,
+            f'{w[cutover]:.2f} s')
+    for case in CASES:
+        verdict(f'peak RSS < 150 MB ({case})', w[f'rss {case}'] < 150,
+                f'{w[f"rss {case}"]:.0f} MB')
 
 
 if __name__ == '__main__':

@@ -8,36 +8,56 @@ key is read back from both sides and compared exactly (the compare's
 canonical forms), and PostgreSQL's row counts become the verify phase's
 expectation; the loss proof after the swap covers the rest.
 
+The standby is not copied but promoted: under the standby lock (no
+replicator has it open), the tail and the checks run in one SQLite
+transaction on the standby itself, its position table is dropped in
+that transaction, and the closed file is renamed to the new file's name.
+Its integrity is the replicator's recorded quick_check of those rows
+(window.integrity), else a quick_check run during the build. What stays
+O(rows) is PostgreSQL's count per table (the verify phase's expectation)
+and, after the swap, the loss proof's scan. A dry run, a standby on
+another filesystem or one the replicator holds longer than
+PROMOTE_LOCK_WAIT is copied as before.
+
 Whenever it cannot do that safely it raises NotIncremental with the
 reason, and the caller takes the full copy: no journal, no usable base,
 a base of another window, migrations applied on PostgreSQL since, a
 tail so long that the full copy is faster, a changed key that does not
-read back equal. Writes only the new file.
+read back equal. A failure before the end leaves a promoted standby as
+it was (the transaction is rolled back). Writes only the new file, or
+the standby it promotes.
 """
 import contextlib
+import os
+import sqlite3
 import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, connections, transaction
 
-from anthias_rollback import faults, fields, profiles, schema
+from anthias_rollback import faults, fields, fsutil, profiles, schema
 from anthias_rollback.compare import streams
 from anthias_rollback.engines import postgres_journal as pj
 from anthias_rollback.engines import sqlite as lite
 from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ReplicationError
 from anthias_rollback.fields import is_composite_key
+from anthias_rollback.report import first_line
 from anthias_rollback.rollback.state import RunState, count_rows
 from anthias_rollback.window import applier as window_applier
+from anthias_rollback.window import integrity
 from anthias_rollback.window import standby as window_standby
 
 # A tail longer than this many journal entries (or a quarter of the rows
 # at the cutover, whichever is more) is copied whole instead: re-reading
 # most keys one chunk at a time is slower than one ordered scan.
 MIN_TAIL_LIMIT = 50_000
+# Longest the rollback waits for the replicator to finish a round or an
+# integrity check before it copies the standby instead of promoting it.
+PROMOTE_LOCK_WAIT = 5.0
 
 
 class NotIncremental(Exception):
@@ -50,6 +70,11 @@ class Base:
     path: Path
     snapshot: str       # the PostgreSQL snapshot the copy holds
     at: str             # ISO time of that snapshot
+    # The standby itself, changed in place and renamed to be the new
+    # file (no copy); *checked*: the replicator's integrity record that
+    # covers its rows (window.integrity), if any.
+    promoted: bool = False
+    checked: dict[str, Any] | None = None
 
 
 def standby_problem(position: window_standby.Position,
@@ -225,11 +250,72 @@ def _checkable(model: Any) -> bool:
     return fields.key_kind(model) is not None or is_composite_key(model)
 
 
+def promotable(run: RunState, new_path: Path) -> str | None:
+    """Why the standby cannot be promoted in this run (None: it can be
+    tried): a dry run keeps it, and the rename into the live file's
+    directory must not cross a filesystem."""
+    if run.options.dry_run:
+        return 'a dry run leaves the standby in place'
+    path = window_standby.standby_path(run.data_dir)
+    if not path.exists():
+        return 'no standby'
+    if path.stat().st_dev != new_path.parent.stat().st_dev:
+        return (f'the standby {path} is on another filesystem than '
+                f'{new_path.parent}')
+    return None
+
+
+def lock_standby(run: RunState, cutover: dict[str, Any],
+                 stack: contextlib.ExitStack) -> Base | None:
+    """Take the standby lock (held until *stack* closes) and the standby
+    as this window's base, to be changed in place and promoted. None,
+    the reason in run.promote_problem, when it cannot be."""
+    data_dir = run.data_dir
+    path = window_standby.standby_path(data_dir)
+    try:
+        stack.enter_context(integrity.standby_lock(
+            data_dir, min(PROMOTE_LOCK_WAIT, run.deadline.remaining() / 4)))
+        position = window_standby.read_position(path)
+    except (ReplicationError, sqlite3.Error) as err:
+        run.promote_problem = first_line(err)
+        return None
+    if position is None:
+        run.promote_problem = f'the standby {path} has no position'
+        return None
+    problem = standby_problem(position, cutover)
+    if problem is not None:
+        run.promote_problem = f'the standby {path} {problem}'
+        return None
+    recorded = integrity.recorded_check(data_dir, position)
+    return Base('standby', path, position.snapshot, position.position_at,
+                promoted=True, checked=recorded)
+
+
+def promote(base: Base, new_path: Path) -> None:
+    """Rename the promoted standby (closed, its tail committed) to
+    *new_path* beside the live file. The replicator builds no new one
+    while the rollback holds its operation lock (Replicator.ensure)."""
+    side = [s for s in sqlite_file.SIDE_SUFFIXES
+            if Path(f'{base.path}{s}').exists()]
+    if side:
+        # Closed by its last connection, SQLite removes them; left over,
+        # they are another process's open connection.
+        sqlite_file.sqlite_checkpoint_truncate(base.path)
+        for suffix in side:
+            Path(f'{base.path}{suffix}').unlink(missing_ok=True)
+    fsutil.fsync_file(base.path)
+    os.rename(base.path, new_path)
+    fsutil.fsync_dir(new_path.parent)
+    fsutil.fsync_dir(base.path.parent)
+    faults.checkpoint('rollback:standby-promoted')
+
+
 def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
     """Fill *new_path* from a base plus the journal's tail (module
     docstring). Sets run.snapshot and run.expected_rows; returns what the
     report says about it. Raises NotIncremental (nothing to clean up
-    but *new_path*, which the caller removes)."""
+    but *new_path*, which the caller removes; a promoted standby is left
+    as it was unless the build completed)."""
     opts = run.options
     pg = opts.postgres_alias
     if opts.full:
@@ -240,75 +326,40 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
     if cutover is None:
         raise NotIncremental('no cutover is recorded on PostgreSQL')
     with contextlib.ExitStack() as stack:
+        run.promote_problem = promotable(run, new_path)
+        base = (lock_standby(run, cutover, stack)
+                if run.promote_problem is None else None)
         run.snapshot = stack.enter_context(
             pj.postgres_snapshot_transaction(pg))
         faults.checkpoint('rollback:snapshot-taken')
-        # The base is copied (local I/O, sqlite3 outside the GIL) while
-        # PostgreSQL counts every model in the snapshot (the verify
-        # phase's expectation).
-        with futures.ThreadPoolExecutor(1) as pool:
-            copying = pool.submit(copy_base, run, cutover, new_path)
+        if base is not None:
             expected = count_rows(pg)
-            base = copying.result()
-        faults.checkpoint('rollback:base-copied')
-        alias = stack.enter_context(profiles.sqlite_file_alias(new_path))
-        # WAL: the quick_check below reads the copied base while the tail
-        # is written, neither waiting for the other.
-        lite.sqlite_use_wal(alias)
-        check_same_migrations(alias, pg)
-        tail = pj.postgres_batch(pg, base.snapshot, run.snapshot)
-        at_cutover = sum((cutover['info'].get('rows') or {}).values())
-        limit = max(MIN_TAIL_LIMIT, at_cutover // 4)
-        if tail.entries > limit:
-            raise NotIncremental(f'{tail.entries} journal entries since the '
-                                 f'{base.kind}: a full copy is faster')
-        changed: dict[Any, list[str]] = {}
-
-        def on_keys(model: Any, texts: list[str]) -> None:
-            changed.setdefault(model, []).extend(texts)
-            run.deadline.check('the incremental build')
-
-        applier = window_applier.Applier(pg, alias)
-        with futures.ThreadPoolExecutor(1) as pool:
-            checking = base_quick_check(pool, new_path)
-            with transaction.atomic(using=alias):
-                applied = applier.apply(base.snapshot, run.snapshot,
-                                        on_keys, batch=tail)
-                # Every sequence, not only the changed tables': the base
-                # may predate ids PostgreSQL handed out and rolled back.
-                applier.raise_sequences()
-            faults.checkpoint('rollback:tail-applied')
-            run.base_quick_check = checking.result()
-        for model, texts in changed.items():
-            run.runner.emit('model-done', model._meta.label,
-                            rows=len(set(texts)))
-        unverified = [m._meta.label for m in changed
-                      if not _checkable(m)]
-        to_check = {m: list(t) for m, t in changed.items()}
-        applied_before = 0
-        if base.kind == 'standby':
-            # What the standby applied itself is re-read too: a standby
-            # whose recorded position is newer than its rows (edited by
-            # hand, or restored torn from an archive) read "proven" with
-            # stale rows. O(changes in the window), not O(rows).
-            for model, texts in standby_applied_keys(
-                    pg, applier, cutover['snapshot'], base.snapshot).items():
-                to_check.setdefault(model, []).extend(texts)
-                applied_before += len(texts)
-        differing = differing_keys(
-            {m: t for m, t in to_check.items() if _checkable(m)},
-            alias, pg)
-        if differing:
-            shown = ', '.join(differing[:5])
-            run.warn(f'incremental build: {len(differing)} changed key(s) '
-                     f'read back different from PostgreSQL ({shown}); '
-                     'taking the full copy')
-            raise NotIncremental(f'{len(differing)} changed key(s) did not '
-                                 'read back equal')
+            target = base.path
+        else:
+            # The base is copied (local I/O, sqlite3 outside the GIL)
+            # while PostgreSQL counts every model in the snapshot (the
+            # verify phase's expectation).
+            with futures.ThreadPoolExecutor(1) as pool:
+                copying = pool.submit(copy_base, run, cutover, new_path)
+                expected = count_rows(pg)
+                base = copying.result()
+            faults.checkpoint('rollback:base-copied')
+            target = new_path
+        with profiles.sqlite_file_alias(target) as alias:
+            # WAL: the quick_check reads the base while the tail is
+            # written, neither waiting for the other.
+            lite.sqlite_use_wal(alias)
+            applied, changed, applied_before = _apply_tail(
+                run, cutover, base, alias, pg, target)
+        if base.promoted:
+            promote(base, new_path)
         run.expected_rows = expected
     keys = sum(len(set(t)) for t in changed.values())
     truncated = list(applied.batch.truncated)
-    detail = (f'{base.kind} as of {base.at} + {tail.entries} journal '
+    unverified = [m._meta.label for m in changed if not _checkable(m)]
+    how = ' (promoted in place, not copied)' if base.promoted else ''
+    detail = (f'{base.kind}{how} as of {base.at} + '
+              f'{applied.batch.entries} journal '
               f'entries; {keys} changed key(s) re-read and checked equal to '
               'PostgreSQL' + (f', and {applied_before} key(s) the standby '
                               'applied since the cutover'
@@ -316,8 +367,101 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
               + (f'; tables re-read whole after a TRUNCATE: '
                               f'{", ".join(truncated)}' if truncated else '')
               + (f'; not compared key by key (no orderable key): '
-                 f'{", ".join(unverified)}' if unverified else ''))
+                 f'{", ".join(unverified)}' if unverified else '')
+              + (f'; standby not promoted: {run.promote_problem}'
+                 if run.promote_problem and base.kind == 'standby'
+                 else ''))
     return {'method': 'incremental', 'base': base.kind,
+            'promoted': base.promoted,
             'base_path': str(base.path), 'base_at': base.at,
-            'journal_entries': tail.entries, 'changed_keys': keys,
+            'journal_entries': applied.batch.entries, 'changed_keys': keys,
             'truncated_tables': truncated, 'detail': detail}
+
+
+def _apply_tail(run: RunState, cutover: dict[str, Any], base: Base,
+                alias: str, pg: str, path: Path
+                ) -> tuple[Any, dict[Any, list[str]], int]:
+    """Apply the journal's tail since *base* to the file *path* (*alias*)
+    and check every changed key, in ONE SQLite transaction that is
+    rolled back when anything fails (a promoted standby is then left as
+    it was). Returns (the Applier's result, changed keys per model,
+    keys the standby applied itself and that were re-read too)."""
+    pg_snapshot = run.snapshot
+    assert pg_snapshot is not None   # the caller's snapshot transaction
+    check_same_migrations(alias, pg)
+    tail = pj.postgres_batch(pg, base.snapshot, pg_snapshot)
+    at_cutover = sum((cutover['info'].get('rows') or {}).values())
+    limit = max(MIN_TAIL_LIMIT, at_cutover // 4)
+    if tail.entries > limit:
+        raise NotIncremental(f'{tail.entries} journal entries since the '
+                             f'{base.kind}: a full copy is faster')
+    changed: dict[Any, list[str]] = {}
+
+    def on_keys(model: Any, texts: list[str]) -> None:
+        changed.setdefault(model, []).extend(texts)
+        run.deadline.check('the incremental build')
+
+    applier = window_applier.Applier(pg, alias)
+    with futures.ThreadPoolExecutor(1) as pool:
+        checking = None
+        if base.checked is not None and base.checked.get('result') == 'ok':
+            run.base_quick_check = 'ok'
+            run.base_check_note = (
+                'quick_check (of the standby\'s rows, by replicate_changes '
+                f'at {base.checked.get("checked_at")})')
+        else:
+            checking = base_quick_check(pool, path)
+        try:
+            with transaction.atomic(using=alias):
+                applied = applier.apply(base.snapshot, pg_snapshot, on_keys,
+                                        batch=tail)
+                # Every sequence, not only the changed tables': the base
+                # may predate ids PostgreSQL handed out and rolled back.
+                applier.raise_sequences()
+                faults.checkpoint('rollback:tail-applied')
+                if checking is not None:
+                    run.base_quick_check = checking.result()
+                    run.base_check_note = (
+                        'quick_check (of the standby, during the build)'
+                        if base.promoted else None)
+                    if run.base_quick_check != 'ok':
+                        raise NotIncremental(
+                            f'the {base.kind} fails quick_check: '
+                            f'{run.base_quick_check}')
+                to_check = {m: list(t) for m, t in changed.items()}
+                applied_before = 0
+                if base.kind == 'standby':
+                    # What the standby applied itself is re-read too: a
+                    # standby whose recorded position is newer than its rows
+                    # (edited by hand, or restored torn from an archive) read
+                    # "proven" with stale rows. O(changes in the window).
+                    for model, texts in standby_applied_keys(
+                            pg, applier, cutover['snapshot'],
+                            base.snapshot).items():
+                        to_check.setdefault(model, []).extend(texts)
+                        applied_before += len(texts)
+                differing = differing_keys(
+                    {m: t for m, t in to_check.items() if _checkable(m)},
+                    alias, pg)
+                if differing:
+                    shown = ', '.join(differing[:5])
+                    run.warn(f'incremental build: {len(differing)} changed '
+                             f'key(s) read back different from PostgreSQL '
+                             f'({shown}); taking the full copy')
+                    raise NotIncremental(f'{len(differing)} changed key(s) '
+                                         'did not read back equal')
+                if base.promoted:
+                    table = window_standby.POSITION_TABLE
+                    connections[alias].cursor().execute(
+                        f'DROP TABLE IF EXISTS {table}')
+        except (DatabaseError, sqlite3.DatabaseError):
+            # A base too broken to write or read (a spoiled page): its
+            # quick_check says so, and the full copy is taken instead.
+            if checking is not None and checking.result() != 'ok':
+                raise NotIncremental(f'the {base.kind} fails quick_check: '
+                                     f'{checking.result()}') from None
+            raise
+    for model, texts in changed.items():
+        run.runner.emit('model-done', model._meta.label,
+                        rows=len(set(texts)))
+    return applied, changed, applied_before

@@ -206,7 +206,7 @@ def build_from_postgres(run: RunState, new_path: Path) -> None:
         return
     except incremental.NotIncremental as why:
         sqlite_file.remove_sqlite_file(new_path)
-        run.snapshot = run.base_quick_check = None
+        run.snapshot = run.base_quick_check = run.base_check_note = None
         run.copy = {'method': 'full', 'reason': str(why)}
     build_full_copy(run, new_path)
 

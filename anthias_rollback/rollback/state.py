@@ -166,6 +166,12 @@ class RunState:
     # quick_check of an incremental build's copied base, run while its
     # tail was applied (rollback.incremental); the verify phase uses it.
     base_quick_check: str | None = None
+    # What that check was (the verify phase's line): of the copied base
+    # during the build, or recorded by the replicator for the standby's
+    # rows when the standby itself was promoted.
+    base_check_note: str | None = None
+    # Why the standby was not promoted (rollback.incremental), if not.
+    promote_problem: str | None = None
 
     @property
     def cutover_forced(self) -> bool:

@@ -278,7 +278,8 @@ def verify_new_file(run: RunState, new_path: Path) -> None:
             # Incremental: its copied base was checked during the build,
             # while SQLite wrote the journal's tail into it.
             quick, done = run.base_quick_check, [
-                'quick_check (of the copied base, during the build)']
+                run.base_check_note
+                or 'quick_check (of the copied base, during the build)']
         else:
             quick = sqlite_file.sqlite_quick_check(new_path)
             done = ['quick_check']

@@ -17,6 +17,12 @@ not every write since the cutover.
   transaction that also records the position (tick, journal id, times)
   in `anthias_rb_standby`: a kill at any instant leaves the last
   committed batch and its position.
+- The standby is open only under the standby lock (window.integrity),
+  for a round or an integrity check, and closed between: a rollback may
+  take the file itself and rename it into the live database's place.
+  Once a round finds nothing to apply, quick_check runs on it and the
+  result is recorded with the position it read (check_if_needed); a
+  failed check discards the standby and the next round rebuilds it.
 
 PostgreSQL is only read; the live SQLite file is only read (the cutover
 snapshot). Never prints.
@@ -39,6 +45,7 @@ from anthias_rollback import (
     events,
     faults,
     fsutil,
+    locking,
     profiles,
     schema,
 )
@@ -51,6 +58,7 @@ from anthias_rollback.exceptions import (
 )
 from anthias_rollback.phases import PhaseStatus
 from anthias_rollback.report import describe_alias, first_line
+from anthias_rollback.window import integrity
 from anthias_rollback.window.applier import Applier
 from anthias_rollback.window.standby import (
     CHUNK,
@@ -63,6 +71,7 @@ from anthias_rollback.window.standby import (
     cutover_path,
     private_dir,
     read_position,
+    record_idle_round,
     standby_dir,
     standby_path,
     write_start_position,
@@ -71,6 +80,9 @@ from anthias_rollback.window.standby import (
 # Longest a standby's schema build may take (a Pi's SD card, every
 # migration of a CMS): the replicator has no deadline of its own.
 SCHEMA_TIMEOUT = 600.0
+# Longest a round waits for the standby lock (an integrity check of a
+# large standby, a rollback promoting it) before it counts as failed.
+ROUND_LOCK_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,21 @@ class Replicator:
             self.applier = Applier(self.pg, self.standby, self.chunk)
         return self.standby
 
+    def release(self) -> None:
+        """Close the standby's connection (the alias stays): nothing of
+        this process keeps the file open between rounds."""
+        if self.standby is not None:
+            connections[self.standby].close()
+
+    def discard(self, why: str) -> None:
+        """Remove a standby that failed its integrity check (the next
+        round rebuilds it) and raise ReplicationError saying so."""
+        with integrity.standby_lock(self.data_dir, ROUND_LOCK_WAIT):
+            self.close()
+            sqlite_file.remove_sqlite_file(self.path)
+        raise ReplicationError(f'{why}: removed; the next round rebuilds '
+                               'it')
+
     def close(self) -> None:
         if self._standby_cm is not None:
             self._standby_cm.__exit__(None, None, None)
@@ -171,7 +198,19 @@ class Replicator:
         if position is not None and position.window == cutover['txid']:
             return position
         self.close()
+        self.check_may_build()
         return self.bootstrap(cutover)
+
+    def check_may_build(self) -> None:
+        """ReplicationError when no standby may be built now: a rollback
+        is running (it may have just promoted the standby to be the live
+        file), or the device has left PostgreSQL."""
+        holder = locking.read_lock_holder(self.data_dir)
+        if holder is not None:
+            raise ReplicationError(
+                f'{holder.get("operation") or "another operation"} is '
+                'running on this data dir: no standby is built meanwhile')
+        check_can_replicate(self.data_dir)
 
     def bootstrap(self, cutover: dict[str, Any],
                   full: bool = False) -> Position:
@@ -253,8 +292,16 @@ class Replicator:
     # -- one batch
     def apply_round(self) -> RoundResult | None:
         """Apply the next batch (possibly empty) and record the position,
-        in one SQLite transaction. None when no window is open any more.
-        Raises DatabaseError, sqlite3.Error, ReplicationError."""
+        in one SQLite transaction, holding the standby lock and closing
+        the file after. None when no window is open any more. Raises
+        DatabaseError, sqlite3.Error, ReplicationError."""
+        with integrity.standby_lock(self.data_dir, ROUND_LOCK_WAIT):
+            try:
+                return self._apply_round()
+            finally:
+                self.release()
+
+    def _apply_round(self) -> RoundResult | None:
         started = time.monotonic()
         cutover = pj.postgres_cutover(self.pg)
         if cutover is None:
@@ -292,13 +339,18 @@ class Replicator:
                     pj.postgres_clock(self.pg),
                     position.batches + 1, position.entries + batch.entries,
                     position.started_from)
-                connections[alias].connection.execute(
-                    f'UPDATE {POSITION_TABLE} SET snapshot = ?, '
-                    'journal_id = ?, position_ts = ?, postgres_seen_ts = '
-                    '?, batches = ?, entries = ? WHERE id = 1',
-                    [new.snapshot, new.journal_id, new.position_ts,
-                     new.postgres_seen_ts, new.batches, new.entries])
+                if batch.entries:
+                    connections[alias].connection.execute(
+                        f'UPDATE {POSITION_TABLE} SET snapshot = ?, '
+                        'journal_id = ?, position_ts = ?, postgres_seen_ts '
+                        '= ?, batches = ?, entries = ? WHERE id = 1',
+                        [new.snapshot, new.journal_id, new.position_ts,
+                         new.postgres_seen_ts, new.batches, new.entries])
                 faults.checkpoint('replicate:before-commit')
+            if not batch.entries:
+                # Nothing applied: the file is left as it is (as its
+                # integrity check saw it); the newer tick goes beside it.
+                record_idle_round(self.path, new)
         faults.checkpoint('replicate:committed')
         return RoundResult(batch.entries, applied.keys, batch.tables,
                            time.monotonic() - started, new)
@@ -345,6 +397,19 @@ def run_replicator(postgres_alias: str, *, data_dir: Path | None = None,
             replicator.close()
 
 
+def check_if_needed(data_dir: Path) -> integrity.Integrity | None:
+    """quick_check of the standby, recorded with the position it read
+    (integrity.check_standby), unless a recorded check covers its rows
+    as they are. None when nothing was checked. Raises ReplicationError
+    (the lock stayed taken), sqlite3.Error, OSError."""
+    path = standby_path(data_dir)
+    with integrity.standby_lock(data_dir, ROUND_LOCK_WAIT):
+        if not path.exists() or not integrity.needs_check(
+                data_dir, read_position(path)):
+            return None
+        return integrity.check_standby(data_dir)
+
+
 def _loop(replicator: Replicator, data_dir: Path, once: bool,
           interval: float, max_backoff: float, stop: threading.Event,
           progress: events.Progress, where: str) -> ReplicationResult:
@@ -374,6 +439,15 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
     while True:
         try:
             result = replicator.apply_round()
+            if result is not None and (once or not result.entries):
+                # Once a round finds nothing to apply (or a cron run is
+                # done), the standby's rows are checked and the result
+                # recorded: what a rollback promotes without reading
+                # the whole file again. Between writing rounds it waits.
+                checked = check_if_needed(data_dir)
+                if checked is not None and not checked.ok:
+                    replicator.discard(f'the standby fails quick_check '
+                                       f'({checked.result})')
         # A round's failure is a state to report and retry, not a crash.
         except Exception as err:  # noqa: BLE001
             connections[replicator.pg].close()

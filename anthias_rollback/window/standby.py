@@ -41,6 +41,8 @@ LOCK_NAME = 'replicate.lock'
 # The replicator's record of its rounds (record_round): beside the
 # standby, so a replicator that never built one still says why.
 HEALTH_NAME = 'replicator.json'
+# The replicator's integrity check of the standby (window.integrity).
+INTEGRITY_NAME = 'integrity.json'
 POSITION_TABLE = 'anthias_rb_standby'
 # Keys per statement: far below SQLite's 999 variables; memory stays flat.
 CHUNK = 500
@@ -127,7 +129,8 @@ def discard_standby(data_dir: Path) -> Path:
     folder = private_dir(standby_dir(data_dir))
     for name in (STANDBY_NAME, CUTOVER_NAME):
         sqlite_file.remove_sqlite_file(folder / name)
-    for name in (CUTOVER_INFO_NAME, OLD_CUTOVER_INFO_NAME, HEALTH_NAME):
+    for name in (CUTOVER_INFO_NAME, OLD_CUTOVER_INFO_NAME, HEALTH_NAME,
+                 INTEGRITY_NAME, IDLE_NAME):
         (folder / name).unlink(missing_ok=True)
     return folder
 
@@ -198,7 +201,8 @@ def read_cutover_file_info(data_dir: Path) -> dict[str, Any] | None:
 
 # --- the position ------------------------------------------------------------
 
-def _position_of(conn: sqlite3.Connection) -> Position | None:
+def position_of(conn: sqlite3.Connection) -> Position | None:
+    """The position recorded in the open standby *conn*, or None."""
     try:
         row = conn.execute(
             f'SELECT window, snapshot, journal_id, position_ts, '
@@ -212,15 +216,72 @@ def _position_of(conn: sqlite3.Connection) -> Position | None:
 
 
 def read_position(path: Path, timeout: float = 5.0) -> Position | None:
-    """The position recorded in the standby at *path* (read-only), or
-    None when it has none. Raises sqlite3.Error for an unreadable file."""
+    """The position of the standby at *path* (read-only): the one its
+    file records, advanced by the idle rounds since (advanced), or None
+    when it has none. Raises sqlite3.Error for an unreadable file."""
     if sqlite_file.sqlite_file_problem(Path(path)):
         return None
     conn = sqlite_file.sqlite_open_readonly(Path(path), timeout)
     try:
-        return _position_of(conn)
+        position = position_of(conn)
     finally:
         conn.close()
+    return advanced(position, path)
+
+
+# A round that applies nothing does not write the standby (its rows, and
+# so its bytes, stay as the integrity check saw them: window.integrity);
+# the newer tick it proved empty is recorded beside it instead.
+IDLE_NAME = 'idle_position.json'
+
+
+def _inode(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino]
+
+
+def advanced(position: Position | None, path: Path) -> Position | None:
+    """*position* (read from the standby at *path*, or from a copy of
+    it) moved to the newest idle round's tick when that round followed
+    it on the same file: same inode, window, journal entry and count of
+    entries applied. A stale or unreadable record is ignored."""
+    if position is None:
+        return None
+    try:
+        data = fsutil.read_json(Path(path).parent / IDLE_NAME,
+                                'idle position', OSError,
+                                invalid=lambda _: None)
+        inode = _inode(Path(path))
+    except OSError:
+        return position
+    if not isinstance(data, dict) or data.get('inode') != inode:
+        return position
+    if (data.get('window'), data.get('journal_id'), data.get('entries')
+            ) != (position.window, position.journal_id, position.entries):
+        return position
+    batches = data.get('batches')
+    if not isinstance(batches, int) or batches <= position.batches:
+        return position
+    try:
+        return Position(position.window, str(data['snapshot']),
+                        position.journal_id, float(data['position_ts']),
+                        float(data['postgres_seen_ts']), batches,
+                        position.entries, position.started_from)
+    except (KeyError, TypeError, ValueError):
+        return position
+
+
+def record_idle_round(path: Path, position: Position) -> None:
+    """Record that the standby at *path* holds PostgreSQL's rows as of
+    *position* too (a round found no entry since its file's position).
+    0600, replaced atomically. Raises OSError."""
+    fsutil.atomic_write_json(Path(path).parent / IDLE_NAME, {
+        'inode': _inode(Path(path)), 'window': position.window,
+        'snapshot': position.snapshot, 'journal_id': position.journal_id,
+        'position_ts': position.position_ts,
+        'postgres_seen_ts': position.postgres_seen_ts,
+        'batches': position.batches, 'entries': position.entries,
+    }, mode=0o600)
 
 
 def write_start_position(path: Path, window: str, snapshot: str,
@@ -320,7 +381,7 @@ def copy_standby(data_dir: Path, target: Path,
         sqlite_file.sqlite_snapshot(source, Path(target), timeout)
         conn = sqlite_file.sqlite_connect(Path(target))
         try:
-            position = _position_of(conn)
+            position = position_of(conn)
             conn.execute(f'DROP TABLE IF EXISTS {POSITION_TABLE}')
         finally:
             conn.close()
@@ -329,7 +390,9 @@ def copy_standby(data_dir: Path, target: Path,
                                f'{first_line(err)}') from None
     if position is None:
         raise ReplicationError(f'the standby {source} has no position')
-    return position
+    # The copy holds the source's rows as of its file position; idle
+    # rounds recorded for that same position hold for the copy too.
+    return advanced(position, source) or position
 
 
 # --- the replicator's rounds ------------------------------------------------
