@@ -130,6 +130,9 @@ def test_incremental_equals_the_full_copy_row_for_row(data_dir, settings,
     every_kind_of_write(device)
     first = rollback(host_env)
     assert 'copy:          incremental: cutover file as of' in first.stdout
+    # The switch checked the file; the same sha256 stands for that check.
+    assert 'quick_check (of the cutover file, by the switch at' in \
+        first.stdout
     assert '(incremental copy)' in first.stdout
     assert 'tables re-read whole after a TRUNCATE: django_session' in \
         first.stdout

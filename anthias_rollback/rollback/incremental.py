@@ -141,8 +141,11 @@ def copy_base(run: RunState, cutover: dict[str, Any], new_path: Path) -> Base:
         digest = sqlite_file.copy_file_sha256(cut, new_path)
         info = cutover['info']['standby_cutover']
         if digest == info['sha256']:
+            # The same bytes the switch checked (its record says so).
+            checked = ({'result': 'ok', 'checked_at': info.get('taken_at')}
+                       if info.get('quick_check') == 'ok' else None)
             return Base('cutover file', cut, cutover['snapshot'],
-                        cutover['at'].isoformat())
+                        cutover['at'].isoformat(), checked=checked)
         sqlite_file.remove_sqlite_file(new_path)
         problem = f'the cutover file {cut} changed since the switch'
     why_not.append(problem)
@@ -406,9 +409,12 @@ def _apply_tail(run: RunState, cutover: dict[str, Any], base: Base,
         checking = None
         if base.checked is not None and base.checked.get('result') == 'ok':
             run.base_quick_check = 'ok'
+            when = base.checked.get('checked_at')
             run.base_check_note = (
-                'quick_check (of the standby\'s rows, by replicate_changes '
-                f'at {base.checked.get("checked_at")})')
+                f'quick_check (of the standby\'s rows, by replicate_changes '
+                f'at {when})' if base.kind == 'standby' else
+                f'quick_check (of the cutover file, by the switch at {when}; '
+                'the same sha256 now)')
         else:
             checking = base_quick_check(pool, path)
         try:

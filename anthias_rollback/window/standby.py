@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,9 +173,20 @@ def take_cutover_file(live_path: Path, folder: Path, *, window: str,
         fsutil.fsync_file(tmp)
         os.replace(tmp, target)
         fsutil.fsync_dir(folder)
-        digest, size = sqlite_file.file_sha256(target)
+        # quick_check once here, beside the sha256 (both read the file,
+        # neither holds the GIL): a rollback that finds the same sha256
+        # need not read the whole file again.
+        with futures.ThreadPoolExecutor(1) as pool:
+            checking = pool.submit(_quick_check_readonly, target, timeout)
+            digest, size = sqlite_file.file_sha256(target)
+            quick = checking.result()
+        if quick != 'ok':
+            sqlite_file.remove_sqlite_file(target)
+            return {'problem': f'the snapshot of {live_path} fails '
+                               f'quick_check: {quick}'}
         info = {'path': str(target), 'sha256': digest, 'size': size,
-                'window': window, 'taken_at': taken.isoformat()}
+                'window': window, 'taken_at': taken.isoformat(),
+                'quick_check': quick}
         fsutil.atomic_write_json(folder / CUTOVER_INFO_NAME, info,
                                  mode=0o600)
         return info
@@ -182,6 +194,14 @@ def take_cutover_file(live_path: Path, folder: Path, *, window: str,
         sqlite_file.remove_sqlite_file(tmp)
         return {'problem': f'cannot snapshot {live_path}: '
                            f'{first_line(err)}'}
+
+
+def _quick_check_readonly(path: Path, timeout: float) -> str:
+    conn = sqlite_file.sqlite_open_readonly(path, timeout)
+    try:
+        return sqlite_file.quick_check_line(conn)
+    finally:
+        conn.close()
 
 
 def read_cutover_file_info(data_dir: Path) -> dict[str, Any] | None:
