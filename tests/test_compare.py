@@ -10,6 +10,7 @@ from django.db import connections
 from anthias_app.models import Asset
 from anthias_rollback import compare, events, models_graph, profiles
 from anthias_rollback.compare import algorithms, orchestrator, streams
+from anthias_rollback.engines import digests
 from anthias_rollback.exceptions import (
     CompareError,
     DeadlineError,
@@ -480,6 +481,9 @@ def test_postgres_reader_killed_mid_checksum_is_a_clean_error(monkeypatch):
     connections still usable."""
     monkeypatch.setattr(streams, 'CHUNK_ROWS', 10)
     monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 8)
+    # In-engine digests: one statement per bucket, so the kill lands
+    # between two of them.
+    monkeypatch.setattr(digests, 'POSTGRES_BATCH', 1)
     monkeypatch.setenv('ANTHIAS_ROLLBACK_PAUSE_AT', 'compare:digest-chunk:0.2')
     fill_both('sqlite', 'postgres', n_assets=80)
     killed = []

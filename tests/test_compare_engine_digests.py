@@ -99,7 +99,9 @@ def compare(model, monkeypatch, bucket_rows=4):
 
 
 def engine_digests(model, alias, bounds):
-    return engines.for_alias(alias).bucket_digests(alias, model, bounds)
+    engine = engines.for_alias(alias)
+    with engine.read_snapshot(alias):
+        return engine.bucket_digests(alias, model, bounds)
 
 
 @pytest.mark.django_db(databases=BOTH, transaction=True)

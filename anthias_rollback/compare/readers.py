@@ -20,7 +20,6 @@ from django.db.utils import load_backend
 
 from anthias_rollback import engines, models_graph
 from anthias_rollback.compare import streams
-from anthias_rollback.engines import digests
 from anthias_rollback.exceptions import CompareError, RollbackError
 from anthias_rollback.report import first_line
 
@@ -71,20 +70,8 @@ class LocalReader:
         if not in_engine:
             return streams.bucket_digests(model, self.alias, bounds,
                                           on_rows)
-        found = engines.for_alias(self.alias).bucket_digests(
+        return engines.for_alias(self.alias).bucket_digests(
             self.alias, model, bounds, on_rows)
-        json_columns = digests.json_columns(model, self.alias)
-        if not json_columns:
-            return found
-        # JSON in Python, key order as jsonb's (engines/digests.py).
-        python = streams.bucket_digests(model, self.alias, bounds,
-                                        only=json_columns)
-        if [rows for rows, _ in found] != [rows for rows, _ in python]:
-            # One snapshot: cannot happen unless the reads were not in it.
-            raise CompareError(f'{model._meta.label}: row counts differ '
-                               f'between two reads of one snapshot')
-        return [(rows, digest + other) for (rows, digest), (_, other)
-                in zip(found, python, strict=True)]
 
     def rows_for_keys(self, model: type[models.Model], keys: list
                       ) -> tuple[list, list[tuple]]:

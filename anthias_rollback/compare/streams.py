@@ -12,7 +12,7 @@ import itertools
 import queue
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.db import connections, models
@@ -122,19 +122,15 @@ def key_in_sql(model: type[models.Model], alias: str, keys: list
 
 def stream_canonical_columns(model: type[models.Model], alias: str, *,
                              fast: bool = True, digest: bool = False,
-                             where: tuple[str, list] = ('', []),
-                             only: Collection[str] | None = None
+                             where: tuple[str, list] = ('', [])
                              ) -> Iterator[list[list]]:
     """Chunks of canonical rows as columns (pk first), in bytewise pk
     order, optionally restricted by a (WHERE clause, params) pair
-    (*digest*: digest forms, see normalize.py) and to the key and the
-    columns in *only*. Needs *alias*'s read snapshot; raises
-    CompareError if the engine's key order is not bytewise."""
+    (*digest*: digest forms, see normalize.py). Needs *alias*'s read
+    snapshot; raises CompareError if the engine's key order is not
+    bytewise."""
     plans = plan_columns(model, alias, fast=fast, digest=digest)
     width = key_width(model)
-    if only is not None:
-        plans = plans[:width] + tuple(p for p in plans[width:]
-                                      if p.column in only)
     clause, params = where
     sql = select_ordered_sql(model, alias, plans, clause)
     chunks = prefetch(engines.for_alias(alias).fetch_chunks(
@@ -194,13 +190,11 @@ def key_sample(model: type[models.Model], alias: str, size: int) -> list:
 
 
 def bucket_digests(model: type[models.Model], alias: str, bounds: list,
-                   on_rows: Callable[[int], None] | None = None,
-                   only: Collection[str] | None = None
+                   on_rows: Callable[[int], None] | None = None
                    ) -> list[tuple[int, bytes]]:
     """(row count, checksum) of the canonical rows in each bucket:
     bucket i holds keys in [bounds[i-1], bounds[i]), the first and last
-    open-ended (*only*: of the key and these columns). One ordered pass;
-    memory holds one chunk and one bucket.
+    open-ended. One ordered pass; memory holds one chunk and one bucket.
     """
     digests: list[tuple[int, bytes]] = []
     pending: list[list] | None = None
@@ -214,8 +208,7 @@ def bucket_digests(model: type[models.Model], alias: str, bounds: list,
             digests.append((len(pending[0]), checksum_rows(pending)))
         pending = None
 
-    for columns in stream_canonical_columns(model, alias, digest=True,
-                                            only=only):
+    for columns in stream_canonical_columns(model, alias, digest=True):
         keys = columns[0]
         if pending is None:
             pending = [[] for _ in columns]

@@ -4,8 +4,8 @@ Each column gets an SQL expression that renders its stored value as text,
 the same text on both engines for equal canonical values (normalize.py):
 integers and booleans as digits, datetimes, dates and times in Python's
 isoformat shape, UUIDs as 32 hex digits, binaries as lowercase hex, each
-followed by ','; text as `<bytes>:<text>`; NULL as '~'. Every form is
-self-delimiting, so a row's concatenation is injective. SQLite
+followed by ','; text and JSON as `<bytes>:<text>`; NULL as '~'. Every
+form is self-delimiting, so a row's concatenation is injective. SQLite
 renders a value whose storage class is not the expected one as '!',
 which PostgreSQL never prints: that bucket mismatches and goes to the
 exact comparison, so a rendering difference costs time, never
@@ -19,12 +19,13 @@ Python hashes the result once per bucket. Columns without a form here
 (decimal, float, duration, IP address, a custom JSON decoder, datetimes
 stored in a non-UTC zone) keep the whole model on the Python digests.
 
-JSON columns are left out of the engines' text: SQLite keeps the text
-as written, PostgreSQL's jsonb reorders keys (by length, then bytes) and
-neither engine can put the other's in its shape, so a model whose JSON
-was written in another key order (json.dumps of a dict) would re-read
-every bucket. The reader hashes them (with the key) in Python instead,
-in the digest forms of normalize.py (`json_columns`).
+JSON is PostgreSQL's jsonb text on both sides. SQLite keeps JSON as
+written (json.dumps order, unicode escapes) and cannot reorder keys in SQL
+(json_each per row measured slower than Python), so for a model with
+JSON columns SQLite returns each row's text in pieces around them and
+Python puts each JSON value in jsonb's shape (normalize.jsonb_text, C
+parser and encoder) between them: one call per JSON value, the rest
+stays in C. PostgreSQL needs no Python at all.
 """
 import hashlib
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connections, models
 
-from anthias_rollback import fields
+from anthias_rollback import faults, fields
 
 # Internal type -> form kind (what the per-engine renderers switch on).
 _KINDS = {
@@ -84,17 +85,9 @@ def _columns(model: type[models.Model], alias: str
 
 def digest_columns(model: type[models.Model], alias: str
                    ) -> list[tuple[str, str]]:
-    """(quoted column, kind) of the columns the engine renders (all
-    but JSON ones), the key's first."""
+    """(quoted column, kind) of every column, the key's first."""
     return [(quoted, kind or '') for _, quoted, kind in
-            _columns(model, alias) if kind != 'json']
-
-
-def json_columns(model: type[models.Model], alias: str) -> list[str]:
-    """Columns the reader hashes in Python beside the engine's digests
-    (JSON: see the module docstring)."""
-    return [column for column, _, kind in _columns(model, alias)
-            if kind == 'json']
+            _columns(model, alias)]
 
 
 def digest_blockers(model: type[models.Model], alias: str) -> list[str]:
@@ -146,10 +139,38 @@ def _sqlite_form(column: str, kind: str) -> str:
     raise ValueError(kind)
 
 
+def sqlite_row_pieces(model: type[models.Model], alias: str
+                      ) -> list[str]:
+    """SQL select expressions: one row's text on SQLite, split around
+    its JSON columns (odd positions: a JSON column as stored)."""
+    pieces: list[str] = []
+    run: list[str] = []
+    for column, kind in digest_columns(model, alias):
+        if kind == 'json':
+            pieces += [' || '.join(run) or "''", column]
+            run = []
+        else:
+            run.append(_sqlite_form(column, kind))
+    return [*pieces, ' || '.join(run) or "''"]
+
+
+def _jsonb_piece(value: Any) -> str:
+    # As PostgreSQL's form below: <bytes>:<jsonb text>, NULL '~'.
+    from anthias_rollback.normalize import jsonb_text
+
+    if value is None:
+        return '~'
+    if type(value) is not str:
+        return '!'   # not Django's JSON text: compared exactly
+    text = jsonb_text(value)
+    return f'{len(text.encode())}:{text}'
+
+
 def sqlite_row_text(model: type[models.Model], alias: str) -> str:
-    """SQL expression: one row's text on SQLite."""
-    return ' || '.join(_sqlite_form(column, kind)
-                       for column, kind in digest_columns(model, alias))
+    """SQL expression: one row's text on SQLite (no JSON columns)."""
+    pieces = sqlite_row_pieces(model, alias)
+    assert len(pieces) == 1   # JSON needs sqlite_row_pieces
+    return pieces[0]
 
 
 def sqlite_bucket_digests(alias: str, model: type[models.Model],
@@ -167,9 +188,15 @@ def sqlite_bucket_digests(alias: str, model: type[models.Model],
     key = quote(model._meta.pk.column)
     kind = fields.key_kind(model)
     order = engine.byte_order(key, kind == 'text')
-    sql = (f'SELECT count(*), CAST(group_concat(t, \'\') AS BLOB) FROM '
-           f'(SELECT {sqlite_row_text(model, alias)} AS t FROM '
-           f'{quote(model._meta.db_table)}{{where}} ORDER BY {order})')
+    pieces = sqlite_row_pieces(model, alias)
+    table = quote(model._meta.db_table)
+    if len(pieces) == 1:
+        sql = (f'SELECT count(*), CAST(group_concat(t, \'\') AS BLOB) '
+               f'FROM (SELECT {pieces[0]} AS t FROM {table}{{where}} '
+               f'ORDER BY {order})')
+    else:
+        sql = (f'SELECT {", ".join(pieces)} FROM {table}{{where}} '
+               f'ORDER BY {order}')
     digests: Digests = []
     done = 0
     connection.ensure_connection()
@@ -184,16 +211,31 @@ def sqlite_bucket_digests(alias: str, model: type[models.Model],
                                                          high)
                 where = f' WHERE {clause}' if clause else ''
                 cursor.execute(sql.format(where=where), params)
-                rows, text = cursor.fetchone()
+                if len(pieces) == 1:
+                    rows, text = cursor.fetchone()
+                else:
+                    found = cursor.fetchall()
+                    rows, text = len(found), _join_pieces(found)
                 digests.append(_digest(rows, text))
                 done += rows
-                if on_rows is not None and (
-                        index % SQLITE_REPORT_EVERY == 0
-                        or index == len(bounds)):
-                    on_rows(done)
+                if index % SQLITE_REPORT_EVERY == 0 \
+                        or index == len(bounds):
+                    if on_rows is not None:
+                        on_rows(done)
+                    faults.checkpoint('compare:digest-chunk')
         finally:
             cursor.close()
     return digests
+
+
+def _join_pieces(found: list[tuple]) -> bytes:
+    """Rows of (text, JSON, text, ...) pieces as one bucket text."""
+    parts: list[str] = []
+    append = parts.append
+    for row in found:
+        for index, piece in enumerate(row):
+            append(_jsonb_piece(piece) if index % 2 else piece)
+    return ''.join(parts).encode('utf-8', 'surrogatepass')
 
 
 def _digest(rows: int, text: Any) -> tuple[int, bytes]:
@@ -215,6 +257,9 @@ def _postgres_form(column: str, kind: str) -> str:
                 f"ELSE '~' END")
     if kind == 'text':
         return coalesced(f"octet_length({column})::text || ':' "
+                         f'|| {column}::text')
+    if kind == 'json':
+        return coalesced(f"octet_length({column}::text)::text || ':' "
                          f'|| {column}::text')
     if kind == 'binary':
         return coalesced(f"encode({column}, 'hex') || ','")
@@ -261,22 +306,21 @@ def postgres_bucket_digests(alias: str, model: type[models.Model],
     total = len(bounds) + 1
     digests: Digests = []
     done = 0
-    connection.ensure_connection()
-    with connection.wrap_database_errors, \
-            connection.connection.cursor() as cursor:
-        for first in range(0, total, POSTGRES_BATCH):
-            last = min(first + POSTGRES_BATCH, total)  # exclusive
-            low = bounds[first - 1] if first else None
-            high = bounds[last - 1] if last - 1 < len(bounds) else None
-            clause, params = engine.key_range_clause(key, kind, low, high)
-            where = f' WHERE {clause}' if clause else ''
-            inner = list(bounds[first:last - 1])
-            cursor.execute(sql.format(where=where), [inner, *params])
-            found = {b: (rows, bytes(md5))
-                     for b, rows, md5 in cursor.fetchall()}
-            for offset in range(last - first):
-                digests.append(found.get(offset, (0, b'')))
-                done += digests[-1][0]
-            if on_rows is not None:
-                on_rows(done)
+    for first in range(0, total, POSTGRES_BATCH):
+        last = min(first + POSTGRES_BATCH, total)  # exclusive
+        low = bounds[first - 1] if first else None
+        high = bounds[last - 1] if last - 1 < len(bounds) else None
+        clause, params = engine.key_range_clause(key, kind, low, high)
+        where = f' WHERE {clause}' if clause else ''
+        inner = list(bounds[first:last - 1])
+        # The engine's named cursor, as every other read of a side.
+        found = {b: (rows, bytes(md5)) for chunk in engine.fetch_chunks(
+            alias, sql.format(where=where), [inner, *params])
+            for b, rows, md5 in chunk}
+        for offset in range(last - first):
+            digests.append(found.get(offset, (0, b'')))
+            done += digests[-1][0]
+        if on_rows is not None:
+            on_rows(done)
+        faults.checkpoint('compare:digest-chunk')
     return digests
