@@ -142,7 +142,12 @@ def _run_child(path: Path, timeout: float, wal: bool) -> list[str]:
 
     global CHILD_RUNS
     if not path.exists():
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL,
+                             0o600))
+        except OSError as err:
+            raise SchemaMismatchError(
+                f'cannot create {path}: {err.strerror}') from None
     env = dict(os.environ)
     env['DJANGO_SETTINGS_MODULE'] = _settings_module(settings)
     # The parent's import path (a test's or a host's sys.path edits).
@@ -390,7 +395,10 @@ class _Template:
             if not _READ_ONLY:
                 os.utime(self.meta_path)
         except Exception as err:  # noqa: BLE001  (a cache: logged only)
-            if meta is not None or not isinstance(err, OSError):
+            if isinstance(err, _TargetError):
+                _log().warning('cannot copy schema template %s into %s: '
+                               '%s', self.meta_path, path, _one_line(err))
+            elif meta is not None or not isinstance(err, OSError):
                 self._drop(err)
             else:
                 _log().warning('schema template %s unreadable: %s',
@@ -463,19 +471,36 @@ class _Template:
                 item.unlink(missing_ok=True)
 
 
+class _TargetError(Exception):
+    """Writing the caller's file failed: no fault of the template."""
+
+
 def _copy_bytes(source: Path, target: Path) -> str:
     """Copy *source* into *target* (missing or empty; left 0600, synced);
-    the sha256 of what was read."""
+    the sha256 of what was read. _TargetError when *target* cannot be
+    written."""
     digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, 'wb', buffering=0) as out, \
-            open(source, 'rb', buffering=0) as fh:
-        os.fchmod(out.fileno(), 0o600)
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-        os.fsync(out.fileno())
+    with open(source, 'rb', buffering=0) as fh:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o600)
+        except OSError as err:
+            raise _TargetError(err) from err
+        with open(fd, 'wb', buffering=0) as out:
+            # A read error is the template's (it is then dropped).
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as err:
+                    raise _TargetError(err) from err
+            try:
+                os.fchmod(out.fileno(), 0o600)
+                os.fsync(out.fileno())
+            except OSError as err:
+                raise _TargetError(err) from err
     return digest.hexdigest()
+
 
 def _result(stdout: str) -> dict[str, Any]:
     for line in reversed(stdout.splitlines()):

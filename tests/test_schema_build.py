@@ -564,3 +564,16 @@ def test_read_only_templates_are_used_never_written(data_dir, caplog):
     assert schema_build.CHILD_RUNS == runs + 3
     assert record.read_text() == '{not json'
     assert any('ignored' in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_that_cannot_be_written_keeps_the_template(data_dir):
+    """The caller's folder is missing: the child's one-line error, as
+    without a cache, and the template stays."""
+    made = schema_build.ensure_template(timeout=300)
+    before = template_files(data_dir).keys()
+    missing = data_dir / 'no-such-folder' / 'new.db'
+    with pytest.raises(SchemaMismatchError) as excinfo:
+        schema_build.migrate_file(missing, timeout=300)
+    assert '\n' not in str(excinfo.value)
+    assert template_files(data_dir).keys() == before
+    assert made.exists()
