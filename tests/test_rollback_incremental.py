@@ -129,10 +129,13 @@ def test_incremental_equals_the_full_copy_row_for_row(data_dir, settings,
     device = seed_with_kitchen(settings)
     every_kind_of_write(device)
     first = rollback(host_env)
-    assert 'copy:          incremental: cutover file as of' in first.stdout
-    # The switch checked the file; the same sha256 stands for that check.
+    # The cutover file itself, not a copy: the switch checked it, and its
+    # inode, size and mtime say it is still those bytes.
+    assert ('copy:          incremental: cutover file (promoted in place, '
+            'not copied) as of') in first.stdout
     assert 'quick_check (of the cutover file, by the switch at' in \
         first.stdout
+    assert not window_standby.cutover_path(data_dir).exists()
     assert '(incremental copy)' in first.stdout
     assert 'tables re-read whole after a TRUNCATE: django_session' in \
         first.stdout

@@ -235,3 +235,21 @@ def test_killed_while_promoting_the_live_file_stays_whole(
     leftovers = [p.name for p in device.live.parent.iterdir()
                  if '.rollback-new-' in p.name]
     assert leftovers == []
+
+
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_a_cutover_file_touched_since_the_switch_is_copied_and_hashed(
+        data_dir, settings, host_env):
+    """The cutover file is promoted only when its inode, size and mtime
+    are what the switch recorded; touched (same bytes), it is copied and
+    its sha256 checked instead, and it stays in place."""
+    device = seed_device(settings, n_assets=5)
+    write_on_postgres(device)
+    cut = window_standby.cutover_path(data_dir)
+    os.utime(cut, ns=(1, 1))
+    done = rollback(host_env)
+    assert 'copy:          incremental: cutover file as of' in done.stdout
+    assert 'the same sha256 now' in done.stdout
+    assert cut.exists()
+    assert normalise(fingerprint_sqlite(device.live)) == \
+        normalise(fingerprint_postgres())

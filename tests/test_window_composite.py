@@ -155,8 +155,8 @@ if COMPOSITE:
         connections['sqlite'].close()
         done = run_manage(host_env, 'rollback_migration', '--emergency')
         assert done.returncode == 0, done.stdout + done.stderr
-        assert 'copy:          incremental: cutover file as of' in \
-            done.stdout, done.stdout
+        assert ('copy:          incremental: cutover file (promoted in '
+                'place, not copied) as of') in done.stdout, done.stdout
         # Read back key tuple by key tuple, not left to the row counts.
         assert '6 changed key(s) re-read and checked equal' in done.stdout
         assert 'not compared key by key' not in done.stdout

@@ -254,50 +254,68 @@ def _checkable(model: Any) -> bool:
 
 
 def promotable(run: RunState, new_path: Path) -> str | None:
-    """Why the standby cannot be promoted in this run (None: it can be
-    tried): a dry run keeps it, and the rename into the live file's
-    directory must not cross a filesystem."""
+    """Why no base can be promoted in this run (None: it can be tried):
+    a dry run keeps them, and the rename into the live file's directory
+    must not cross a filesystem."""
     if run.options.dry_run:
         return 'a dry run leaves the standby in place'
-    path = window_standby.standby_path(run.data_dir)
-    if not path.exists():
+    folder = window_standby.standby_dir(run.data_dir)
+    if not folder.is_dir():
         return 'no standby'
-    if path.stat().st_dev != new_path.parent.stat().st_dev:
-        return (f'the standby {path} is on another filesystem than '
+    if folder.stat().st_dev != new_path.parent.stat().st_dev:
+        return (f'the standby dir {folder} is on another filesystem than '
                 f'{new_path.parent}')
     return None
 
 
-def lock_standby(run: RunState, cutover: dict[str, Any],
-                 stack: contextlib.ExitStack) -> Base | None:
-    """Take the standby lock (held until *stack* closes) and the standby
-    as this window's base, to be changed in place and promoted. None,
-    the reason in run.promote_problem, when it cannot be."""
+def lock_base(run: RunState, cutover: dict[str, Any],
+              stack: contextlib.ExitStack) -> Base | None:
+    """Take the standby lock (held until *stack* closes) and this
+    window's base to be changed in place and promoted: the standby, else
+    the cutover file when it is byte for byte what the switch took and
+    checked (inode, size, mtime; no sha256 pass over it). None, the
+    reason in run.promote_problem, when neither can be."""
     data_dir = run.data_dir
-    path = window_standby.standby_path(data_dir)
     try:
         stack.enter_context(integrity.standby_lock(
             data_dir, min(PROMOTE_LOCK_WAIT, run.deadline.remaining() / 4)))
-        position = window_standby.read_position(path)
-    except (ReplicationError, sqlite3.Error) as err:
+    except ReplicationError as err:
         run.promote_problem = first_line(err)
         return None
-    if position is None:
-        run.promote_problem = f'the standby {path} has no position'
-        return None
-    problem = standby_problem(position, cutover)
-    if problem is not None:
+    path = window_standby.standby_path(data_dir)
+    try:
+        position = (window_standby.read_position(path) if path.exists()
+                    else None)
+    except sqlite3.Error as err:
+        run.promote_problem = first_line(err)
+        position = None
+    if position is not None:
+        problem = standby_problem(position, cutover)
+        if problem is None:
+            return Base('standby', path, position.snapshot,
+                        position.position_at, promoted=True,
+                        checked=integrity.recorded_check(data_dir, position))
         run.promote_problem = f'the standby {path} {problem}'
+    elif path.exists() and run.promote_problem is None:
+        run.promote_problem = f'the standby {path} has no position'
+    if cutover_file_problem(data_dir, cutover) is not None:
         return None
-    recorded = integrity.recorded_check(data_dir, position)
-    return Base('standby', path, position.snapshot, position.position_at,
-                promoted=True, checked=recorded)
+    cut = window_standby.cutover_path(data_dir)
+    info = cutover['info']['standby_cutover']
+    if (info.get('quick_check') != 'ok'
+            or info.get('file') != integrity.file_state(cut)):
+        # Not provably the checked bytes: copied, its sha256 checked.
+        return None
+    return Base('cutover file', cut, cutover['snapshot'],
+                cutover['at'].isoformat(), promoted=True,
+                checked={'result': 'ok', 'checked_at': info.get('taken_at')})
 
 
 def promote(base: Base, new_path: Path) -> None:
-    """Rename the promoted standby (closed, its tail committed) to
-    *new_path* beside the live file. The replicator builds no new one
-    while the rollback holds its operation lock (Replicator.ensure)."""
+    """Rename the promoted base (closed, its tail committed) to
+    *new_path* beside the live file. The replicator builds no new
+    standby while the rollback holds its operation lock
+    (Replicator.ensure)."""
     side = [s for s in sqlite_file.SIDE_SUFFIXES
             if Path(f'{base.path}{s}').exists()]
     if side:
@@ -330,12 +348,13 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
         raise NotIncremental('no cutover is recorded on PostgreSQL')
     with contextlib.ExitStack() as stack:
         run.promote_problem = promotable(run, new_path)
-        base = (lock_standby(run, cutover, stack)
+        base = (lock_base(run, cutover, stack)
                 if run.promote_problem is None else None)
         run.snapshot = stack.enter_context(
             pj.postgres_snapshot_transaction(pg))
         faults.checkpoint('rollback:snapshot-taken')
         if base is not None:
+            faults.checkpoint('rollback:base-copied')   # its counterpart
             expected = count_rows(pg)
             target = base.path
         else:
@@ -414,7 +433,8 @@ def _apply_tail(run: RunState, cutover: dict[str, Any], base: Base,
                 f'quick_check (of the standby\'s rows, by replicate_changes '
                 f'at {when})' if base.kind == 'standby' else
                 f'quick_check (of the cutover file, by the switch at {when}; '
-                'the same sha256 now)')
+                + ('the same inode, size and mtime since)' if base.promoted
+                   else 'the same sha256 now)'))
         else:
             checking = base_quick_check(pool, path)
         try:

@@ -96,7 +96,7 @@ def integrity_path(data_dir: Path) -> Path:
     return standby_dir(data_dir) / INTEGRITY_NAME
 
 
-def _file_state(path: Path) -> list[int]:
+def file_state(path: Path) -> list[int]:
     """What changes when the standby's bytes do: its inode, size and
     mtime; a -wal with frames in it counts as a change."""
     st = os.stat(path)
@@ -128,7 +128,7 @@ def check_standby(data_dir: Path) -> Integrity:
             result = first_line(err)
     finally:
         conn.close()
-    state = _file_state(path)
+    state = file_state(path)
     found = Integrity(result, position, (state[0], state[1]),
                       datetime.now(UTC).isoformat(),
                       round(time.monotonic() - started, 3))
@@ -151,7 +151,7 @@ def recorded_check(data_dir: Path, position: Position
     try:
         data = fsutil.read_json(integrity_path(data_dir), 'integrity',
                                 OSError, invalid=lambda _: None)
-        state = _file_state(standby_path(data_dir))
+        state = file_state(standby_path(data_dir))
     except OSError:
         return None
     if not isinstance(data, dict):
