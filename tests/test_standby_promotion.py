@@ -22,6 +22,7 @@ from tests.helpers.rollback import (
     fingerprint_sqlite,
     normalise,
     seed_device,
+    spoil_table_root,
     write_on_postgres,
 )
 
@@ -136,14 +137,7 @@ def test_a_spoiled_standby_is_left_alone_and_the_full_copy_taken(
     write_on_postgres(device)
     replicate_once(data_dir)
     path = window_standby.standby_path(data_dir)
-    conn = sqlite3.connect(path)
-    page_size = conn.execute('PRAGMA page_size').fetchone()[0]
-    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE "
-                        "name = 'auth_user'").fetchone()[0]
-    conn.close()
-    with open(path, 'r+b') as fh:
-        fh.seek((root - 1) * page_size)
-        fh.write(b'\x00')                  # no valid b-tree page type
+    spoil_table_root(path, 'auth_user')
     spoiled = path.read_bytes()
     done = rollback(host_env)
     assert 'copy:          full: the standby fails quick_check' in \

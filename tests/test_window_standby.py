@@ -3,13 +3,12 @@ its own name (standby_cutover.json) and under the name an older version
 gave it (cutover.json, the data dir's cutover record's name too), and
 the usable_standby checks a rollback with PostgreSQL down relies on."""
 import json
-import sqlite3
 
 import pytest
 
 from anthias_rollback.window import replicator as window_replicator
 from anthias_rollback.window import standby as window_standby
-from tests.helpers.rollback import seed_device
+from tests.helpers.rollback import seed_device, spoil_table_root
 
 ALL = ['default', 'sqlite', 'postgres']
 
@@ -65,15 +64,7 @@ def test_a_spoiled_standby_fails_quick_check(data_dir, settings):
     (engines.sqlite_file.quick_check_line), not 'unreadable'."""
     replicated_standby(data_dir, settings)
     path = window_standby.standby_path(data_dir)
-    conn = sqlite3.connect(path)
-    conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
-    page_size = conn.execute('PRAGMA page_size').fetchone()[0]
-    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE "
-                        "name = 'auth_user'").fetchone()[0]
-    conn.close()
-    with open(path, 'r+b') as fh:
-        fh.seek((root - 1) * page_size)
-        fh.write(b'\x00')                  # no valid b-tree page type
+    spoil_table_root(path, 'auth_user')
     position, why = window_standby.usable_standby(data_dir)
     assert position is None
     assert why.startswith(f'standby {path} fails quick_check: '), why

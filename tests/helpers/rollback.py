@@ -127,3 +127,18 @@ def age_standby(data_dir: Path, seconds: float) -> None:
                          'position_ts = ?', [time.time() - seconds])
     finally:
         conn.close()
+
+
+def spoil_table_root(path, table: str) -> None:
+    """Give *table*'s root page in the SQLite file at *path* a byte no
+    b-tree page type has: a page broken on disk, which quick_check (not
+    a mere open) finds. The WAL is checkpointed first."""
+    conn = sqlite3.connect(path)
+    conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    page_size = conn.execute('PRAGMA page_size').fetchone()[0]
+    root = conn.execute('SELECT rootpage FROM sqlite_master WHERE '
+                        'name = ?', [table]).fetchone()[0]
+    conn.close()
+    with open(path, 'r+b') as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b'\x00')
