@@ -126,16 +126,18 @@ def _sqlite_form(column: str, kind: str) -> str:
             for n, suffix in lengths.items())
         return typed('text', f"CASE length({column}) {cases} ELSE '!' END")
 
+    def fixed(length: int) -> str:
+        return typed('text', f"CASE length({column}) WHEN {length} THEN "
+                             f"{column} || ',' ELSE '!' END")
+
     if kind == 'datetime':
         return shaped({19: '.000000', 26: ''}, 20)
     if kind == 'time':
         return shaped({8: '.000000', 15: ''}, 9)
     if kind == 'date':
-        return typed('text', f"CASE length({column}) WHEN 10 THEN "
-                             f"{column} || ',' ELSE '!' END")
+        return fixed(10)
     if kind == 'uuid':
-        return typed('text', f"CASE length({column}) WHEN 32 THEN "
-                             f"{column} || ',' ELSE '!' END")
+        return fixed(32)
     raise ValueError(kind)
 
 

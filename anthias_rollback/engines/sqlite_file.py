@@ -89,6 +89,17 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def file_state(path: Path) -> list[int]:
+    """What changes when the SQLite file's bytes do: [dev, inode, size,
+    mtime_ns, the -wal's size] (a -wal with frames counts as a change)."""
+    st = os.stat(path)
+    try:
+        wal = os.stat(f'{path}-wal').st_size
+    except FileNotFoundError:
+        wal = 0
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, wal]
+
+
 def _chunks(fh) -> Iterator[memoryview]:
     """The file's bytes in one reused buffer of _HASH_CHUNK (each view is
     valid until the next is read)."""

@@ -110,6 +110,14 @@ def cutover_file_problem(data_dir: Path,
     return None
 
 
+def switch_check(info: dict[str, Any]) -> dict[str, Any] | None:
+    """The switch's quick_check of the cutover file, as a Base's
+    *checked* record, when it passed (None: none recorded)."""
+    if info.get('quick_check') != 'ok':
+        return None
+    return {'result': 'ok', 'checked_at': info.get('taken_at')}
+
+
 def copy_base(run: RunState, cutover: dict[str, Any], new_path: Path) -> Base:
     """Copy the newest base of this window into *new_path*: the standby
     when it has a position of this window, else the unchanged cutover
@@ -142,10 +150,9 @@ def copy_base(run: RunState, cutover: dict[str, Any], new_path: Path) -> Base:
         info = cutover['info']['standby_cutover']
         if digest == info['sha256']:
             # The same bytes the switch checked (its record says so).
-            checked = ({'result': 'ok', 'checked_at': info.get('taken_at')}
-                       if info.get('quick_check') == 'ok' else None)
             return Base('cutover file', cut, cutover['snapshot'],
-                        cutover['at'].isoformat(), checked=checked)
+                        cutover['at'].isoformat(),
+                        checked=switch_check(info))
         sqlite_file.remove_sqlite_file(new_path)
         problem = f'the cutover file {cut} changed since the switch'
     why_not.append(problem)
@@ -302,13 +309,12 @@ def lock_base(run: RunState, cutover: dict[str, Any],
         return None
     cut = window_standby.cutover_path(data_dir)
     info = cutover['info']['standby_cutover']
-    if (info.get('quick_check') != 'ok'
-            or info.get('file') != integrity.file_state(cut)):
+    checked = switch_check(info)
+    if checked is None or info.get('file') != sqlite_file.file_state(cut):
         # Not provably the checked bytes: copied, its sha256 checked.
         return None
     return Base('cutover file', cut, cutover['snapshot'],
-                cutover['at'].isoformat(), promoted=True,
-                checked={'result': 'ok', 'checked_at': info.get('taken_at')})
+                cutover['at'].isoformat(), promoted=True, checked=checked)
 
 
 def promote(base: Base, new_path: Path) -> None:
@@ -324,7 +330,8 @@ def promote(base: Base, new_path: Path) -> None:
         sqlite_file.sqlite_checkpoint_truncate(base.path)
         for suffix in side:
             Path(f'{base.path}{suffix}').unlink(missing_ok=True)
-    fsutil.fsync_file(base.path)
+    # Its bytes are fsynced by swap_in before its name becomes the live
+    # one; until then it is a scratch file a rerun removes.
     os.rename(base.path, new_path)
     fsutil.fsync_dir(new_path.parent)
     fsutil.fsync_dir(base.path.parent)

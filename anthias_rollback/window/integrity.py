@@ -96,17 +96,6 @@ def integrity_path(data_dir: Path) -> Path:
     return standby_dir(data_dir) / INTEGRITY_NAME
 
 
-def file_state(path: Path) -> list[int]:
-    """What changes when the standby's bytes do: its inode, size and
-    mtime; a -wal with frames in it counts as a change."""
-    st = os.stat(path)
-    try:
-        wal = os.stat(f'{path}-wal').st_size
-    except FileNotFoundError:
-        wal = 0
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, wal]
-
-
 def check_standby(data_dir: Path) -> Integrity:
     """quick_check of the standby, reading its position in the same read
     transaction, recorded in integrity.json (0600, atomic). The caller
@@ -128,7 +117,7 @@ def check_standby(data_dir: Path) -> Integrity:
             result = first_line(err)
     finally:
         conn.close()
-    state = file_state(path)
+    state = sqlite_file.file_state(path)
     found = Integrity(result, position, (state[0], state[1]),
                       datetime.now(UTC).isoformat(),
                       round(time.monotonic() - started, 3))
@@ -151,7 +140,7 @@ def recorded_check(data_dir: Path, position: Position
     try:
         data = fsutil.read_json(integrity_path(data_dir), 'integrity',
                                 OSError, invalid=lambda _: None)
-        state = file_state(standby_path(data_dir))
+        state = sqlite_file.file_state(standby_path(data_dir))
     except OSError:
         return None
     if not isinstance(data, dict):

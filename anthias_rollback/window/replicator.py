@@ -397,15 +397,17 @@ def run_replicator(postgres_alias: str, *, data_dir: Path | None = None,
             replicator.close()
 
 
-def check_if_needed(data_dir: Path) -> integrity.Integrity | None:
+def check_if_needed(data_dir: Path, position: Position
+                    ) -> integrity.Integrity | None:
     """quick_check of the standby, recorded with the position it read
     (integrity.check_standby), unless a recorded check covers its rows
-    as they are. None when nothing was checked. Raises ReplicationError
-    (the lock stayed taken), sqlite3.Error, OSError."""
+    as they are at *position* (the round's just committed). None when
+    nothing was checked. Raises ReplicationError (the lock stayed
+    taken), sqlite3.Error, OSError."""
     path = standby_path(data_dir)
     with integrity.standby_lock(data_dir, ROUND_LOCK_WAIT):
-        if not path.exists() or not integrity.needs_check(
-                data_dir, read_position(path)):
+        if not path.exists() or not integrity.needs_check(data_dir,
+                                                          position):
             return None
         return integrity.check_standby(data_dir)
 
@@ -444,7 +446,7 @@ def _loop(replicator: Replicator, data_dir: Path, once: bool,
                 # done), the standby's rows are checked and the result
                 # recorded: what a rollback promotes without reading
                 # the whole file again. Between writing rounds it waits.
-                checked = check_if_needed(data_dir)
+                checked = check_if_needed(data_dir, result.position)
                 if checked is not None and not checked.ok:
                     replicator.discard(f'the standby fails quick_check '
                                        f'({checked.result})')

@@ -184,14 +184,11 @@ def take_cutover_file(live_path: Path, folder: Path, *, window: str,
             sqlite_file.remove_sqlite_file(target)
             return {'problem': f'the snapshot of {live_path} fails '
                                f'quick_check: {quick}'}
-        # What a rollback compares instead of reading the file again
-        # (inode, size, mtime, WAL frames: window.integrity.file_state).
-        st = os.stat(target)
         info = {'path': str(target), 'sha256': digest, 'size': size,
                 'window': window, 'taken_at': taken.isoformat(),
                 'quick_check': quick,
-                'file': [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                         0]}
+                # What a rollback compares instead of reading it again.
+                'file': sqlite_file.file_state(target)}
         fsutil.atomic_write_json(folder / CUTOVER_INFO_NAME, info,
                                  mode=0o600)
         return info
@@ -261,8 +258,7 @@ IDLE_NAME = 'idle_position.json'
 
 
 def _inode(path: Path) -> list[int]:
-    st = os.stat(path)
-    return [st.st_dev, st.st_ino]
+    return sqlite_file.file_state(path)[:2]
 
 
 def advanced(position: Position | None, path: Path) -> Position | None:
