@@ -15,6 +15,7 @@ from tests.helpers.rollback import (
     fingerprint_postgres,
     fingerprint_sqlite,
     normalise,
+    scratch_files,
     seed_device,
     write_on_postgres,
 )
@@ -105,9 +106,7 @@ def test_killed_rollback_leaves_whole_file_and_rerun_finishes(
         Asset.objects.using('postgres').filter(
             pk=device.asset_ids[2]).update(name='stale writer')
     assert 'data loss: none (proven' in done.stdout, point
-    leftovers = [p.name for p in device.live.parent.iterdir()
-                 if '.rollback-new-' in p.name or '.dry-run-' in p.name]
-    assert leftovers == [], point
+    assert scratch_files(device.live) == [], point
     safety_copies = set(device.live.parent.glob('*.pre-rollback-*')) - \
         copies_before
     if point in AFTER_SWAP:

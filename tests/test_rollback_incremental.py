@@ -25,7 +25,7 @@ from anthias_rollback.window import standby as window_standby
 from tests.conftest import run_manage
 from tests.helpers.compare import kitchen_objects
 from tests.helpers.factories import AssetFactory
-from tests.helpers.rollback import seed_device
+from tests.helpers.rollback import scratch_files, seed_device
 from tests.kitchensink.models import Item, Membership, Person, Tag
 
 ALL = ['default', 'sqlite', 'postgres']
@@ -198,9 +198,7 @@ def test_a_missing_or_changed_cutover_file_means_the_full_copy(
     assert 'copy:          full: no standby; the cutover file' in \
         done.stdout
     assert reason in done.stdout
-    leftovers = [p.name for p in device.live.parent.iterdir()
-                 if '.rollback-new-' in p.name]
-    assert leftovers == []
+    assert scratch_files(device.live) == []
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)

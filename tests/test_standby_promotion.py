@@ -21,6 +21,7 @@ from tests.helpers.rollback import (
     fingerprint_postgres,
     fingerprint_sqlite,
     normalise,
+    scratch_files,
     seed_device,
     spoil_table_root,
     write_on_postgres,
@@ -226,9 +227,7 @@ def test_killed_while_promoting_the_live_file_stays_whole(
     done = rollback(host_env)
     assert 'data loss: none (proven' in done.stdout.splitlines()[-1]
     assert normalise(fingerprint_sqlite(device.live)) == new
-    leftovers = [p.name for p in device.live.parent.iterdir()
-                 if '.rollback-new-' in p.name]
-    assert leftovers == []
+    assert scratch_files(device.live) == []
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)

@@ -142,3 +142,10 @@ def spoil_table_root(path, table: str) -> None:
     with open(path, 'r+b') as fh:
         fh.seek((root - 1) * page_size)
         fh.write(b'\x00')
+
+
+def scratch_files(live: Path) -> list[str]:
+    """Names of half-built rollback files beside *live* (none may stay
+    after a run, killed or not)."""
+    return [p.name for p in live.parent.iterdir()
+            if '.rollback-new-' in p.name or '.dry-run-' in p.name]
