@@ -207,26 +207,38 @@ def _is_new(path: Path) -> bool:
 def template_key(wal: bool = False) -> str:
     """A digest of everything that decides what the child's migrate of
     an empty file makes: Django, Python and SQLite versions, the
-    settings module (name and bytes), INSTALLED_APPS, every migration
+    settings module's name and the bytes of every module beside it (a
+    split `settings/base.py` too), INSTALLED_APPS, every migration
     package's files (names and sha256, read from disk now: the child
-    reads them, not this process's imports), the models' tables and
-    permissions (post_migrate's rows), the installed distributions (code
-    a data migration calls) and *wal*."""
+    reads them, not this process's imports), the models of apps without
+    migrations (their tables come from the models), the installed
+    distributions (code a data migration calls) and *wal*.
+
+    Not the models of migrated apps: their tables come from the
+    migration files, and this process's model set can depend on its
+    profile where the child's cannot (the child is always SQLite:
+    wagtail defines its FTS index model only when `default` is SQLite,
+    and a key that followed it missed the template on every rollback
+    from the postgres profile). The rows post_migrate makes from them
+    (content types, permissions) are replaced by the copy."""
     import importlib.metadata
 
     import django
     from django.conf import settings
 
+    migrations = _migration_files()
+    unmigrated = {label for label, _name, _module, files in migrations
+                  if not files}
     parts = {
         'format': TEMPLATE_FORMAT,
         'django': django.get_version(),
         'python': list(sys.version_info[:2]),
         'sqlite': sqlite3.sqlite_version,
         'settings': [_settings_module(settings),
-                     _module_sha256(_settings_module(settings))],
+                     _settings_files(_settings_module(settings))],
         'installed_apps': [str(a) for a in settings.INSTALLED_APPS],
-        'migrations': _migration_files(),
-        'models': _model_options(),
+        'migrations': migrations,
+        'models': _model_options(unmigrated),
         'distributions': sorted(
             f'{d.name}=={d.version}'
             for d in importlib.metadata.distributions()),
@@ -241,16 +253,6 @@ def _file_sha256(path: str | None) -> str | None:
         return None
     with open(path, 'rb') as fh:
         return hashlib.sha256(fh.read()).hexdigest()
-
-
-def _module_sha256(name: str | None) -> str | None:
-    if not name:
-        return None
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return _file_sha256(spec.origin if spec else None)
 
 
 def _migration_files() -> list[Any]:
@@ -282,17 +284,38 @@ def _migration_files() -> list[Any]:
     return out
 
 
-def _model_options() -> list[Any]:
-    """What post_migrate makes rows from: content types per model,
-    permissions per model's options."""
+def _model_options(apps_labels: set[str]) -> list[Any]:
+    """The models of the apps *apps_labels* (those without migrations,
+    whose tables `migrate` makes from the models): table, options and
+    fields' columns."""
     from django.apps import apps
 
     return sorted(
         [m._meta.label_lower, m._meta.db_table,
          list(m._meta.default_permissions),
          [list(p) for p in m._meta.permissions],
-         m._meta.managed, m._meta.proxy]
-        for m in apps.get_models(include_auto_created=True))
+         m._meta.managed, m._meta.proxy,
+         [[f.column, f.get_internal_type(), f.null]
+          for f in m._meta.local_concrete_fields]]
+        for m in apps.get_models(include_auto_created=True)
+        if m._meta.app_label in apps_labels)
+
+
+def _settings_files(name: str | None) -> list[Any]:
+    """Name and sha256 of the settings module's file and of every module
+    beside it: a settings package (`mysite/settings/dev.py` importing
+    `base.py`) is decided by all of them."""
+    if not name:
+        return []
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return []
+    folder = Path(spec.origin).parent
+    return [[p.name, _file_sha256(str(p))]
+            for p in sorted(folder.glob('*.py'))]
 
 
 def _template_for(wal: bool) -> '_Template | None':

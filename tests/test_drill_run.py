@@ -111,7 +111,7 @@ def test_seeded_drill_passes_and_leaves_the_data_dir_unchanged(data_dir):
     assert result.server == 'configured'
     assert result.rows['anthias_app.Asset'] == 200
     assert result.writes['anthias_app.Asset'] == {
-        'created': 2, 'edited': 2, 'deleted': 1}
+        'created': 2, 'edited': 2, 'deleted': 1, 'refused': 0}
     assert result.writes['auth.User']['created'] == 2
     assert result.rollback['outcome'] == 'rolled back'
     assert result.rollback_seconds > 0

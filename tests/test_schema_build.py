@@ -383,6 +383,29 @@ def test_the_key_follows_the_options_and_the_code(data_dir):
         wal=True)
 
 
+def test_the_key_is_the_same_on_either_profile(tmp_path):
+    """wagtail defines its SQLite full-text index model only when
+    `default` is SQLite. The child that builds the template always is;
+    a key that followed the calling process's models missed the
+    template on every rollback started from the postgres profile (a
+    full copy then waited 14 s for the migrations). Both profiles, one
+    key; the key still sees the profile's model set differ."""
+    data = tmp_path / 'data'
+    data.mkdir()
+    device = Device(data, 'postgres://nobody@127.0.0.1:9/none')
+    script = (
+        'from django.apps import apps\n'
+        'from anthias_rollback import schema_build\n'
+        'print(json.dumps({"key": schema_build.template_key(),\n'
+        '  "fts": any(m._meta.db_table == "wagtailsearch_indexentry_fts"\n'
+        '             for m in apps.get_models())}))\n')
+    on_sqlite = in_cms(device, script, ANTHIAS_DB_PROFILE='sqlite')
+    on_postgres = in_cms(device, script, ANTHIAS_DB_PROFILE='postgres')
+    # The premise: the two processes really have other models.
+    assert on_sqlite['fts'] and not on_postgres['fts']
+    assert on_sqlite['key'] == on_postgres['key']
+
+
 @pytest.mark.parametrize('damage', ['database', 'record', 'bytes'])
 def test_broken_template_is_ignored_and_rebuilt(data_dir, caplog, damage):
     schema_build.migrate_file(data_dir / 'first.db', timeout=300)

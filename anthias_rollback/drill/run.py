@@ -32,6 +32,7 @@ from `engines.postgres_server`, the sandbox copy from
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -324,7 +325,8 @@ def _execute(run: DrillRun) -> None:
             record['detail'] = (f'{totals["created"]} created, '
                                 f'{totals["edited"]} edited, '
                                 f'{totals["deleted"]} deleted in '
-                                f'{len(run.writes)} models on PostgreSQL')
+                                f'{len(run.writes)} models on PostgreSQL'
+                                + refused_note(run.writes))
         with run.step('profile', LOOP) as record:
             path = profiles.write_active_profile(
                 run.sandbox, profiles.POSTGRES, {'reason': 'drill'})
@@ -347,6 +349,24 @@ def _execute(run: DrillRun) -> None:
             kept = drill_seeder.check_writes_kept(restored, scratch,
                                                   run.writes)
             record['detail'] = f'{detail}; {kept} simulated writes kept'
+
+
+def refused_note(writes: dict[str, dict[str, list[Any]]]) -> str:
+    """'; 3 refused by the apps' own code (OSError 2 in
+    wagtailimages.Image, ...)' or ''. A generated write an app refuses
+    is not a failure of the rollback, but the drill says it skipped it."""
+    refused = {label: keys['refused'] for label, keys in writes.items()
+               if keys.get('refused')}
+    if not refused:
+        return ''
+    shown = ', '.join(
+        f'{label}: ' + ' '.join(f'{name} {n}' for name, n in
+                                Counter(names).most_common())
+        for label, names in sorted(refused.items())[:5])
+    more = f' and {len(refused) - 5} more models' if len(refused) > 5 else ''
+    total = sum(len(names) for names in refused.values())
+    return (f"; {total} refused by the models' own code or constraints "
+            f'({shown}{more})')
 
 
 def make_sandbox_database(run: DrillRun, sandbox_db: Path) -> None:

@@ -23,10 +23,12 @@ from anthias_rollback.exceptions import DrillError
 
 # What an app's own model code raises for a generated write it refuses
 # (a unique clash, PROTECT, its validation, a tree node with no parent,
-# wagtail's StreamField refusing generated JSON with TypeError): the
-# write is skipped, as production could not make it either.
+# wagtail's StreamField refusing generated JSON with TypeError, an
+# image model reading a generated file name that is on no disk with
+# OSError): the write is skipped, as production could not make it
+# either, and counted in the drill's detail.
 REFUSED = (IntegrityError, ValidationError, ObjectDoesNotExist, TypeError,
-           ValueError)
+           ValueError, OSError)
 
 # Rows per model seeded for Django's own apps (users, sessions, admin
 # log): a device's worth, whatever N is (bench/seed.py does the same).
@@ -303,10 +305,11 @@ def simulate_writes(alias: str, seed: int = 7
                     ) -> dict[str, dict[str, list[Any]]]:
     """What production does after a cutover, through the ORM on *alias*
     (`save`, `delete`, signals and cascades included): per model with
-    rows, 2 creates, 2 edits, 1 delete. A write the data refuses
-    (PROTECT, a unique clash) is skipped in its own savepoint. Returns
-    the keys created, edited and deleted per label (a cascade's extra
-    deletions are not listed)."""
+    rows, 2 creates, 2 edits, 1 delete. A write the data or the app's
+    code refuses (PROTECT, a unique clash, a missing file) is skipped in
+    its own savepoint. Returns the keys created, edited and deleted per
+    label (a cascade's extra deletions are not listed), and under
+    'refused' the exception class of each skipped write."""
     gen = _Generator(seed, alias)
     plan = models_graph.plan_models()
     cyclic = set(plan.cyclic_fields)
@@ -320,7 +323,7 @@ def simulate_writes(alias: str, seed: int = 7
         if existing < 3:
             continue
         keys: dict[str, list[Any]] = {'created': [], 'edited': [],
-                                      'deleted': []}
+                                      'deleted': [], 'refused': []}
         try:
             fresh = _build_rows(model, alias, 2, existing + 10_000, gen,
                                 cyclic)
@@ -331,8 +334,8 @@ def simulate_writes(alias: str, seed: int = 7
                 with transaction.atomic(using=alias):
                     obj.save(using=alias, force_insert=True)
                 keys['created'].append(obj.pk)
-            except REFUSED:
-                continue
+            except REFUSED as exc:
+                keys['refused'].append(type(exc).__name__)
         editable = _editable_field(model)
         if editable is not None:
             for n, obj in enumerate(manager.order_by('pk')[:2]):
@@ -341,7 +344,8 @@ def simulate_writes(alias: str, seed: int = 7
                 try:
                     with transaction.atomic(using=alias):
                         obj.save(using=alias, update_fields=[editable.name])
-                except REFUSED:
+                except REFUSED as exc:
+                    keys['refused'].append(type(exc).__name__)
                     continue
                 keys['edited'].append(obj.pk)
         fresh_keys = set(keys['created']) | set(keys['edited'])
@@ -356,8 +360,10 @@ def simulate_writes(alias: str, seed: int = 7
                 # `using`).
                 with transaction.atomic(using=alias):
                     manager.filter(pk=pk).delete()
-            except REFUSED:
-                continue   # PROTECT / RESTRICT: production could not either
+            except REFUSED as exc:
+                # PROTECT / RESTRICT: production could not either
+                keys['refused'].append(type(exc).__name__)
+                continue
             keys['deleted'].append(pk)
             break
         done[model._meta.label] = keys
