@@ -261,6 +261,26 @@ def test_auto_rollback_leaves_device_on_sqlite_with_zero_loss(data_dir,
     assert rollback.latest_report(conf.reports_dir()) is not None
 
 
+@pytest.mark.django_db(databases=ALL, transaction=True)
+def test_auto_rollback_with_a_follow_up_says_rolled_back_not_failed(
+        data_dir, settings, flaky):
+    """Exit 4 from the rollback (here its restart command fails; a
+    standby restore's bounded loss is the other case) means the device
+    is back on SQLite: the monitor's last line must not call it a failed
+    rollback, which would send a 3 a.m. operator to do it again."""
+    from tests.helpers import rollback as helpers
+
+    helpers.seed_device(settings)
+    settings.ANTHIAS_ROLLBACK_RESTART_COMMAND = 'sh -c "exit 7"'
+    flaky.queue(FAIL, FAIL)
+    message, _ = refused(*FAST, '--window', '4', '--consecutive', '2',
+                         '--max-probes', '10', '--auto-rollback', code=4)
+    assert 'rolled back after the trigger' in message
+    assert 'failed' not in message.split('rolled back after the trigger')[0]
+    assert 'the rollback failed' not in message
+    assert profiles.resolve_active_profile(data_dir, {}).name == 'sqlite'
+
+
 # --- the standby alert ------------------------------------------------------
 
 def lagging_device(settings, data_dir, seconds: float) -> None:

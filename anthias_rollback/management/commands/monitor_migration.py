@@ -256,7 +256,11 @@ class Command(RollbackCommand):
             if self.json_lines:
                 self.write_line({'event': 'rollback', 'returncode': code,
                                  'error': str(err)})
-            self.fail(f'{alert}; the rollback failed: {err}', code)
+            # Exit 4 is a rollback that happened with a follow-up to do
+            # (a bounded loss, a restart that failed): not a failure.
+            done = ('rolled back after the trigger' if
+                    code == exit_codes.FOLLOW_UP else 'the rollback failed')
+            self.fail(f'{alert}; {done}: {err}', code)
         self.json_data['rollback'] = {'returncode': 0, 'error': None}
         if self.json_lines:
             self.write_line({'event': 'rollback', 'returncode': 0})
