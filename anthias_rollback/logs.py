@@ -181,3 +181,39 @@ def command_logging(stream: Any, verbosity: int) -> Iterator[None]:
             yield
         finally:
             package.removeHandler(handler)
+
+
+@contextmanager
+def others_counted(level: int = logging.WARNING) -> Iterator[dict[str, int]]:
+    """For the block, records of *level* and above from loggers not ours
+    are counted per logger name instead of shown (the drill's generated
+    writes run other apps' signal handlers in a process whose `default`
+    is borrowed: wagtail's search indexer logs a traceback for every
+    page there, which production does not see). Ours still pass."""
+    counted: dict[str, int] = {}
+    seen: set[int] = set()
+
+    class _Count(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.name == PACKAGE or record.name.startswith(
+                    f'{PACKAGE}.') or record.levelno < level:
+                return True
+            if id(record) not in seen:   # one record, several handlers
+                seen.add(id(record))
+                counted[record.name] = counted.get(record.name, 0) + 1
+            return False
+
+    quiet = _Count()
+    handlers = set(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            handlers.update(logger.handlers)
+    if logging.lastResort is not None:
+        handlers.add(logging.lastResort)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield counted
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)

@@ -51,6 +51,7 @@ from anthias_rollback import (
     exit_codes,
     fsutil,
     locking,
+    logs,
     models_graph,
     phases,
     profiles,
@@ -315,7 +316,8 @@ def _execute(run: DrillRun) -> None:
             # As the app writes: through `default` (third-party code
             # ignores `using`: treebeard's node deletes read `default`),
             # which is the scratch database's connection for the block.
-            with routers.migrating(scratch):
+            with routers.migrating(scratch), \
+                    logs.others_counted() as logged:
                 run.writes = drill_seeder.simulate_writes(scratch)
             totals = {k: sum(len(w[k]) for w in run.writes.values())
                       for k in ('created', 'edited', 'deleted')}
@@ -326,7 +328,8 @@ def _execute(run: DrillRun) -> None:
                                 f'{totals["edited"]} edited, '
                                 f'{totals["deleted"]} deleted in '
                                 f'{len(run.writes)} models on PostgreSQL'
-                                + refused_note(run.writes))
+                                + refused_note(run.writes)
+                                + logged_note(logged))
         with run.step('profile', LOOP) as record:
             path = profiles.write_active_profile(
                 run.sandbox, profiles.POSTGRES, {'reason': 'drill'})
@@ -367,6 +370,17 @@ def refused_note(writes: dict[str, dict[str, list[Any]]]) -> str:
     total = sum(len(names) for names in refused.values())
     return (f"; {total} refused by the models' own code or constraints "
             f'({shown}{more})')
+
+def logged_note(logged: dict[str, int]) -> str:
+    """'; 12 warnings or errors logged by other apps' code (modelsearch
+    12)' or ''."""
+    if not logged:
+        return ''
+    shown = ', '.join(f'{name} {n}' for name, n in
+                      sorted(logged.items(), key=lambda i: -i[1])[:3])
+    return (f"; {sum(logged.values())} warnings or errors logged by other "
+            f"apps' code, not shown ({shown})")
+
 
 
 def make_sandbox_database(run: DrillRun, sandbox_db: Path) -> None:
