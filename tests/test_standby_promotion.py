@@ -199,14 +199,17 @@ def test_no_standby_is_built_while_a_rollback_runs(data_dir, settings):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('point', ['rollback:tail-applied',
+                                   'rollback:tail-committed',
                                    'rollback:standby-promoted'])
 @pytest.mark.django_db(databases=ALL, transaction=True)
 def test_killed_while_promoting_the_live_file_stays_whole(
         point, data_dir, settings, host_env):
     """SIGKILL inside the tail's transaction on the standby (rolled back
-    by SQLite: the standby as it was) and right after the rename (the
-    promoted file is a scratch file of the killed run): the live file is
-    the old one, and a rerun finishes with PostgreSQL's rows."""
+    by SQLite: the standby as it was), after its commit but before the
+    rename (a standby with no position: not promoted again, the rerun
+    takes the cutover file), and right after the rename (the promoted
+    file is a scratch file of the killed run): the live file is the old
+    one, and a rerun finishes with PostgreSQL's rows."""
     device = seed_device(settings)
     write_on_postgres(device)
     replicate_once(data_dir)
@@ -224,8 +227,14 @@ def test_killed_while_promoting_the_live_file_stays_whole(
     if point == 'rollback:tail-applied':
         # Rolled back: the standby still holds its position.
         assert window_standby.read_position(path) is not None
+    if point == 'rollback:tail-committed':
+        assert path.exists() and window_standby.read_position(path) is None
     done = rollback(host_env)
     assert 'data loss: none (proven' in done.stdout.splitlines()[-1]
+    if point == 'rollback:tail-committed':
+        assert 'cutover file (promoted in place' in done.stdout
+        assert 'standby not used: the standby' in done.stdout
+        assert 'has no position' in done.stdout
     assert normalise(fingerprint_sqlite(device.live)) == new
     assert scratch_files(device.live) == []
 

@@ -381,6 +381,9 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
             applied, changed, applied_before = _apply_tail(
                 run, cutover, base, alias, pg, target)
         if base.promoted:
+            # Committed, not yet renamed: a standby with no position,
+            # which a rerun does not promote and the replicator rebuilds.
+            faults.checkpoint('rollback:tail-committed')
             promote(base, new_path)
         run.expected_rows = expected
     keys = sum(len(set(t)) for t in changed.values())
@@ -399,7 +402,11 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
                  f'{", ".join(unverified)}' if unverified else '')
               + (f'; standby not promoted: {run.promote_problem}'
                  if run.promote_problem and base.kind == 'standby'
-                 else ''))
+                 else '')
+              # The cutover file promoted: the standby was passed over.
+              + (f'; standby not used: {run.promote_problem}'
+                 if run.promote_problem and base.kind != 'standby'
+                 and base.promoted else ''))
     return {'method': 'incremental', 'base': base.kind,
             'promoted': base.promoted,
             'base_path': str(base.path), 'base_at': base.at,
