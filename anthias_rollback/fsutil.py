@@ -43,10 +43,12 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes | Callable[[int], bytes],
-                       mode: int = 0o600) -> None:
+                       mode: int = 0o600, durable: bool = True) -> None:
     """Write *data* to *path* atomically with permissions *mode*. *data*
     may be a function of the file's inode (the rename keeps it), for a
-    file that names its own identity.
+    file that names its own identity. *durable*=False skips the fsync:
+    for a record written every second whose readers ignore it when it is
+    torn or old (an SD card's wear), never for state a decision needs.
 
     Raises OSError (e.g. directory not writable, disk full); in that case
     the previous content of *path*, if any, is untouched.
@@ -61,7 +63,8 @@ def atomic_write_bytes(path: Path, data: bytes | Callable[[int], bytes],
                 data = data(os.fstat(fh.fileno()).st_ino)
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         faults.checkpoint('atomic-write:before-rename')
         os.replace(tmp, path)
     except BaseException:
@@ -74,7 +77,8 @@ def atomic_write_bytes(path: Path, data: bytes | Callable[[int], bytes],
 
 
 def atomic_write_json(path: Path, data: Any, mode: int = 0o600,
-                      inode_key: str | None = None) -> None:
+                      inode_key: str | None = None,
+                      durable: bool = True) -> None:
     """atomic_write_bytes of *data* as JSON; with *inode_key*, the file's
     own inode is recorded under that key (read_json's with_inode)."""
     def text(inode: int) -> bytes:
@@ -82,7 +86,7 @@ def atomic_write_json(path: Path, data: Any, mode: int = 0o600,
         return (json.dumps(document, indent=2, sort_keys=True, default=str)
                 + '\n').encode()
 
-    atomic_write_bytes(path, text, mode)
+    atomic_write_bytes(path, text, mode, durable)
 
 
 def read_json(path: Path, what: str, error: type[Exception],

@@ -295,14 +295,17 @@ def advanced(position: Position | None, path: Path) -> Position | None:
 def record_idle_round(path: Path, position: Position) -> None:
     """Record that the standby at *path* holds PostgreSQL's rows as of
     *position* too (a round found no entry since its file's position).
-    0600, replaced atomically. Raises OSError."""
+    0600, replaced atomically, not fsynced: written up to twice a second
+    on an SD card, and a record lost or torn by a power cut is ignored
+    (`advanced`), the standby's own older position then stands. Raises
+    OSError."""
     fsutil.atomic_write_json(Path(path).parent / IDLE_NAME, {
         'inode': _inode(Path(path)), 'window': position.window,
         'snapshot': position.snapshot, 'journal_id': position.journal_id,
         'position_ts': position.position_ts,
         'postgres_seen_ts': position.postgres_seen_ts,
         'batches': position.batches, 'entries': position.entries,
-    }, mode=0o600)
+    }, mode=0o600, durable=False)
 
 
 def write_start_position(path: Path, window: str, snapshot: str,
