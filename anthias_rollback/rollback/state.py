@@ -72,7 +72,7 @@ class RollbackOptions:
     fence: bool = True
     timeout_seconds: float = 300.0
     restart: bool = True
-    batch_size: int = 10_000
+    batch_size: int = 5_000
     # From PostgreSQL: copy every row even when the journal's tail on a
     # base (standby or cutover file) would do.
     full: bool = False

