@@ -351,8 +351,11 @@ def transfer_data(source_alias: str, target_alias: str, *,
                 target.bulk_load(target_alias):
             emit(progress, PHASE_START, 'checking the target')
             occupied = target_data_rows(target_alias, model_list)
+            checking = 0.0
             if occupied and not replace:
+                checking = time.perf_counter()
                 occupied = beyond_migrate(occupied, model_list)
+                checking = time.perf_counter() - checking
             if occupied and not replace:
                 listed = ', '.join(f'{k} ({v} rows)'
                                    for k, v in occupied.items())
@@ -386,7 +389,8 @@ def transfer_data(source_alias: str, target_alias: str, *,
     return TransferResult(
         describe_alias(source_alias), describe_alias(target_alias),
         tuple(done), tuple(s.table for s in specs),
-        sum(m.rows for m in done), time.perf_counter() - started)
+        sum(m.rows for m in done), time.perf_counter() - started,
+        checking)
 
 
 def finish_target(source_alias: str, target_alias: str,

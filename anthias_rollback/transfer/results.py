@@ -43,6 +43,9 @@ class TransferResult:
     truncated: tuple[str, ...]   # target tables emptied first
     rows: int
     seconds: float
+    # Of *seconds*, finding which of the target's rows `migrate` made
+    # (beyond_migrate: a scratch migrate unless a schema template exists).
+    migrate_check_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
