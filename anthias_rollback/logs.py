@@ -191,15 +191,17 @@ def others_counted(level: int = logging.WARNING) -> Iterator[dict[str, int]]:
     is borrowed: wagtail's search indexer logs a traceback for every
     page there, which production does not see). Ours still pass."""
     counted: dict[str, int] = {}
-    seen: set[int] = set()
+    # One record goes through its handlers one after the other: counted
+    # once (held, so its id cannot be reused by the next record).
+    last: list[logging.LogRecord | None] = [None]
 
     class _Count(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             if record.name == PACKAGE or record.name.startswith(
                     f'{PACKAGE}.') or record.levelno < level:
                 return True
-            if id(record) not in seen:   # one record, several handlers
-                seen.add(id(record))
+            if record is not last[0]:
+                last[0] = record
                 counted[record.name] = counted.get(record.name, 0) + 1
             return False
 

@@ -274,3 +274,28 @@ def test_seed_database_fills_every_model(tmp_path):
         assert Membership.objects.using(alias).count() == 30
         names = Asset.objects.using(alias).values_list('name', flat=True)
         assert any(not n.isascii() for n in names if n)
+
+
+def test_other_apps_logs_during_the_writes_are_counted_not_shown(caplog):
+    """wagtail's search indexer logs a traceback per page while the
+    drill borrows `default`: counted on the writes line, not printed;
+    our own records still pass, and nothing is filtered afterwards."""
+    import logging
+
+    from anthias_rollback import logs
+
+    theirs = logging.getLogger('modelsearch.tasks')
+    ours = logging.getLogger('anthias_rollback.drill')
+    with caplog.at_level(logging.INFO), logs.others_counted() as counted:
+        theirs.error('Task failed', exc_info=ValueError('weight'))
+        theirs.error('Task failed again')
+        theirs.info('below the level: shown')
+        ours.warning('ours: shown')
+    shown = [r.getMessage() for r in caplog.records]
+    assert counted == {'modelsearch.tasks': 2}
+    assert shown == ['below the level: shown', 'ours: shown']
+    assert drill_run.logged_note(counted) == (
+        "; 2 warnings or errors logged by other apps' code, not shown "
+        '(modelsearch.tasks 2)')
+    theirs.error('after the block')
+    assert caplog.records[-1].getMessage() == 'after the block'
