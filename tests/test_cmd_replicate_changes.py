@@ -44,10 +44,18 @@ def test_once_in_a_real_process(data_dir, settings, host_env):
     assert 'active profile is sqlite' in refused.stderr
     assert 'Traceback' not in refused.stderr
     seed_device(settings, n_assets=5)
+    # A new standby that has applied nothing says so, not "journal id 0".
+    first = run_manage(host_env, 'replicate_changes', '--once')
+    last = first.stdout.strip().splitlines()[-1]
+    assert last.startswith('STANDBY once: 0 journal entries applied'), last
+    assert last.endswith('no journal entry applied since it started from '
+                         'the cutover file'), last
     AssetFactory.build(asset_id='after').save(using='postgres')
     done = run_manage(host_env, 'replicate_changes', '--once')
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1].startswith('STANDBY once')
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith('STANDBY once: 1 journal entries applied'), last
+    assert 'last journal id applied ' in last
     assert_standby_equals_postgres(data_dir)
     usage = run_manage(host_env, 'replicate_changes', '--interval', '0')
     assert usage.returncode == 2

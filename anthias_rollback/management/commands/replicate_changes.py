@@ -62,8 +62,14 @@ class Command(RollbackCommand):
         if options['json']:
             return
         position = result.position
-        where = (f'position {position.position_at}, journal id '
-                 f'{position.journal_id}' if position else 'no position')
+        # Id 0: nothing applied since the standby was built (a rebuild
+        # from a full copy after an upgrade); its snapshot is the position.
+        applied = (f'last journal id applied {position.journal_id}'
+                   if position and position.journal_id else
+                   f'no journal entry applied since it started from the '
+                   f'{position.started_from}' if position else '')
+        where = (f'position {position.position_at}, {applied}'
+                 if position else 'no position')
         self.stdout.write(f'STANDBY {result.stopped}: {result.entries} '
                           f'journal entries applied in {result.rounds} '
                           f'batch(es); {where}')
