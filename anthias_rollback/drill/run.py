@@ -94,6 +94,7 @@ EXPIRED = 'the drill ran past its {seconds:g}s limit before {what}'
 # What fails a step (setup: ERROR, loop: FAIL) instead of the drill.
 STEP_ERRORS = (RollbackError, DatabaseError, OSError, sqlite3.Error)
 
+
 @dataclass(frozen=True)
 class DrillOptions:
     seed_rows: int | None = None      # None: copy the live file
@@ -355,9 +356,10 @@ def _execute(run: DrillRun) -> None:
 
 
 def refused_note(writes: dict[str, dict[str, list[Any]]]) -> str:
-    """'; 3 refused by the apps' own code (OSError 2 in
-    wagtailimages.Image, ...)' or ''. A generated write an app refuses
-    is not a failure of the rollback, but the drill says it skipped it."""
+    """"; 3 refused by the models' own code or constraints
+    (wagtailimages.Image: OSError 2, ...)" or ''. A generated write an
+    app refuses is not a failure of the rollback, but the drill says it
+    skipped it."""
     refused = {label: keys['refused'] for label, keys in writes.items()
                if keys.get('refused')}
     if not refused:
@@ -371,6 +373,7 @@ def refused_note(writes: dict[str, dict[str, list[Any]]]) -> str:
     return (f"; {total} refused by the models' own code or constraints "
             f'({shown}{more})')
 
+
 def logged_note(logged: dict[str, int]) -> str:
     """'; 12 warnings or errors logged by other apps' code (modelsearch
     12)' or ''."""
@@ -380,7 +383,6 @@ def logged_note(logged: dict[str, int]) -> str:
                       sorted(logged.items(), key=lambda i: -i[1])[:3])
     return (f"; {sum(logged.values())} warnings or errors logged by other "
             f"apps' code, not shown ({shown})")
-
 
 
 def make_sandbox_database(run: DrillRun, sandbox_db: Path) -> None:
