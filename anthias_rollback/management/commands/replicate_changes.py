@@ -62,14 +62,17 @@ class Command(RollbackCommand):
         if options['json']:
             return
         position = result.position
-        # Id 0: nothing applied since the standby was built (a rebuild
-        # from a full copy after an upgrade); its snapshot is the position.
-        applied = (f'last journal id applied {position.journal_id}'
-                   if position and position.journal_id else
-                   f'no journal entry applied since it started from the '
-                   f'{position.started_from}' if position else '')
-        where = (f'position {position.position_at}, {applied}'
-                 if position else 'no position')
+        if position is None:
+            where = 'no position'
+        elif position.journal_id:
+            where = (f'position {position.position_at}, last journal id '
+                     f'applied {position.journal_id}')
+        else:
+            # Id 0: nothing applied since the standby was built (a
+            # rebuild from a full copy after an upgrade, say).
+            where = (f'position {position.position_at}, no journal entry '
+                     f'applied since it started from the '
+                     f'{position.started_from}')
         self.stdout.write(f'STANDBY {result.stopped}: {result.entries} '
                           f'journal entries applied in {result.rounds} '
                           f'batch(es); {where}')
