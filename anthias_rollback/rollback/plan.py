@@ -7,6 +7,7 @@ RollbackResult and writes its JSON and text reports (0600).
 """
 import sqlite3
 import time
+from concurrent import futures
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,7 @@ from anthias_rollback.rollback.steps import (
     interrupted_after_swap,
     lift_fence,
     post_verify,
+    post_verify_failures,
     preflight,
     preserve_postgres,
     prove_loss,
@@ -174,8 +176,14 @@ def _after_swap(run: RunState) -> RollbackResult:
     restart = flip_profile(run)
     # The fence stays up: no stale process may write into PostgreSQL now
     # that nobody reads it (switch_database --to postgres lifts it).
-    prove_loss(run)
-    verified = post_verify(run)
+    # The app's views are requested on the new file while the proof
+    # scans PostgreSQL (psycopg2 waits outside the GIL): they read
+    # different databases, and each phase still reports on its own.
+    with futures.ThreadPoolExecutor(
+            1, thread_name_prefix='post-verify') as pool:
+        checking = pool.submit(post_verify_failures, run)
+        prove_loss(run)
+        verified = post_verify(run, checking)
     rebuilt = rebuild_derived_tables(run)
     loss, _ = measured_loss(run)
     if not verified or not rebuilt or (restart is not None

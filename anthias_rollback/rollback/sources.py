@@ -78,7 +78,8 @@ def postgres_usable(run: RunState) -> tuple[bool, str]:
         for model in models_graph.plan_models().models:
             engines.for_alias(alias).probe_table(alias, model, budget_ms)
         run.journal = window_journal.window_state(alias)
-        run.shortfall = window_journal.account_cutover(alias)
+        run.shortfall = window_journal.account_cutover(
+            alias, counted=run.source_counts)
     except DatabaseDownError as err:
         connections[alias].close()
         return False, first_line(err)
@@ -403,8 +404,8 @@ def cutover_summary(run: RunState) -> None:
     if recorded is None or run.source != Source.POSTGRES:
         return
     try:
-        since = window_cutover.rows_since_cutover(run.options.postgres_alias,
-                                                  recorded)
+        since = window_cutover.rows_since_cutover(
+            run.options.postgres_alias, recorded, counted=run.source_counts)
     except (RollbackError, DatabaseError):
         return
     run.since_cutover = {

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -371,29 +372,40 @@ def verify_urls() -> list[str]:
         'ANTHIAS_ROLLBACK_VERIFY_URLS') if u != '/health']
 
 
-def post_verify(run: RunState) -> bool:
-    """Requests through the app's own views on the restored file."""
-    with run.phase('post-verify', check_deadline=False) as record:
-        failures = []
-        with profiles.sqlite_file_alias(run.live_file, wal=True) as alias, \
-                profiles.default_as(alias):
-            # Imported here: django.test (and jinja2 with it) costs
-            # ~75 ms of every rollback's start, before the swap.
-            from django.test import Client
+def post_verify_failures(run: RunState) -> list[str]:
+    """Requests through the app's own views on the restored file, and
+    Django's checks on it: what failed. Runs in any thread (its
+    connections are that thread's own)."""
+    failures = []
+    with profiles.sqlite_file_alias(run.live_file, wal=True) as alias, \
+            profiles.default_as(alias):
+        # Imported here: django.test (and jinja2 with it) costs
+        # ~75 ms of every rollback's start, before the swap.
+        from django.test import Client
 
-            client = Client(HTTP_HOST=client_host())
-            for url in verify_urls():
-                try:
-                    response = client.get(url)
-                    if response.status_code != 200:
-                        failures.append(f'{url} -> HTTP '
-                                        f'{response.status_code}')
-                # A view's crash is a verdict, not the rollback's failure.
-                except Exception as err:  # noqa: BLE001
-                    failures.append(f'{url} -> {first_line(err)}')
-            errors = [m for m in django_checks.run_checks(
-                databases=[alias]) if m.is_serious()]
-            failures += [f'check {m.id}: {m.msg}' for m in errors]
+        client = Client(HTTP_HOST=client_host())
+        for url in verify_urls():
+            try:
+                response = client.get(url)
+                if response.status_code != 200:
+                    failures.append(f'{url} -> HTTP '
+                                    f'{response.status_code}')
+            # A view's crash is a verdict, not the rollback's failure.
+            except Exception as err:  # noqa: BLE001
+                failures.append(f'{url} -> {first_line(err)}')
+        errors = [m for m in django_checks.run_checks(
+            databases=[alias]) if m.is_serious()]
+        failures += [f'check {m.id}: {m.msg}' for m in errors]
+    return failures
+
+
+def post_verify(run: RunState,
+                started: futures.Future[list[str]] | None = None) -> bool:
+    """The post-verify phase: post_verify_failures, or the result of
+    *started* (the same work begun in another thread)."""
+    with run.phase('post-verify', check_deadline=False) as record:
+        failures = (post_verify_failures(run) if started is None
+                    else started.result())
         record['detail'] = (f'{len(verify_urls())} URLs, Django checks'
                             + (': ' + '; '.join(failures) if failures
                                else ': ok'))

@@ -89,9 +89,12 @@ def read_cutover(data_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def rows_since_cutover(alias: str, journal: dict[str, Any]
+def rows_since_cutover(alias: str, journal: dict[str, Any],
+                       counted: dict[str, int] | None = None
                        ) -> list[ModelSince]:
-    """Compare *alias* now with the record's target side (reads)."""
+    """Compare *alias* now with the record's target side (reads).
+    *counted*: row counts (by label) just taken on *alias*, used instead
+    of counting those models again."""
     recorded = (journal.get('target') or {}).get('models') or {}
     found = []
     for model in models_graph.plan_models().models:
@@ -104,7 +107,9 @@ def rows_since_cutover(alias: str, journal: dict[str, Any]
             new_rows = manager.filter(pk__gt=max_pk).count()
         elif before and before.get('rows') == 0:
             new_rows = manager.count()
-        found.append(ModelSince(label, before.get('rows'), manager.count(),
+        now = (counted or {}).get(label)
+        found.append(ModelSince(label, before.get('rows'),
+                                manager.count() if now is None else now,
                                 new_rows))
     return found
 

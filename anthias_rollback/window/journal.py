@@ -231,7 +231,8 @@ def journaled_after(alias: str, snapshot: str) -> tuple[LostWrite, ...]:
     return tuple(lost)
 
 
-def account_cutover(alias: str) -> list[Shortfall]:
+def account_cutover(alias: str, counted: dict[str, int] | None = None
+                    ) -> list[Shortfall]:
     """Models whose rows on *alias* are fewer than the cutover's plus the
     journaled inserts minus the journaled deletes: rows PostgreSQL lost
     that no recorded write removed (an emptied or half-loaded database).
@@ -239,7 +240,9 @@ def account_cutover(alias: str) -> list[Shortfall]:
     REPEATABLE READ snapshot: the cutover, the journal and every count
     see the same committed writes (read apart, a delete committed between
     the journal read and a count looked like a lost row, and `auto` then
-    restored a backup over writes PostgreSQL still held)."""
+    restored a backup over writes PostgreSQL still held). Puts each
+    model's count in *counted* (by label) if given, for callers that
+    report them: a second count of a large table costs as much again."""
     with pj.postgres_snapshot_transaction(alias):
         cutover = pj.postgres_cutover(alias)
         if cutover is None:
@@ -258,6 +261,8 @@ def account_cutover(alias: str) -> list[Shortfall]:
             expected = start + moves.get('inserted', 0) - moves.get(
                 'deleted', 0)
             now = model._base_manager.using(alias).count()
+            if counted is not None:
+                counted[label] = now
             if now < expected:
                 found.append(Shortfall(label, expected, now))
     return found
