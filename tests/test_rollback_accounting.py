@@ -48,17 +48,18 @@ def wait_for(flag, proc, seconds=90):
 
 
 @pytest.mark.django_db(databases=ALL, transaction=True)
-def test_a_delete_between_the_journal_read_and_the_counts_is_no_loss(
+def test_a_delete_between_the_source_phase_and_the_fence_is_no_loss(
         data_dir, settings, host_env):
-    """The deterministic form of the race: the rollback pauses after
-    reading the journal; another session deletes rows and commits; the
-    accounting must still balance (one snapshot), so PostgreSQL stays the
-    source and nothing is dropped."""
+    """The deterministic form of the race: the rollback pauses after its
+    source phase, before the fence; another session deletes rows and
+    commits; the accounting (in the build's snapshot: the cutover, the
+    journal and the counts read together) must balance, so PostgreSQL
+    stays the source and nothing is dropped."""
     device = seed_device(settings)   # leaves a verified backup behind
     connections['sqlite'].close()
     paused = data_dir / 'paused.flag'
     env = dict(host_env,
-               ANTHIAS_ROLLBACK_PAUSE_AT='window:accounting-journal-read:4',
+               ANTHIAS_ROLLBACK_PAUSE_AT='rollback:source-done:4',
                ANTHIAS_ROLLBACK_PAUSED_FLAG=str(paused))
     proc = start_rollback(env)
     wait_for(paused, proc)

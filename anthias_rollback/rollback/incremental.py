@@ -46,6 +46,7 @@ from anthias_rollback.engines import sqlite_file
 from anthias_rollback.exceptions import ReplicationError
 from anthias_rollback.fields import is_composite_key
 from anthias_rollback.report import first_line
+from anthias_rollback.rollback import accounting
 from anthias_rollback.rollback.state import RunState, count_rows
 from anthias_rollback.window import applier as window_applier
 from anthias_rollback.window import integrity
@@ -374,6 +375,9 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
                 base = copying.result()
             faults.checkpoint('rollback:base-copied')
             target = new_path
+        # Before the tail touches a promoted standby: a shortfall leaves
+        # it as it was.
+        accounting.account_in_snapshot(run, expected)
         with profiles.sqlite_file_alias(target) as alias:
             # WAL: the quick_check reads the base while the tail is
             # written, neither waiting for the other.

@@ -141,10 +141,10 @@ def _execute(run: RunState) -> RollbackResult:
                         started_at=run.runner.started_at)
     choose_source(run)
     check_room(run)
-    cutover_summary(run)
     fence_postgres(run)
     preserve_postgres(run)
     new_path = build_new_file(run)
+    cutover_summary(run)   # with the build's counts
     try:
         verify_new_file(run, new_path)
         run.deadline.check('the swap')

@@ -42,7 +42,7 @@ from anthias_rollback.exceptions import (
     SchemaMismatchError,
 )
 from anthias_rollback.report import describe_alias, first_line
-from anthias_rollback.rollback import incremental, render
+from anthias_rollback.rollback import accounting, incremental, render
 from anthias_rollback.rollback.state import (
     AUTO,
     RunState,
@@ -78,8 +78,8 @@ def postgres_usable(run: RunState) -> tuple[bool, str]:
         for model in models_graph.plan_models().models:
             engines.for_alias(alias).probe_table(alias, model, budget_ms)
         run.journal = window_journal.window_state(alias)
-        run.shortfall = window_journal.account_cutover(
-            alias, counted=run.source_counts)
+        # The cutover accounting runs in the build's snapshot, after the
+        # fence (rollback.accounting): one count per table, not two.
     except DatabaseDownError as err:
         connections[alias].close()
         return False, first_line(err)
@@ -93,11 +93,6 @@ def postgres_usable(run: RunState) -> tuple[bool, str]:
             f'{first_line(err)}; fix the setting (ANTHIAS_POSTGRES_URL, '
             'POSTGRES_*, --postgres-*) or restore a backup on purpose with '
             '--source backup; nothing was changed') from None
-    if run.shortfall:
-        shown = ', '.join(f'{s.model} {s.found} of {s.expected}'
-                          for s in run.shortfall[:5])
-        return False, (f'{describe_alias(alias)} lost rows that no '
-                       f'journaled write removed ({shown} rows)')
     return True, (f'{describe_alias(alias)} answers and every table is '
                   'readable')
 
@@ -110,9 +105,6 @@ def choose_source(run: RunState) -> None:
             run.source_reason = 'asked for (--source backup)'
         else:
             usable, why = postgres_usable(run)
-            if opts.source == Source.POSTGRES and run.shortfall:
-                usable = True   # asked for: done, and the shortfall named
-                run.warn(f'--source postgres: {why}')
             if opts.source == Source.POSTGRES and not usable:
                 raise DatabaseUnavailableError(
                     f'cannot roll back from PostgreSQL: {why}')
@@ -124,7 +116,7 @@ def choose_source(run: RunState) -> None:
             else:
                 run.source = Source.BACKUP
                 run.source_reason = f'PostgreSQL not usable: {why}'
-                if opts.source == AUTO and not run.shortfall:
+                if opts.source == AUTO:
                     choose_standby(run, why)
         if run.source == Source.BACKUP:
             run.backup_used = pick_backup(run)
@@ -200,16 +192,31 @@ def pick_backup(run: RunState) -> Path:
 
 def build_from_postgres(run: RunState, new_path: Path) -> None:
     """The journal's tail on a base when it can (rollback.incremental),
-    else, saying why, every row."""
+    else, saying why, every row. PostgreSQL holding fewer rows than its
+    cutover accounts for (found in the build's snapshot) makes `auto`
+    restore the newest verified backup instead."""
     try:
-        run.copy = incremental.build_incremental(run, new_path)
-        run.rows = dict(run.expected_rows)
-        return
-    except incremental.NotIncremental as why:
-        sqlite_file.remove_sqlite_file(new_path)
-        run.snapshot = run.base_quick_check = run.base_check_note = None
-        run.copy = {'method': 'full', 'reason': str(why)}
-    build_full_copy(run, new_path)
+        try:
+            run.copy = incremental.build_incremental(run, new_path)
+            run.rows = dict(run.expected_rows)
+            return
+        except incremental.NotIncremental as why:
+            _forget_build(run, new_path)
+            run.copy = {'method': 'full', 'reason': str(why)}
+        build_full_copy(run, new_path)
+    except accounting.PostgresLostRows as lost:
+        _forget_build(run, new_path)
+        run.copy = None
+        run.source = Source.BACKUP
+        run.source_reason = f'PostgreSQL not usable: {lost}'
+        run.backup_used = pick_backup(run)
+        check_room(run)
+        build_from_backup(run, new_path)
+
+
+def _forget_build(run: RunState, new_path: Path) -> None:
+    sqlite_file.remove_sqlite_file(new_path)
+    run.snapshot = run.base_quick_check = run.base_check_note = None
 
 
 def build_full_copy(run: RunState, new_path: Path) -> None:
@@ -236,6 +243,8 @@ def build_full_copy(run: RunState, new_path: Path) -> None:
                 run.snapshot = stack.enter_context(
                     window_journal.snapshot_transaction(opts.postgres_alias))
                 faults.checkpoint('rollback:snapshot-taken')
+                accounting.account_in_snapshot(
+                    run, count_rows(opts.postgres_alias))
             # replace: the rows in this new file are the data
             # migrations' own (a CMS's root page, seeded settings); the
             # copy empties every table first and leaves the source's.

@@ -231,40 +231,45 @@ def journaled_after(alias: str, snapshot: str) -> tuple[LostWrite, ...]:
     return tuple(lost)
 
 
-def account_cutover(alias: str, counted: dict[str, int] | None = None
-                    ) -> list[Shortfall]:
+def account_cutover(alias: str) -> list[Shortfall]:
     """Models whose rows on *alias* are fewer than the cutover's plus the
     journaled inserts minus the journaled deletes: rows PostgreSQL lost
     that no recorded write removed (an emptied or half-loaded database).
     [] when the books balance or there is no journal. Reads only, in one
-    REPEATABLE READ snapshot: the cutover, the journal and every count
+    REPEATABLE READ snapshot (cutover_shortfall)."""
+    with pj.postgres_snapshot_transaction(alias):
+        return cutover_shortfall(alias)
+
+
+def cutover_shortfall(alias: str, counts: dict[str, int] | None = None
+                      ) -> list[Shortfall]:
+    """account_cutover inside the caller's snapshot transaction on
+    *alias*, with the row counts (by label) the caller took in that
+    snapshot where given: the cutover, the journal and every count must
     see the same committed writes (read apart, a delete committed between
     the journal read and a count looked like a lost row, and `auto` then
-    restored a backup over writes PostgreSQL still held). Puts each
-    model's count in *counted* (by label) if given, for callers that
-    report them: a second count of a large table costs as much again."""
-    with pj.postgres_snapshot_transaction(alias):
-        cutover = pj.postgres_cutover(alias)
-        if cutover is None:
-            return []
-        promised = cutover['info'].get('sqlite_rows') or cutover[
-            'info'].get('rows') or {}
-        net = pj.postgres_journal_net(alias)
-        faults.checkpoint('window:accounting-journal-read')
-        found = []
-        for table, model in _models_by_table().items():
-            label = model._meta.label
-            if label not in promised:
-                continue
-            moves = net.get(table, {})
-            start = 0 if moves.get('truncated') else promised[label]
-            expected = start + moves.get('inserted', 0) - moves.get(
-                'deleted', 0)
+    restored a backup over writes PostgreSQL still held)."""
+    cutover = pj.postgres_cutover(alias)
+    if cutover is None:
+        return []
+    promised = cutover['info'].get('sqlite_rows') or cutover[
+        'info'].get('rows') or {}
+    net = pj.postgres_journal_net(alias)
+    faults.checkpoint('window:accounting-journal-read')
+    found = []
+    for table, model in _models_by_table().items():
+        label = model._meta.label
+        if label not in promised:
+            continue
+        moves = net.get(table, {})
+        start = 0 if moves.get('truncated') else promised[label]
+        expected = start + moves.get('inserted', 0) - moves.get(
+            'deleted', 0)
+        now = (counts or {}).get(label)
+        if now is None:
             now = model._base_manager.using(alias).count()
-            if counted is not None:
-                counted[label] = now
-            if now < expected:
-                found.append(Shortfall(label, expected, now))
+        if now < expected:
+            found.append(Shortfall(label, expected, now))
     return found
 
 
