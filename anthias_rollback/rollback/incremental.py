@@ -14,7 +14,8 @@ transaction on the standby itself, its position table is dropped in
 that transaction, and the closed file is renamed to the new file's name.
 Its integrity is the replicator's recorded quick_check of those rows
 (window.integrity), else a quick_check run during the build. What stays
-O(rows) is PostgreSQL's count per table (the verify phase's expectation)
+O(rows) is PostgreSQL's count per table (the verify phase's expectation
+and the cutover accounting's, rollback.accounting)
 and, after the swap, the loss proof's scan. A dry run, a standby on
 another filesystem or one the replicator holds longer than
 PROMOTE_LOCK_WAIT is copied as before.
