@@ -18,6 +18,7 @@ import json
 import json.encoder
 import json.scanner
 import math
+import operator
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -265,18 +266,31 @@ def identity(values: Sequence[Any]) -> list:
 # shape), PostgreSQL JSON stays jsonb text (SQLite's is put in that
 # shape: keys by length then bytes, ", " and ": ", no \u escapes).
 
-def _jsonb_key(pair: tuple[str, Any]) -> tuple[int, Any]:
-    key = pair[0]
-    if key.isascii():
-        return len(key), key
-    raw = key.encode()
+def _jsonb_key(pair: tuple[str, Any]) -> tuple[int, bytes]:
+    raw = pair[0].encode('utf-8', 'surrogatepass')
     return len(raw), raw
 
 
+# jsonb's key order of each tuple of keys seen: a JSON column repeats few
+# key sets, so an object costs a lookup, not a sort by a Python key.
+_KEY_ORDERS: dict[tuple[str, ...], tuple[int, ...]] = {}
+_KEY_ORDERS_MAX = 4096
+_first = operator.itemgetter(0)
+
+
 def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict:
-    if len(pairs) > 1:
-        pairs.sort(key=_jsonb_key)  # stable: duplicates keep the last
-    return dict(pairs)
+    if len(pairs) < 2:
+        return dict(pairs)
+    keys = tuple(map(_first, pairs))
+    order = _KEY_ORDERS.get(keys)
+    if order is None:
+        # Stable: of duplicate keys dict() keeps the last, as jsonb does.
+        order = tuple(sorted(range(len(pairs)),
+                             key=lambda i: _jsonb_key(pairs[i])))
+        if len(_KEY_ORDERS) >= _KEY_ORDERS_MAX:
+            _KEY_ORDERS.clear()
+        _KEY_ORDERS[keys] = order
+    return dict(map(pairs.__getitem__, order))
 
 
 _scan_jsonb = json.scanner.make_scanner(
@@ -288,9 +302,9 @@ _c_encode_jsonb = _c_make_encoder(
 _encode_jsonb = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def jsonb_text(text: str) -> str:
-    """JSON text as PostgreSQL prints the same value stored as jsonb
-    (text that is not JSON: as Django reads it, a string)."""
+def _jsonb_value(text: str) -> Any:
+    # What jsonb_text prints: objects' keys already in jsonb's order;
+    # text that is not JSON stays the string Django reads.
     try:
         value, end = _scan_jsonb(text, 0)
         if end != len(text):
@@ -298,9 +312,21 @@ def jsonb_text(text: str) -> str:
                 object_pairs_hook=_jsonb_object).decode(text)
     except (StopIteration, ValueError):
         value = text
+    return value
+
+
+def jsonb_text(text: str) -> str:
+    """JSON text as PostgreSQL prints the same value stored as jsonb
+    (text that is not JSON: as Django reads it, a string)."""
+    value = _jsonb_value(text)
     if _c_encode_jsonb is None or isinstance(value, str):
         return _encode_jsonb(value)
     return ''.join(_c_encode_jsonb(value, 0))
+
+
+def jsonb_array_text(texts: Sequence[str]) -> str:
+    """'[' + ', '.join(map(jsonb_text, texts)) + ']'."""
+    return '[' + ', '.join(map(jsonb_text, texts)) + ']'
 
 
 def without_zero_fraction(slow: Callable[[Any], Any]) -> Callable:

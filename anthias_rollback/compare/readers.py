@@ -11,7 +11,10 @@ Child -> parent: ('ready',), ('value', v), ('chunk', keys, rows),
 import collections
 import contextlib
 import copy
+import itertools
 import multiprocessing
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +23,7 @@ from django.db.utils import load_backend
 
 from anthias_rollback import engines, models_graph
 from anthias_rollback.compare import streams
+from anthias_rollback.engines import digests
 from anthias_rollback.exceptions import CompareError, RollbackError
 from anthias_rollback.report import first_line
 
@@ -29,10 +33,18 @@ def count_rows(model: type[models.Model], alias: str) -> int:
 
 
 class LocalReader:
-    """Reads one alias in this process; the caller holds its snapshot."""
+    """Reads one alias in this process; the caller holds its snapshot.
 
-    def __init__(self, alias: str):
+    With *watch* (digests.snapshot_watch, made before that snapshot
+    started) the engine's bucket digests are shared with forked worker
+    processes (split_digests); *deadline* is theirs.
+    """
+
+    def __init__(self, alias: str, watch: digests.SnapshotWatch | None = None,
+                 deadline: float | None = None):
         self.alias = alias
+        self._watch = watch
+        self._deadline = deadline
         self._digest_request: tuple | None = None
         # Which path computed each model's bucket digests ('engine' or
         # 'python'), for the report's notes and the tests.
@@ -70,6 +82,9 @@ class LocalReader:
         if not in_engine:
             return streams.bucket_digests(model, self.alias, bounds,
                                           on_rows)
+        if self._watch is not None:
+            return split_digests(self.alias, model, bounds, self._watch,
+                                 self._deadline, on_rows)
         return engines.for_alias(self.alias).bucket_digests(
             self.alias, model, bounds, on_rows)
 
@@ -105,15 +120,7 @@ class SideReader:
         self._receive()
 
     def _receive(self) -> tuple:
-        try:
-            message = self.pipe.recv()
-        except EOFError:
-            raise CompareError('the reader process stopped unexpectedly') \
-                from None
-        if message[0] == 'error':
-            _, database_error, text = message
-            raise (DatabaseError if database_error else CompareError)(text)
-        return message
+        return _receive(self.pipe)
 
     def _call(self, *request: Any) -> Any:
         self.pipe.send(request)
@@ -173,6 +180,103 @@ class SideReader:
 Reader = LocalReader | SideReader
 
 
+def _receive(pipe: Any) -> tuple:
+    try:
+        message = pipe.recv()
+    except EOFError:
+        raise CompareError('the reader process stopped unexpectedly') \
+            from None
+    if message[0] == 'error':
+        _, database_error, text = message
+        raise (DatabaseError if database_error else CompareError)(text)
+    return message
+
+
+def split_digests(alias: str, model: type[models.Model], bounds: list,
+                  watch: digests.SnapshotWatch, deadline: float | None,
+                  on_rows: Callable[[int], None] | None = None
+                  ) -> list[tuple[int, bytes]]:
+    """The engine's bucket digests of *alias*, the buckets split among
+    this process (its snapshot, held by the caller) and forked workers,
+    each in a read transaction of its own (digests.digest_workers).
+
+    Several transactions are one snapshot only if nothing was committed
+    in between (the SQLite file may be the live database): *watch* was
+    made before this process's snapshot started and is asked once every
+    worker's has. If a write came in between, the workers are stopped
+    and this process hashes every bucket itself: a concurrent write can
+    cost time, never mix two states of the file into one verdict. The
+    rows a mismatching bucket is compared by are read in this process's
+    snapshot, the one every digest was then computed in.
+    """
+    engine = engines.for_alias(alias)
+    total = len(bounds) + 1
+    count = min(digests.digest_workers(alias), total // 2)
+    if count < 2:
+        return engine.bucket_digests(alias, model, bounds, on_rows)
+    edges = [total * i // count for i in range(count + 1)]
+    parts = list(itertools.pairwise(edges))
+    settings = copy.deepcopy(connections[alias].settings_dict)
+    workers: list[tuple[int, Any]] = []
+    try:
+        for part in parts[1:]:
+            pipe, child = multiprocessing.Pipe(duplex=False)
+            # os.fork, not multiprocessing.Process: this process is a
+            # daemon (SideReader), and those may not start Processes.
+            pid = os.fork()
+            if pid == 0:  # the worker
+                try:
+                    pipe.close()
+                    _digest_worker_main(child, alias, settings, deadline,
+                                        model._meta.label, bounds, part)
+                finally:
+                    os._exit(0)
+            child.close()
+            workers.append((pid, pipe))
+        for _, pipe in workers:
+            _receive(pipe)   # ('ready',): its snapshot has started
+        if not watch.unchanged():
+            return engine.bucket_digests(alias, model, bounds, on_rows)
+        # Progress: this process's share, scaled to the whole.
+        report = None if on_rows is None else (
+            lambda done: on_rows(done * count))
+        found = digests.engine_bucket_digests(alias, model, bounds,
+                                              parts[0], report)
+        for _, pipe in workers:
+            found += _receive(pipe)[1]
+        return found
+    finally:
+        for pid, pipe in workers:
+            pipe.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)   # done, or it only reads
+            os.waitpid(pid, 0)
+
+
+def _digest_worker_main(pipe: Any, alias: str, settings_dict: dict,
+                        deadline: float | None, label: str, bounds: list,
+                        part: tuple[int, int]) -> None:
+    # As _side_reader_main: a connection of its own, the inherited one
+    # (in the parent's read transaction) never used or closed here.
+    inherited = connections[alias]
+    connections[alias] = load_backend(settings_dict['ENGINE']) \
+        .DatabaseWrapper(settings_dict, alias)
+    try:
+        with engines.for_alias(alias).read_snapshot(alias, deadline):
+            pipe.send(('ready',))
+            model = models_graph.get_model(label)
+            pipe.send(('value', digests.engine_bucket_digests(
+                alias, model, bounds, part)))
+    except BaseException as err:  # noqa: BLE001 reported to the parent
+        with contextlib.suppress(OSError):
+            pipe.send(('error', isinstance(err, Error),
+                       str(err) if isinstance(err, RollbackError)
+                       else first_line(err)))
+    finally:
+        connections[alias].close()
+        del inherited
+
+
 def _serve_reader(pipe: Any, reader: LocalReader) -> None:
     while (message := pipe.recv())[0] != 'stop':
         kind, label, *args = message
@@ -202,15 +306,20 @@ def _side_reader_main(pipe: Any, alias: str, settings_dict: dict,
     inherited = connections[alias]  # kept referenced: never closed here
     connections[alias] = load_backend(settings_dict['ENGINE']) \
         .DatabaseWrapper(settings_dict, alias)
+    watch = None
     try:
+        # Before the snapshot starts: see split_digests.
+        watch = digests.snapshot_watch(alias)
         with engines.for_alias(alias).read_snapshot(alias, deadline):
             pipe.send(('ready',))
-            _serve_reader(pipe, LocalReader(alias))
+            _serve_reader(pipe, LocalReader(alias, watch, deadline))
     except BaseException as err:  # noqa: BLE001 reported to the parent
         with contextlib.suppress(OSError):
             pipe.send(('error', isinstance(err, Error),
                        str(err) if isinstance(err, RollbackError)
                        else first_line(err)))
     finally:
+        if watch is not None:
+            watch.close()
         connections[alias].close()
         del inherited
