@@ -395,6 +395,12 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
     truncated = list(applied.batch.truncated)
     unverified = [m._meta.label for m in changed if not _checkable(m)]
     how = ' (promoted in place, not copied)' if base.promoted else ''
+    # Why the standby was copied, or passed over for the cutover file.
+    passed_over = ''
+    if run.promote_problem and base.kind == 'standby':
+        passed_over = f'; standby not promoted: {run.promote_problem}'
+    elif run.promote_problem and base.promoted:
+        passed_over = f'; standby not used: {run.promote_problem}'
     detail = (f'{base.kind}{how} as of {base.at} + '
               f'{applied.batch.entries} journal '
               f'entries; {keys} changed key(s) re-read and checked equal to '
@@ -405,13 +411,7 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
                               f'{", ".join(truncated)}' if truncated else '')
               + (f'; not compared key by key (no orderable key): '
                  f'{", ".join(unverified)}' if unverified else '')
-              + (f'; standby not promoted: {run.promote_problem}'
-                 if run.promote_problem and base.kind == 'standby'
-                 else '')
-              # The cutover file promoted: the standby was passed over.
-              + (f'; standby not used: {run.promote_problem}'
-                 if run.promote_problem and base.kind != 'standby'
-                 and base.promoted else ''))
+              + passed_over)
     return {'method': 'incremental', 'base': base.kind,
             'promoted': base.promoted,
             'base_path': str(base.path), 'base_at': base.at,
