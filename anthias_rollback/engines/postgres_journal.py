@@ -538,6 +538,28 @@ def postgres_snapshot_transaction(alias: str) -> Iterator[str]:
         yield cursor.fetchone()[0]
 
 
+def postgres_export_snapshot(alias: str) -> str:
+    """The running transaction's snapshot exported for other sessions
+    (pg_export_snapshot): importable until that transaction ends."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute('SELECT pg_export_snapshot()')
+        return cursor.fetchone()[0]
+
+
+@contextmanager
+def postgres_imported_snapshot(alias: str, exported: str) -> Iterator[None]:
+    """A REPEATABLE READ READ ONLY transaction for the block that sees
+    exactly the snapshot *exported* by another session, so two sessions
+    can read one snapshot at once. Run it on a connection of its own
+    (another thread's)."""
+    with transaction.atomic(using=alias), \
+            connections[alias].cursor() as cursor:
+        cursor.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, '
+                       'READ ONLY')
+        cursor.execute('SET TRANSACTION SNAPSHOT %s', [exported])
+        yield
+
+
 def postgres_changes_after(alias: str, snapshot: str
                            ) -> list[JournaledChange]:
     """Every committed journal entry whose transaction is NOT visible in

@@ -32,6 +32,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,17 @@ def promote(base: Base, new_path: Path) -> None:
     faults.checkpoint('rollback:standby-promoted')
 
 
+def count_rows_in_snapshot(alias: str, exported: str) -> dict[str, int]:
+    """count_rows in a session of this thread's own that imports the
+    PostgreSQL snapshot *exported* by another: the same counts, taken
+    while the exporting session goes on with the build's other reads."""
+    try:
+        with pj.postgres_imported_snapshot(alias, exported):
+            return count_rows(alias)
+    finally:
+        connections[alias].close()
+
+
 def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
     """Fill *new_path* from a base plus the journal's tail (module
     docstring). Sets run.snapshot and run.expected_rows; returns what the
@@ -362,35 +374,40 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
         run.snapshot = stack.enter_context(
             pj.postgres_snapshot_transaction(pg))
         faults.checkpoint('rollback:snapshot-taken')
+        # Exited first: its threads end while the snapshot is still held.
+        pool = stack.enter_context(futures.ThreadPoolExecutor(2))
+        # PostgreSQL counts every model in the snapshot (the verify
+        # phase's expectation and the accounting's) from a second session
+        # while this one applies the tail and reads the changed keys
+        # back; the base is copied (local I/O, sqlite3 outside the GIL)
+        # meanwhile too when it is not promoted.
+        counting = pool.submit(count_rows_in_snapshot, pg,
+                               pj.postgres_export_snapshot(pg))
         if base is not None:
-            faults.checkpoint('rollback:base-copied')   # its counterpart
-            expected = count_rows(pg)
             target = base.path
         else:
-            # The base is copied (local I/O, sqlite3 outside the GIL)
-            # while PostgreSQL counts every model in the snapshot (the
-            # verify phase's expectation).
-            with futures.ThreadPoolExecutor(1) as pool:
-                copying = pool.submit(copy_base, run, cutover, new_path)
-                expected = count_rows(pg)
-                base = copying.result()
-            faults.checkpoint('rollback:base-copied')
+            base = pool.submit(copy_base, run, cutover, new_path).result()
             target = new_path
-        # Before the tail touches a promoted standby: a shortfall leaves
-        # it as it was.
-        accounting.account_in_snapshot(run, expected)
+        faults.checkpoint('rollback:base-copied')
+
+        def account() -> None:
+            # Inside the SQLite transaction, before it commits: a
+            # shortfall rolls the tail back and leaves a promoted standby
+            # as it was.
+            run.expected_rows = counting.result()
+            accounting.account_in_snapshot(run, run.expected_rows)
+
         with profiles.sqlite_file_alias(target) as alias:
             # WAL: the quick_check reads the base while the tail is
             # written, neither waiting for the other.
             lite.sqlite_use_wal(alias)
             applied, changed, applied_before = _apply_tail(
-                run, cutover, base, alias, pg, target)
+                run, cutover, base, alias, pg, target, account)
         if base.promoted:
             # Committed, not yet renamed: a standby with no position,
             # which a rerun does not promote and the replicator rebuilds.
             faults.checkpoint('rollback:tail-committed')
             promote(base, new_path)
-        run.expected_rows = expected
     keys = sum(len(set(t)) for t in changed.values())
     truncated = list(applied.batch.truncated)
     unverified = [m._meta.label for m in changed if not _checkable(m)]
@@ -420,13 +437,15 @@ def build_incremental(run: RunState, new_path: Path) -> dict[str, Any]:
 
 
 def _apply_tail(run: RunState, cutover: dict[str, Any], base: Base,
-                alias: str, pg: str, path: Path
+                alias: str, pg: str, path: Path,
+                before_commit: Callable[[], None]
                 ) -> tuple[Any, dict[Any, list[str]], int]:
     """Apply the journal's tail since *base* to the file *path* (*alias*)
     and check every changed key, in ONE SQLite transaction that is
     rolled back when anything fails (a promoted standby is then left as
-    it was). Returns (the Applier's result, changed keys per model,
-    keys the standby applied itself and that were re-read too)."""
+    it was); *before_commit* runs last in it. Returns (the Applier's
+    result, changed keys per model, keys the standby applied itself and
+    that were re-read too)."""
     pg_snapshot = run.snapshot
     assert pg_snapshot is not None   # the caller's snapshot transaction
     check_same_migrations(alias, pg)
@@ -499,6 +518,7 @@ def _apply_tail(run: RunState, cutover: dict[str, Any], base: Base,
                     table = window_standby.POSITION_TABLE
                     connections[alias].cursor().execute(
                         f'DROP TABLE IF EXISTS {table}')
+                before_commit()
         except (DatabaseError, sqlite3.DatabaseError):
             # A base too broken to write or read (a spoiled page): its
             # quick_check says so, and the full copy is taken instead.
