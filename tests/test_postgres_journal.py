@@ -168,3 +168,48 @@ def test_remove_journal_leaves_tables_writable_and_unjournaled(journaled):
     assert not pj.postgres_journal_installed('postgres')
     assert pj.postgres_journaled_tables('postgres') == []
     # the fixture's removal runs again: idempotent
+
+
+@pytest.mark.django_db(databases=PG, transaction=True)
+def test_an_imported_snapshot_reads_what_the_exporter_reads():
+    """The incremental build counts in a second session that imports its
+    snapshot: a delete committed after the export is invisible there too,
+    and the import fails once the exporting transaction is over."""
+    kept, gone = save_pg(make_asset('kept')), save_pg(make_asset('gone'))
+
+    def count_in(exported):
+        try:
+            with pj.postgres_imported_snapshot('postgres', exported):
+                return Asset.objects.using('postgres').count()
+        finally:
+            connections['postgres'].close()
+
+    def in_thread(exported):
+        found = {}
+
+        def run():
+            try:
+                found['count'] = count_in(exported)
+            except Exception as err:   # noqa: BLE001  # reported below
+                found['error'] = err
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return found
+
+    with pj.postgres_snapshot_transaction('postgres'):
+        exported = pj.postgres_export_snapshot('postgres')
+        other = pg_session()
+        try:
+            with other.cursor() as cur:
+                cur.execute('DELETE FROM assets WHERE asset_id = %s',
+                            [gone.pk])
+            other.commit()
+        finally:
+            other.close()
+        assert in_thread(exported) == {'count': 2}
+    assert Asset.objects.using('postgres').count() == 1
+    assert kept.pk in set(Asset.objects.using('postgres').values_list(
+        'pk', flat=True))
+    late = in_thread(exported)
+    assert 'count' not in late and 'snapshot' in str(late['error'])
