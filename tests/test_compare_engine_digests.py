@@ -242,3 +242,169 @@ def test_row_texts_are_injective_on_sqlite():
                "AND b = 'bc' AND n = 1 AND f = 1 AND blob = x''")
     texts = [t for (t,) in db.execute(f'SELECT {expression} FROM t')]
     assert sum(",b1,i1," in t for t in texts) == 1, texts
+
+
+# -- false-match guards: SQLite values PostgreSQL's text could mimic -------
+
+# (SQL setting row 8 on SQLite, field, its value on PostgreSQL): equal
+# if SQLite's printf were trusted blindly, different for Django.
+MIMICS = [
+    # printf's %Q stops at a NUL: 'abc' would print on both sides.
+    ("name = 'abc' || char(0) || 'x'", 'name', 'abc'),
+    ("body = 'a' || char(0)", 'body', 'a'),
+    # A blob in a text column prints its bytes as text.
+    ("name = CAST('abc' AS BLOB)", 'name', 'abc'),
+    ("ref = CAST('0000000000000000000000000000f778' AS BLOB)", 'ref',
+     uuid.UUID(int=8 * 7919)),
+    # A blob or text where the integer should be.
+    ("count = CAST('-8000' AS BLOB)", 'count', -8000),
+    ("at = CAST('2024-02-29 23:59:08.008008' AS BLOB)", 'at',
+     dt.datetime(2024, 2, 29, 23, 59, 8, 8008, tzinfo=UTC)),
+    # NULL, '' and 'NULL' (%Q prints NULL unquoted).
+    ("name = NULL", 'name', 'NULL'),
+    ("name = 'NULL'", 'name', None),
+    ("name = NULL", 'name', ''),
+    # A quote or a backslash (PostgreSQL's quote_literal doubles both).
+    ("name = 'it''s'", 'name', "it''s"),
+    ("name = 'a\\b'", 'name', 'a\\\\b'),
+    # A JSON value stored as a blob.
+    ("data = CAST('{\"zz\": 8}' AS BLOB)", 'data', {'zz': 8}),
+]
+
+
+@pytest.mark.parametrize('sql,field,value', MIMICS,
+                         ids=[sql for sql, _, _ in MIMICS])
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_a_mimicking_sqlite_value_never_matches(sample_model, monkeypatch,
+                                                sql, field, value):
+    fill_samples(sample_model)
+    with connections['sqlite'].cursor() as cursor:
+        cursor.execute(f'UPDATE test_engine_digest_sample SET {sql} '
+                       'WHERE id = 8')
+    sample_model.objects.using('postgres').filter(pk=8).update(
+        **{field: value})
+    bounds = [5, 6, 20, 33]
+    left = engine_digests(sample_model, 'sqlite', bounds)
+    right = engine_digests(sample_model, 'postgres', bounds)
+    # Row 8 is in bucket [6, 20): that bucket differs, the others agree.
+    assert left[2] != right[2]
+    assert [a == b for a, b in zip(left, right)] == [
+        True, True, False, True, True]
+
+
+HARD_TEXTS = ["it's", "''", "'", '\\', "\\'", 'NULL', '', 'a,b', "t3:'x',",
+              'n0:NULL,', 'tab\tnew\nline', 'ü 🎉', '[', ']']
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_hard_texts_match_without_rereads(sample_model, monkeypatch):
+    fill_samples(sample_model)
+    for index, text in enumerate(HARD_TEXTS, start=1):
+        for alias in BOTH:
+            sample_model.objects.using(alias).filter(pk=index).update(
+                name=text, body=text[::-1])
+    result, left, _, _ = compare(sample_model, monkeypatch)
+    assert result.ok and result.identical == 40 and result.rechecked == 0
+    assert left.digest_paths == collections.Counter(engine=1)
+
+
+# SQLite text as written (key order, escapes, duplicate keys, spaces)
+# and the value Django reads from it, which PostgreSQL holds.
+JSON_TEXTS = [
+    ('{"zz": 1, "a": "\\u00fc", "zz": 2}', {'a': 'ü', 'zz': 2}),
+    (('{"\\u00fc": 1, "ab": 2, "b": {"yy": [1, {"k2": 0, "k": 1}], '
+      '"x": null}}'),
+     {'ü': 1, 'ab': 2, 'b': {'yy': [1, {'k2': 0, 'k': 1}], 'x': None}}),
+    ('{"b":1,"a":[true,false,1.5,"\\"q\\""]}',
+     {'a': [True, False, 1.5, '"q"'], 'b': 1}),
+    ('"a string"', 'a string'),
+    ('null', None),
+    # Not JSON: Django reads the text itself (an RS inside: the bucket's
+    # JSON is read row by row).
+    ('not json \x1e at all', 'not json \x1e at all'),
+]
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_json_as_sqlite_holds_it_matches_jsonb(sample_model, monkeypatch):
+    fill_samples(sample_model)
+    for index, (text, value) in enumerate(JSON_TEXTS, start=8):
+        with connections['sqlite'].cursor() as cursor:
+            # Text that is not JSON: past the column's CHECK, as an older
+            # schema or another writer could leave it.
+            cursor.execute('PRAGMA ignore_check_constraints = ON')
+            cursor.execute('UPDATE test_engine_digest_sample SET data = %s '
+                           'WHERE id = %s', [text, index])
+            cursor.execute('PRAGMA ignore_check_constraints = OFF')
+        sample_model.objects.using('postgres').filter(pk=index).update(
+            data=models.Value(value, output_field=models.JSONField()))
+    bounds = [5, 6, 20, 33]
+    assert engine_digests(sample_model, 'sqlite', bounds) == \
+        engine_digests(sample_model, 'postgres', bounds)
+    # A changed value in the same bucket is still found.
+    sample_model.objects.using('postgres').filter(pk=9).update(
+        data={'ü': 1, 'ab': 2, 'b': {'yy': [1, {'k2': 0, 'k': 2}],
+                                      'x': None}})
+    result, _, _, _ = compare(sample_model, monkeypatch)
+    assert result.changed == ((9, ('data',)),)
+
+
+# -- the SQLite side split among processes ----------------------------------
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_sqlite_worker_split_gives_the_same_digests(sample_model,
+                                                    monkeypatch):
+    from anthias_rollback.compare import readers
+
+    fill_samples(sample_model)
+    bounds = [3, 5, 6, 11, 20, 27, 33, 38]
+    engine = engines.for_alias('sqlite')
+    monkeypatch.setattr(digests, 'digest_workers', lambda alias: 3)
+    watch = digests.SnapshotWatch('sqlite')
+    try:
+        with engine.read_snapshot('sqlite'):
+            whole = engine.bucket_digests('sqlite', sample_model, bounds)
+            parts = [digests.engine_bucket_digests(
+                'sqlite', sample_model, bounds, part)
+                for part in ((0, 4), (4, 5), (5, 9))]
+            split = readers.split_digests('sqlite', sample_model, bounds,
+                                          watch, None)
+    finally:
+        watch.close()
+    assert [rows for rows, _ in whole] == [2, 2, 1, 5, 9, 7, 6, 5, 3]
+    assert parts[0] + parts[1] + parts[2] == whole
+    assert split == whole
+    assert whole == engine_digests(sample_model, 'postgres', bounds)
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_a_write_between_snapshots_makes_one_process_hash_all(
+        sample_model, monkeypatch):
+    """The workers' transactions start after the reader's: a write
+    committed in between must not mix into the digests (the buckets it
+    touched would look equal in one state and be compared in another)."""
+    from anthias_rollback.compare import readers
+
+    fill_samples(sample_model)
+    bounds = [5, 6, 20, 33]
+    engine = engines.for_alias('sqlite')
+    monkeypatch.setattr(digests, 'digest_workers', lambda alias: 2)
+    path = connections['sqlite'].settings_dict['NAME']
+    watch = digests.SnapshotWatch('sqlite')
+    try:
+        assert watch.unchanged()
+        with engine.read_snapshot('sqlite'):
+            before = engine.bucket_digests('sqlite', sample_model, bounds)
+            writer = sqlite3.connect(path)
+            with writer:
+                writer.execute('UPDATE test_engine_digest_sample SET '
+                               "name = 'written meanwhile' WHERE id = 35")
+            writer.close()
+            assert not watch.unchanged()
+            split = readers.split_digests('sqlite', sample_model, bounds,
+                                          watch, None)
+    finally:
+        watch.close()
+    # This process's snapshot, not the file as it is now.
+    assert split == before
+    assert engine_digests(sample_model, 'sqlite', bounds)[4] != before[4]

@@ -228,7 +228,7 @@ def split_digests(alias: str, model: type[models.Model], bounds: list,
                 try:
                     pipe.close()
                     _digest_worker_main(child, alias, settings, deadline,
-                                        model._meta.label, bounds, part)
+                                        model, bounds, part)
                 finally:
                     os._exit(0)
             child.close()
@@ -254,17 +254,17 @@ def split_digests(alias: str, model: type[models.Model], bounds: list,
 
 
 def _digest_worker_main(pipe: Any, alias: str, settings_dict: dict,
-                        deadline: float | None, label: str, bounds: list,
-                        part: tuple[int, int]) -> None:
+                        deadline: float | None, model: type[models.Model],
+                        bounds: list, part: tuple[int, int]) -> None:
     # As _side_reader_main: a connection of its own, the inherited one
     # (in the parent's read transaction) never used or closed here.
+    # Forked, not pickled: *model* is the parent's class itself.
     inherited = connections[alias]
     connections[alias] = load_backend(settings_dict['ENGINE']) \
         .DatabaseWrapper(settings_dict, alias)
     try:
         with engines.for_alias(alias).read_snapshot(alias, deadline):
             pipe.send(('ready',))
-            model = models_graph.get_model(label)
             pipe.send(('value', digests.engine_bucket_digests(
                 alias, model, bounds, part)))
     except BaseException as err:  # noqa: BLE001 reported to the parent
