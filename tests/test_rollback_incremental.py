@@ -15,7 +15,7 @@ from django.contrib.auth.models import Group, Permission, User
 from django.contrib.sessions.models import Session
 from django.core.management import call_command
 from django.db import connections, models
-from django.test.utils import CaptureQueriesContext
+from django.db.backends.signals import connection_created
 from django.utils import timezone
 
 from anthias_app.models import Asset
@@ -191,11 +191,28 @@ def test_an_incremental_rollback_counts_each_table_once(data_dir, settings):
     device = seed_device(settings, n_assets=10)
     Asset.objects.using('postgres').filter(pk=device.asset_ids[0]).update(
         name='changed on postgres')
-    with CaptureQueriesContext(connections['postgres']) as queries:
+    seen: list[str] = []
+
+    def record(execute, sql, params, many, context):
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    def watch(sender, connection, **kwargs):
+        # Every PostgreSQL session of the run, other threads' included.
+        if connection.alias == 'postgres' \
+                and record not in connection.execute_wrappers:
+            connection.execute_wrappers.append(record)
+
+    watch(None, connections['postgres'])
+    connection_created.connect(watch)
+    try:
         call_command('rollback_migration', '--emergency', '--yes',
                      stdout=io.StringIO(), stderr=io.StringIO())
-    counts = [q['sql'] for q in queries.captured_queries
-              if 'COUNT(*)' in q['sql'] and 'FROM "assets"' in q['sql']]
+    finally:
+        connection_created.disconnect(watch)
+        connections['postgres'].execute_wrappers.remove(record)
+    counts = [sql for sql in seen
+              if 'COUNT(*)' in sql and 'FROM "assets"' in sql]
     assert len(counts) == 1, counts
     conn = sqlite3.connect(device.live)
     names = dict(conn.execute('SELECT asset_id, name FROM assets'))
