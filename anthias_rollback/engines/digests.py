@@ -126,8 +126,8 @@ _SHAPED = ('datetime', 'date', 'time', 'uuid')
 
 
 def _sqlite_format(column: str, kind: str) -> tuple[str, list[str]]:
-    """(printf format, its arguments) rendering *column* as `_FORMS`
-    says; the first character is always the storage class."""
+    """(printf format, its arguments) rendering *column* as the module
+    docstring says; the first character is always the storage class."""
     mark = f'typeof({column})'
     if kind in ('int', 'bool'):
         return '%.1s%d,', [mark, column]
