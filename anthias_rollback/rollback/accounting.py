@@ -3,12 +3,13 @@ snapshot: rows at the cutover + journaled inserts - journaled deletes
 must be the rows PostgreSQL holds (window.journal.cutover_shortfall).
 
 It runs after the fence, on the counts the build takes anyway for the
-verify phase, so every table is counted once instead of twice (once in
-the source phase, once in the snapshot): at 1,000,000 rows a count is a
-quarter of a second. A shortfall means PostgreSQL lost rows that no
-recorded write removed (emptied, half-loaded): with `auto` the build
-raises PostgresLostRows and the caller restores a backup instead; with
-`--source postgres` it goes on, warned, and the loss names them.
+verify phase, and the cutover summary reports the same counts: every
+table is counted once, not three times (the source phase, the summary,
+the snapshot), and at 1,000,000 rows a count is a quarter of a second.
+A shortfall means PostgreSQL lost rows that no recorded write removed
+(emptied, half-loaded): with `auto` the build raises PostgresLostRows
+and the caller restores a backup instead; with `--source postgres` it
+goes on, warned, and the loss names them.
 """
 from anthias_rollback.report import describe_alias
 from anthias_rollback.rollback.state import RunState, Source

@@ -158,8 +158,9 @@ class RunState:
     snapshot: str | None = None
     proof: window_journal.LossProof | None = None
     shortfall: list[window_journal.Shortfall] = field(default_factory=list)
-    # PostgreSQL's row counts the source phase's accounting took (by
-    # label): the cutover summary reports them instead of counting again.
+    # PostgreSQL's row counts in the build's snapshot, which the cutover
+    # accounting checked (by label): the cutover summary reports them
+    # instead of counting again.
     source_counts: dict[str, int] = field(default_factory=dict)
     standby_bound: dict[str, Any] | None = None
     copy: dict[str, Any] | None = None
