@@ -256,17 +256,26 @@ def split_digests(alias: str, model: type[models.Model], bounds: list,
 def _digest_worker_main(pipe: Any, alias: str, settings_dict: dict,
                         deadline: float | None, model: type[models.Model],
                         bounds: list, part: tuple[int, int]) -> None:
-    # As _side_reader_main: a connection of its own, the inherited one
-    # (in the parent's read transaction) never used or closed here.
     # Forked, not pickled: *model* is the parent's class itself.
-    inherited = connections[alias]
+    with _own_connection(pipe, alias, settings_dict), \
+            engines.for_alias(alias).read_snapshot(alias, deadline):
+        pipe.send(('ready',))
+        pipe.send(('value', digests.engine_bucket_digests(
+            alias, model, bounds, part)))
+
+
+@contextlib.contextmanager
+def _own_connection(pipe: Any, alias: str, settings_dict: dict
+                    ) -> Iterator[None]:
+    """In a forked child: *alias* on a connection of its own (the
+    inherited one, in the parent's read transaction, is never used or
+    closed here), closed at the end; an exception is sent to the parent
+    on *pipe* instead of raised."""
+    inherited = connections[alias]  # kept referenced: never closed here
     connections[alias] = load_backend(settings_dict['ENGINE']) \
         .DatabaseWrapper(settings_dict, alias)
     try:
-        with engines.for_alias(alias).read_snapshot(alias, deadline):
-            pipe.send(('ready',))
-            pipe.send(('value', digests.engine_bucket_digests(
-                alias, model, bounds, part)))
+        yield
     except BaseException as err:  # noqa: BLE001 reported to the parent
         with contextlib.suppress(OSError):
             pipe.send(('error', isinstance(err, Error),
@@ -303,23 +312,13 @@ def _serve_reader(pipe: Any, reader: LocalReader) -> None:
 
 def _side_reader_main(pipe: Any, alias: str, settings_dict: dict,
                       deadline: float | None) -> None:
-    inherited = connections[alias]  # kept referenced: never closed here
-    connections[alias] = load_backend(settings_dict['ENGINE']) \
-        .DatabaseWrapper(settings_dict, alias)
-    watch = None
-    try:
+    with _own_connection(pipe, alias, settings_dict):
         # Before the snapshot starts: see split_digests.
         watch = digests.snapshot_watch(alias)
-        with engines.for_alias(alias).read_snapshot(alias, deadline):
-            pipe.send(('ready',))
-            _serve_reader(pipe, LocalReader(alias, watch, deadline))
-    except BaseException as err:  # noqa: BLE001 reported to the parent
-        with contextlib.suppress(OSError):
-            pipe.send(('error', isinstance(err, Error),
-                       str(err) if isinstance(err, RollbackError)
-                       else first_line(err)))
-    finally:
-        if watch is not None:
-            watch.close()
-        connections[alias].close()
-        del inherited
+        try:
+            with engines.for_alias(alias).read_snapshot(alias, deadline):
+                pipe.send(('ready',))
+                _serve_reader(pipe, LocalReader(alias, watch, deadline))
+        finally:
+            if watch is not None:
+                watch.close()
