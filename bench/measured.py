@@ -12,6 +12,7 @@ handed to write(2) (/proc/self/io wchar; write_bytes, the bytes that
 reached the block layer, reads 0 in containers without block-I/O
 accounting).
 """
+import atexit
 import json
 import os
 import resource
@@ -76,12 +77,12 @@ def main() -> None:
     anon = _AnonPeak()
     anon.start()
     sys.argv = [str(ROOT / 'manage.py'), *sys.argv[2:]]
-    code: object = 0
-    try:
-        runpy.run_path(str(ROOT / 'manage.py'), run_name='__main__')
-    except SystemExit as done:
-        code = done.code
-    finally:
+    # The commands end the process with os._exit once their atexit
+    # handlers have run (management.contract.exit_now), so the figures
+    # are written by one; 'exit' is null then (the caller has the code).
+    ended: dict[str, object] = {'exit': None}
+
+    def record() -> None:
         io = _io()
         rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -90,8 +91,15 @@ def main() -> None:
             'anon_mb': round(anon.stop() / 1024, 1),
             'wchar_mb': round(io.get('wchar', 0) / 2**20, 1),
             'write_bytes_mb': round(io.get('write_bytes', 0) / 2**20, 1),
-            'exit': code if isinstance(code, int) else 1}))
-    sys.exit(code)
+            **ended}))
+
+    atexit.register(record)
+    try:
+        runpy.run_path(str(ROOT / 'manage.py'), run_name='__main__')
+    except SystemExit as done:
+        ended['exit'] = done.code if isinstance(done.code, int) else 1
+        raise
+    ended['exit'] = 0
 
 
 if __name__ == '__main__':
