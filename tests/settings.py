@@ -1,13 +1,21 @@
 """Test settings: the reference host plus the kitchen-sink app, with the
 SQLite test database in a real file and a real PostgreSQL server."""
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from tests.helpers import pgserver
 
-_run_dir = Path(os.environ.setdefault(
-    'ANTHIAS_TEST_RUN_DIR', tempfile.mkdtemp(prefix='anthias-test-')))
+if 'ANTHIAS_TEST_RUN_DIR' not in os.environ:
+    # Made once, by the first process; its children (this module is
+    # imported again in each) share it. Removed when that process ends:
+    # each suite run used to leave hundreds of these in /tmp.
+    os.environ['ANTHIAS_TEST_RUN_DIR'] = tempfile.mkdtemp(
+        prefix='anthias-test-')
+    atexit.register(shutil.rmtree, os.environ['ANTHIAS_TEST_RUN_DIR'], True)
+_run_dir = Path(os.environ['ANTHIAS_TEST_RUN_DIR'])
 os.environ.setdefault('ANTHIAS_DATA_DIR', str(_run_dir / 'data'))
 os.environ['ANTHIAS_POSTGRES_URL'] = pgserver.postgres_url()
 os.environ.pop('ANTHIAS_DB_PROFILE', None)
