@@ -481,9 +481,9 @@ def test_postgres_reader_killed_mid_checksum_is_a_clean_error(monkeypatch):
     connections still usable."""
     monkeypatch.setattr(streams, 'CHUNK_ROWS', 10)
     monkeypatch.setattr(orchestrator, 'BUCKET_ROWS', 8)
-    # In-engine digests: one statement per bucket, so the kill lands
+    # In-engine digests: one statement per heap block, so the kill lands
     # between two of them.
-    monkeypatch.setattr(digests, 'POSTGRES_BATCH', 1)
+    monkeypatch.setattr(digests, 'POSTGRES_BATCH_BLOCKS', 1)
     monkeypatch.setenv('ANTHIAS_ROLLBACK_PAUSE_AT', 'compare:digest-chunk:0.2')
     fill_both('sqlite', 'postgres', n_assets=80)
     killed = []

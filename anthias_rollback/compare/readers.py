@@ -11,7 +11,6 @@ Child -> parent: ('ready',), ('value', v), ('chunk', keys, rows),
 import collections
 import contextlib
 import copy
-import itertools
 import multiprocessing
 import os
 import signal
@@ -196,15 +195,17 @@ def split_digests(alias: str, model: type[models.Model], bounds: list,
                   watch: digests.SnapshotWatch, deadline: float | None,
                   on_rows: Callable[[int], None] | None = None
                   ) -> list[tuple[int, bytes]]:
-    """The engine's bucket digests of *alias*, the buckets split among
-    this process (its snapshot, held by the caller) and forked workers,
-    each in a read transaction of its own (digests.digest_workers).
+    """The engine's bucket digests of *alias*, the table's rows split
+    into equal rowid slices among this process (its snapshot, held by
+    the caller) and forked workers, each in a read transaction of its
+    own (digests.digest_workers); each slice's per-bucket sums are
+    added.
 
     Several transactions are one snapshot only if nothing was committed
     in between (the SQLite file may be the live database): *watch* was
     made before this process's snapshot started and is asked once every
     worker's has. If a write came in between, the workers are stopped
-    and this process hashes every bucket itself: a concurrent write can
+    and this process hashes every row itself: a concurrent write can
     cost time, never mix two states of the file into one verdict. The
     rows a mismatching bucket is compared by are read in this process's
     snapshot, the one every digest was then computed in.
@@ -214,8 +215,7 @@ def split_digests(alias: str, model: type[models.Model], bounds: list,
     count = min(digests.digest_workers(alias), total // 2)
     if count < 2:
         return engine.bucket_digests(alias, model, bounds, on_rows)
-    edges = [total * i // count for i in range(count + 1)]
-    parts = list(itertools.pairwise(edges))
+    parts = [(index, count) for index in range(count)]
     settings = copy.deepcopy(connections[alias].settings_dict)
     workers: list[tuple[int, Any]] = []
     try:
@@ -240,11 +240,11 @@ def split_digests(alias: str, model: type[models.Model], bounds: list,
         # Progress: this process's share, scaled to the whole.
         report = None if on_rows is None else (
             lambda done: on_rows(done * count))
-        found = digests.engine_bucket_digests(alias, model, bounds,
-                                              parts[0], report)
+        found = digests.engine_bucket_sums(alias, model, bounds, parts[0],
+                                           report)
         for _, pipe in workers:
-            found += _receive(pipe)[1]
-        return found
+            digests.add_sums(found, _receive(pipe)[1])
+        return digests.as_digests(found)
     finally:
         for pid, pipe in workers:
             pipe.close()
@@ -260,7 +260,7 @@ def _digest_worker_main(pipe: Any, alias: str, settings_dict: dict,
     with _own_connection(pipe, alias, settings_dict), \
             engines.for_alias(alias).read_snapshot(alias, deadline):
         pipe.send(('ready',))
-        pipe.send(('value', digests.engine_bucket_digests(
+        pipe.send(('value', digests.engine_bucket_sums(
             alias, model, bounds, part)))
 
 

@@ -19,26 +19,33 @@ byte length, counted past the NUL, then disagrees with every
 PostgreSQL value's. Only a false match would be wrong: a rendering
 difference sends the bucket to the exact comparison and costs time.
 
-A bucket's digest is md5 of its rows' texts concatenated in bytewise key
-order, then, for a model with JSON columns, '[', its JSON values row by
-row in PostgreSQL's jsonb text, ', ' between them, and ']' (a row text
-never starts with '['; the row text holds each JSON column's storage
-class, so SQL NULL, rendered "", differs from the text ''). PostgreSQL
-computes it in the server (string_agg ... ORDER BY). SQLite runs one
-statement per bucket over the key index: the row texts concatenated in
-C, the JSON texts joined by RS in C; Python only puts each JSON value in
-jsonb's shape (normalize.jsonb_array_text: SQLite keeps JSON as
-written, in json.dumps' key order with unicode escapes) and hashes once
-per bucket. Columns without a form here (decimal, float, duration, IP
-address, a custom JSON decoder, datetimes stored in a non-UTC zone) keep
-the whole model on the Python digests.
+A row's hash is the first 60 bits of the md5 of its text, followed, for
+a model with JSON columns, by '[', its JSON values in PostgreSQL's jsonb
+text with ', ' between them, and ']' (the row text is self-delimiting
+and holds each JSON column's storage class, so SQL NULL, rendered "",
+differs from the text ''). A bucket's digest is its row count and the
+exact sum of its rows' hashes (reladiff's construction): a changed,
+missing or extra row changes it but with odds of about 2**-60, and the
+sum does not depend on the order the rows are read in. So each side
+reads its table in storage order, never through the key index:
+PostgreSQL sums in the server, one statement per range of heap blocks,
+each row put in its bucket by width_bucket; SQLite renders each row's
+text in C (printf) over a range of rowids, and Python puts the row in
+its bucket, puts each JSON value in jsonb's shape
+(normalize.jsonb_text: SQLite keeps JSON as written, in json.dumps' key
+order with unicode escapes) and hashes it. Reading by key cost SQLite a
+random page read per row (4.2 s of a 1,000,000-row table) and
+PostgreSQL a sort per batch of buckets. Columns without a form here
+(decimal, float, duration, IP address, a custom JSON decoder, datetimes
+stored in a non-UTC zone) keep the whole model on the Python digests.
 
-A SQLite side may split its buckets among processes
-(compare/readers.py), each in its own read transaction: digest_workers
-says how many, and snapshot_watch proves that no write was committed
-between the reader's snapshot and the last worker's, else one process
-computes every bucket.
+A SQLite side may split its rows among processes (compare/readers.py),
+each summing a range of rowids in its own read transaction:
+digest_workers says how many, and snapshot_watch proves that no write
+was committed between the reader's snapshot and the last worker's, else
+one process sums every row.
 """
+import bisect
 import hashlib
 import os
 import sqlite3
@@ -60,15 +67,34 @@ _KINDS = {
     'TimeField': 'time', 'UUIDField': 'uuid', 'BinaryField': 'binary',
     'JSONField': 'json',
 }
-# PostgreSQL: buckets per statement (a batch is sorted in work_mem).
-POSTGRES_BATCH = 64
-# PostgreSQL: work_mem while hashing (a batch's sort: about 6 MB at
-# 370 bytes a row).
-POSTGRES_WORK_MEM = '32MB'
-# Progress is reported every this many SQLite buckets.
-SQLITE_REPORT_EVERY = 32
+# PostgreSQL: heap blocks per statement (8 kB each: 32 MB of table).
+POSTGRES_BATCH_BLOCKS = 4096
+# SQLite: rows fetched, and progress reported, per chunk.
+SQLITE_CHUNK_ROWS = 8192
+# Bytes of a bucket's hash sum in its digest (sums of 60-bit hashes).
+_SUM_BYTES = 16
 
 Digests = list[tuple[int, bytes]]
+# (rows, sum of their hashes) per bucket: one process's share.
+Sums = list[list[int]]
+
+
+def new_sums(bounds: list) -> Sums:
+    return [[0, 0] for _ in range(len(bounds) + 1)]
+
+
+def add_sums(into: Sums, more: Sums) -> Sums:
+    """Add *more*'s rows and sums into *into* (the same buckets)."""
+    for bucket, (rows, total) in zip(into, more, strict=True):
+        bucket[0] += rows
+        bucket[1] += total
+    return into
+
+
+def as_digests(sums: Sums) -> Digests:
+    """(rows, digest) per bucket; an empty bucket is (0, b'')."""
+    return [(rows, total.to_bytes(_SUM_BYTES, 'big')) if rows else (0, b'')
+            for rows, total in sums]
 
 
 def column_kind(field: models.Field, alias: str) -> str | None:
@@ -181,98 +207,105 @@ def json_columns(model: type[models.Model], alias: str) -> list[str]:
 
 def sqlite_bucket_digests(alias: str, model: type[models.Model],
                           bounds: list,
-                          on_rows: Callable[[int], None] | None = None,
-                          part: tuple[int, int] | None = None) -> Digests:
-    """(rows, md5) per bucket: bucket i holds keys in
-    [bounds[i-1], bounds[i]). One statement per bucket over the key
-    index; the row texts are concatenated in C, the JSON values put in
-    jsonb's shape in Python (normalize.jsonb_array_text), the hashing is
-    once per bucket. *part*: only buckets first..last-1 (None: all).
+                          on_rows: Callable[[int], None] | None = None
+                          ) -> Digests:
+    """(rows, digest) per bucket: bucket i holds keys in
+    [bounds[i-1], bounds[i]). Needs *alias*'s read snapshot."""
+    return as_digests(sqlite_bucket_sums(alias, model, bounds, (0, 1),
+                                         on_rows))
+
+
+def sqlite_bucket_sums(alias: str, model: type[models.Model], bounds: list,
+                       part: tuple[int, int],
+                       on_rows: Callable[[int], None] | None = None
+                       ) -> Sums:
+    """(rows, hash sum) per bucket of the rows in slice part[0] of
+    part[1] equal slices of the table's rowids, read in rowid order.
     Needs *alias*'s read snapshot."""
-    from anthias_rollback.engines import sqlite as engine
-    from anthias_rollback.normalize import jsonb_array_text
+    from anthias_rollback.normalize import jsonb_text
 
     connection = connections[alias]
     quote = connection.ops.quote_name
     key = quote(model._meta.pk.column)
-    kind = fields.key_kind(model)
-    order = engine.byte_order(key, kind == 'text')
     text = sqlite_row_text(model, alias)
     json = json_columns(model, alias)
     table = quote(model._meta.db_table)
-    # One statement per bucket, all of it in C but the JSON: the row
-    # texts concatenated, each JSON column's texts joined by RS (U+001E),
-    # which valid JSON never holds raw; a value holding one makes the
-    # pieces outnumber the rows and the bucket is read value by value.
     # NULL and a value that is not text (its row text marks it already)
-    # go in as ''.
-    cases = [f"CASE typeof({column}) WHEN 'text' THEN {column} ELSE '' "
-             f'END' for column in json]
-    selected = ''.join(f', {case} AS j{i}'
-                       for i, case in enumerate(cases))
-    lists = ''.join(f', group_concat(j{i}, char(30))'
-                    for i in range(len(json)))
-    sql = (f'SELECT count(*), CAST(group_concat(t, \'\') AS BLOB){lists} '
-           f'FROM (SELECT {text} AS t{selected} FROM {table}{{where}} '
-           f'ORDER BY {order})')
-    # The same values a row at a time (a bucket whose JSON holds an RS).
-    by_row = (f'SELECT {", ".join(cases)} FROM {table}{{where}} '
-              f'ORDER BY {order}')
-    first, last = part or (0, len(bounds) + 1)
-    digests: Digests = []
+    # go in as '', as PostgreSQL's side renders NULL "".
+    cases = ''.join(f", CASE typeof({column}) WHEN 'text' THEN {column} "
+                    f"ELSE '' END" for column in json)
+    sql = (f'SELECT {key}, CAST({text} AS BLOB){cases} FROM {table} '
+           f'WHERE rowid >= ?{{below}}')
+    bucket_of = _bucket_finder(bounds)
+    md5 = hashlib.md5
+    sums = new_sums(bounds)
     done = 0
     connection.ensure_connection()
-    raw = connection.connection
     with connection.wrap_database_errors:
-        cursor = raw.cursor()
+        cursor = connection.connection.cursor()
         try:
-            for index in range(first, last):
-                low = bounds[index - 1] if index else None
-                high = bounds[index] if index < len(bounds) else None
-                clause, params = engine.key_range_clause(key, kind, low,
-                                                         high)
-                where = f' WHERE {clause}' if clause else ''
-                cursor.execute(sql.format(where=where), params)
-                rows, texts, *joined = cursor.fetchone()
-                if rows and json:
-                    values = _json_values(joined, rows)
-                    if values is None:
-                        values = [value for row in cursor.execute(
-                            by_row.format(where=where), params)
-                            for value in row]
-                    digests.append(_digest(rows, texts, jsonb_array_text(
-                        values).encode('utf-8', 'surrogatepass')))
-                else:
-                    digests.append(_digest(rows, texts))
-                done += rows
-                if (index - first) % SQLITE_REPORT_EVERY == 0 \
-                        or index == last - 1:
-                    if on_rows is not None:
-                        on_rows(done)
-                    faults.checkpoint('compare:digest-chunk')
+            low, high = _rowid_slice(cursor, table, *part)
+            cursor.execute(sql.format(below='' if high is None else
+                                      ' AND rowid < ?'),
+                           [low] if high is None else [low, high])
+            while rows := cursor.fetchmany(SQLITE_CHUNK_ROWS):
+                for key_value, row_text, *values in rows:
+                    if json:
+                        row_text += b'[' + ', '.join(map(
+                            jsonb_text, values)).encode(
+                            'utf-8', 'surrogatepass') + b']'
+                    bucket = sums[bucket_of(key_value)]
+                    bucket[0] += 1
+                    bucket[1] += int.from_bytes(
+                        md5(row_text, usedforsecurity=False).digest()[:8],
+                        'big') >> 4
+                done += len(rows)
+                if on_rows is not None:
+                    on_rows(done)
+                faults.checkpoint('compare:digest-chunk')
         finally:
             cursor.close()
-    return digests
+    return sums
 
 
-def _json_values(joined: list[str], rows: int) -> list[str] | None:
-    """A bucket's JSON texts, row by row, from each JSON column's texts
-    joined by RS; None if a text held an RS."""
-    columns = [text.split('\x1e') for text in joined]
-    if any(len(column) != rows for column in columns):
-        return None
-    if len(columns) == 1:
-        return columns[0]
-    return [value for row in zip(*columns) for value in row]
+def _rowid_slice(cursor: sqlite3.Cursor, table: str, index: int,
+                 count: int) -> tuple[int, int | None]:
+    """[low, high) of slice *index* of *count* equal slices of *table*'s
+    rowids (high None: the last, open above)."""
+    low, high = cursor.execute(
+        f'SELECT min(rowid), max(rowid) FROM {table}').fetchone()
+    if low is None:
+        return 0, None
+    width = high - low + 1
+    start = low + width * index // count
+    return start, (None if index == count - 1
+                   else low + width * (index + 1) // count)
 
 
-def _digest(rows: int, *texts: Any) -> tuple[int, bytes]:
-    if not rows:
-        return 0, b''
-    digest = hashlib.md5(usedforsecurity=False)
-    for text in texts:
-        digest.update(text)
-    return rows, digest.digest()
+def _bucket_finder(bounds: list) -> Callable[[Any], int]:
+    """The bucket of a key as SQLite orders keys (numbers before text
+    before blobs; text bytewise, which is Python's order of str)."""
+    ranked = [_sqlite_rank(bound) for bound in bounds]
+    kinds = {type(bound) for bound in bounds}
+    if len(kinds) == 1 and kinds <= {str, int}:
+        plain = kinds.pop()
+
+        def find(value: Any) -> int:
+            if type(value) is plain:
+                return bisect.bisect_right(bounds, value)
+            return bisect.bisect_right(ranked, _sqlite_rank(value))
+        return find
+    return lambda value: bisect.bisect_right(ranked, _sqlite_rank(value))
+
+
+def _sqlite_rank(value: Any) -> tuple[int, Any]:
+    if value is None:
+        return 0, 0
+    if isinstance(value, int | float):
+        return 1, value
+    if isinstance(value, str):
+        return 2, value
+    return 3, bytes(value)
 
 
 # -- PostgreSQL
@@ -375,60 +408,74 @@ def postgres_bucket_digests(alias: str, model: type[models.Model],
                             bounds: list,
                             on_rows: Callable[[int], None] | None = None
                             ) -> Digests:
-    """(rows, md5) per bucket, hashed in the server: one statement per
-    POSTGRES_BATCH buckets (a key range), grouped by width_bucket over
-    the batch's inner bounds. Needs *alias*'s read snapshot."""
+    """(rows, digest) per bucket, hashed and summed in the server: one
+    statement per POSTGRES_BATCH_BLOCKS heap blocks (a TID range scan,
+    PostgreSQL 14+; before, one statement for the table), each row put
+    in its bucket by width_bucket. Needs *alias*'s read snapshot."""
     from anthias_rollback.engines import postgresql as engine
 
     connection = connections[alias]
     quote = connection.ops.quote_name
     key = quote(model._meta.pk.column)
     kind = fields.key_kind(model)
+    table = quote(model._meta.db_table)
     # PostgreSQL: COLLATE "C" compares bytes, as ~<~ and the streams do;
     # width_bucket wants the operand of the array's element type.
     ordered, array = {'text': (f'{key}::text COLLATE "C"', 'text[]'),
                       'uuid': (key, 'uuid[]')}.get(
         kind or '', (f'{key}::bigint', 'bigint[]'))
-    text = (f"string_agg({postgres_row_text(model, alias)}, '' "
-            f'ORDER BY {ordered})')
+    text = postgres_row_text(model, alias)
     json = postgres_json_text(model, alias)
     if json is not None:
-        # The bytes SQLite's side hashes: the row texts, then '[', the
-        # JSON values, ']' (no row text starts with '[').
-        text += (f" || '[' || string_agg({json}, ', ' ORDER BY {ordered})"
-                 f" || ']'")
-    sql = (f"SELECT width_bucket({ordered}, %s::{array}) AS b, count(*), "
-           f"decode(md5({text}), 'hex') "
-           f'FROM {quote(model._meta.db_table)}{{where}} GROUP BY b')
+        text = f"concat({text}, '[', {json}, ']')"
+    bucket = (f'width_bucket({ordered}, %s::{array})' if bounds else '0')
+    # md5's first 60 bits as a bigint (15 hex digits); sum() of bigint
+    # is an exact numeric.
+    sql = (f'SELECT {bucket} AS b, count(*), '
+           f"sum(('x' || left(md5({text}), 15))::bit(60)::bigint) "
+           f'FROM {table}{{where}} GROUP BY b')
+    params = [list(bounds)] if bounds else []
     with connection.cursor() as cursor:
         # LOCAL: until the end of this snapshot's transaction. The
-        # datetime and date forms read ISO text (psycopg's style too); a
-        # batch's sort (some MB) stays in memory; no parallel workers:
-        # the SQLite side uses the other cores.
+        # datetime and date forms read ISO text (psycopg's style too); no
+        # parallel workers: the SQLite side uses the other cores.
         cursor.execute("SET LOCAL DateStyle = 'ISO'")
-        cursor.execute(f"SET LOCAL work_mem = '{POSTGRES_WORK_MEM}'")
         cursor.execute('SET LOCAL max_parallel_workers_per_gather = 0')
-    total = len(bounds) + 1
-    digests: Digests = []
+        # A hash table of the buckets: the planner, guessing a group per
+        # row, would sort every row on disk instead (1.6 s against 1.0 s
+        # for 86,000 rows). Put back after the last statement.
+        cursor.execute("SELECT current_setting('enable_sort'), "
+                       "set_config('enable_sort', 'off', true)")
+        enable_sort = cursor.fetchone()[0]
+        # After the snapshot: a row it sees is in a block counted here,
+        # and the last range is open above anyway.
+        cursor.execute("SELECT pg_relation_size(%s::regclass) / "
+                       "current_setting('block_size')::bigint", [table])
+        blocks = cursor.fetchone()[0]
+    step = POSTGRES_BATCH_BLOCKS if connection.pg_version >= 140000 \
+        else max(blocks, 1)
+    starts = list(range(0, max(blocks, 1), step))
+    sums = new_sums(bounds)
     done = 0
-    for first in range(0, total, POSTGRES_BATCH):
-        last = min(first + POSTGRES_BATCH, total)  # exclusive
-        low = bounds[first - 1] if first else None
-        high = bounds[last - 1] if last - 1 < len(bounds) else None
-        clause, params = engine.key_range_clause(key, kind, low, high)
-        where = f' WHERE {clause}' if clause else ''
-        inner = list(bounds[first:last - 1])
+    for n, first in enumerate(starts):
+        clauses = ([f"ctid >= '({first},0)'::tid"] if first else []) + (
+            [f"ctid < '({starts[n + 1]},0)'::tid"]
+            if n + 1 < len(starts) else [])
+        where = f' WHERE {" AND ".join(clauses)}' if clauses else ''
         # The engine's named cursor, as every other read of a side.
-        found = {b: (rows, bytes(md5)) for chunk in engine.fetch_chunks(
-            alias, sql.format(where=where), [inner, *params])
-            for b, rows, md5 in chunk}
-        for offset in range(last - first):
-            digests.append(found.get(offset, (0, b'')))
-            done += digests[-1][0]
+        for chunk in engine.fetch_chunks(alias, sql.format(where=where),
+                                         params):
+            for index, rows, total in chunk:
+                sums[index][0] += rows
+                sums[index][1] += int(total)
+                done += rows
         if on_rows is not None:
             on_rows(done)
         faults.checkpoint('compare:digest-chunk')
-    return digests
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('enable_sort', %s, true)",
+                       [enable_sort])
+    return as_digests(sums)
 
 
 # -- several processes on one side
@@ -482,11 +529,12 @@ def snapshot_watch(alias: str) -> SnapshotWatch | None:
     return SnapshotWatch(alias)
 
 
-def engine_bucket_digests(alias: str, model: type[models.Model],
-                          bounds: list, part: tuple[int, int],
-                          on_rows: Callable[[int], None] | None = None
-                          ) -> Digests:
-    """Buckets part[0]..part[1]-1 of *bounds* hashed in the engine
-    (only where digest_workers > 1, that is on SQLite)."""
+def engine_bucket_sums(alias: str, model: type[models.Model],
+                       bounds: list, part: tuple[int, int],
+                       on_rows: Callable[[int], None] | None = None
+                       ) -> Sums:
+    """The rows of slice part[0] of part[1] summed per bucket in the
+    engine (only where digest_workers > 1, that is on SQLite); add the
+    slices' sums (add_sums), then as_digests."""
     assert connections[alias].vendor == 'sqlite'
-    return sqlite_bucket_digests(alias, model, bounds, on_rows, part)
+    return sqlite_bucket_sums(alias, model, bounds, part, on_rows)

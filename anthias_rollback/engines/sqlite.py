@@ -563,7 +563,8 @@ def digest_blockers(alias: str, model: type[models.Model]) -> list[str]:
 def bucket_digests(alias: str, model: type[models.Model], bounds: list,
                    on_rows: Callable[[int], None] | None = None
                    ) -> list[tuple[int, bytes]]:
-    """(rows, md5) per key-range bucket, computed in the engine."""
+    """(rows, digest) per key-range bucket, computed in the engine
+    (engines/digests.py)."""
     from anthias_rollback.engines import digests
 
     return digests.sqlite_bucket_digests(alias, model, bounds, on_rows)
