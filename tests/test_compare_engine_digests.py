@@ -460,3 +460,39 @@ def test_a_row_moved_to_another_bucket_changes_both(sample_model):
     assert [a == b for a, b in zip(left, right, strict=True)] == [
         True, False, True, True, False]
     assert [n for n, _ in right] == [4, 4, 10, 10, 12]
+
+
+@pytest.mark.django_db(databases=BOTH, transaction=True)
+def test_a_column_named_rowid_does_not_split_the_rows():
+    """The SQLite slices are of the table's own rowids: a model column
+    named rowid (NULL in some rows) must not be taken for them."""
+    with isolate_apps('tests.kitchensink'):
+        class Shadow(models.Model):
+            rowid = models.IntegerField(null=True)
+
+            class Meta:
+                app_label = 'kitchensink'
+                db_table = 'test_engine_digest_shadow'
+
+        for alias in BOTH:
+            with connections[alias].schema_editor() as editor:
+                editor.create_model(Shadow)
+        try:
+            for alias in BOTH:
+                Shadow.objects.using(alias).bulk_create(
+                    Shadow(id=i, rowid=None if i % 3 else 1000 - i)
+                    for i in range(1, 31))
+            bounds = [10, 20]
+            with engines.for_alias('sqlite').read_snapshot('sqlite'):
+                parts = [digests.engine_bucket_sums('sqlite', Shadow,
+                                                    bounds, (index, 3))
+                         for index in range(3)]
+            assert sum(rows for part in parts for rows, _ in part) == 30
+            assert all(any(rows for rows, _ in part) for part in parts)
+            assert digests.as_digests(digests.add_sums(digests.add_sums(
+                parts[0], parts[1]), parts[2])) == engine_digests(
+                Shadow, 'postgres', bounds)
+        finally:
+            for alias in BOTH:
+                with connections[alias].schema_editor() as editor:
+                    editor.delete_model(Shadow)

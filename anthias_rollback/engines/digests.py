@@ -234,8 +234,7 @@ def sqlite_bucket_sums(alias: str, model: type[models.Model], bounds: list,
     # go in as '', as PostgreSQL's side renders NULL "".
     cases = ''.join(f", CASE typeof({column}) WHEN 'text' THEN {column} "
                     f"ELSE '' END" for column in json)
-    sql = (f'SELECT {key}, CAST({text} AS BLOB){cases} FROM {table} '
-           f'WHERE rowid >= ?{{below}}')
+    sql = f'SELECT {key}, CAST({text} AS BLOB){cases} FROM {table}'
     bucket_of = _bucket_finder(bounds)
     md5 = hashlib.md5
     sums = new_sums(bounds)
@@ -244,10 +243,8 @@ def sqlite_bucket_sums(alias: str, model: type[models.Model], bounds: list,
     with connection.wrap_database_errors:
         cursor = connection.connection.cursor()
         try:
-            low, high = _rowid_slice(cursor, table, *part)
-            cursor.execute(sql.format(below='' if high is None else
-                                      ' AND rowid < ?'),
-                           [low] if high is None else [low, high])
+            where, params = _rowid_slice(cursor, model, table, *part)
+            cursor.execute(sql + where, params)
             while rows := cursor.fetchmany(SQLITE_CHUNK_ROWS):
                 for key_value, row_text, *values in rows:
                     if json:
@@ -268,18 +265,31 @@ def sqlite_bucket_sums(alias: str, model: type[models.Model], bounds: list,
     return sums
 
 
-def _rowid_slice(cursor: sqlite3.Cursor, table: str, index: int,
-                 count: int) -> tuple[int, int | None]:
-    """[low, high) of slice *index* of *count* equal slices of *table*'s
-    rowids (high None: the last, open above)."""
-    low, high = cursor.execute(
-        f'SELECT min(rowid), max(rowid) FROM {table}').fetchone()
+def _rowid_slice(cursor: sqlite3.Cursor, model: type[models.Model],
+                 table: str, index: int, count: int) -> tuple[str, list]:
+    """WHERE clause and parameters of slice *index* of *count* equal
+    slices of *table*'s rowids (the whole table for one slice). A table
+    whose rowid is not reachable (WITHOUT ROWID, or columns named rowid,
+    _rowid_ and oid) is all in slice 0."""
+    if count == 1:
+        return '', []
+    columns = {field.column.lower() for field in model._meta.local_fields}
+    name = next((name for name in ('rowid', '_rowid_', 'oid')
+                 if name not in columns), None)
+    try:
+        low, high = cursor.execute(
+            f'SELECT min({name}), max({name}) FROM {table}').fetchone() \
+            if name else (None, None)
+    except sqlite3.OperationalError:   # WITHOUT ROWID
+        low = high = None
     if low is None:
-        return 0, None
+        return ('', []) if index == 0 else (' WHERE 0', [])
     width = high - low + 1
     start = low + width * index // count
-    return start, (None if index == count - 1
-                   else low + width * (index + 1) // count)
+    if index == count - 1:
+        return f' WHERE {name} >= ?', [start]
+    return (f' WHERE {name} >= ? AND {name} < ?',
+            [start, low + width * (index + 1) // count])
 
 
 def _bucket_finder(bounds: list) -> Callable[[Any], int]:
