@@ -496,3 +496,25 @@ def test_a_column_named_rowid_does_not_split_the_rows():
             for alias in BOTH:
                 with connections[alias].schema_editor() as editor:
                     editor.delete_model(Shadow)
+
+
+@pytest.mark.django_db(databases=['postgres'])
+def test_the_bucket_tree_counts_bounds_like_bisect():
+    """PostgreSQL's bucket of a text key (a tree of CASEs, where
+    width_bucket would walk the whole array) is the number of bounds at
+    or below it, bytewise, for every bound count and every position."""
+    import bisect
+
+    keys = ['', 'A', 'B', 'a', 'b', 'é', 'ü', 'z', '~', '€', '🎉']
+    for count in range(12):
+        bounds = sorted({keys[(i * 7) % len(keys)] for i in range(count)},
+                        key=lambda k: k.encode())
+        params: list = []
+        tree = digests._bucket_tree('k COLLATE "C"', bounds, params)
+        with connections['postgres'].cursor() as cursor:
+            cursor.execute(
+                f'SELECT k, {tree} FROM unnest(%s::text[]) AS k',
+                params + [keys + ['aa', 'b\x7f']])
+            found = dict(cursor.fetchall())
+        assert found == {k: bisect.bisect_right(bounds, k)
+                         for k in keys + ['aa', 'b\x7f']}, bounds

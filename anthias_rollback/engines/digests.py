@@ -438,13 +438,17 @@ def postgres_bucket_digests(alias: str, model: type[models.Model],
     json = postgres_json_text(model, alias)
     if json is not None:
         text = f"concat({text}, '[', {json}, ']')"
-    bucket = (f'width_bucket({ordered}, %s::{array})' if bounds else '0')
+    params: list = []
+    if kind == 'text':
+        bucket = _bucket_tree(ordered, list(bounds), params)
+    else:
+        bucket = f'width_bucket({ordered}, %s::{array})' if bounds else '0'
+        params = [list(bounds)] if bounds else []
     # md5's first 60 bits as a bigint (15 hex digits); sum() of bigint
     # is an exact numeric.
     sql = (f'SELECT {bucket} AS b, count(*), '
            f"sum(('x' || left(md5({text}), 15))::bit(60)::bigint) "
            f'FROM {table}{{where}} GROUP BY b')
-    params = [list(bounds)] if bounds else []
     with connection.cursor() as cursor:
         # LOCAL: until the end of this snapshot's transaction. The
         # datetime and date forms read ISO text (psycopg's style too); no
@@ -486,6 +490,23 @@ def postgres_bucket_digests(alias: str, model: type[models.Model],
         cursor.execute("SELECT set_config('enable_sort', %s, true)",
                        [enable_sort])
     return as_digests(sums)
+
+
+def _bucket_tree(column: str, bounds: list, params: list) -> str:
+    """SQL: how many of the sorted *bounds* are <= *column* (what
+    width_bucket returns), as a balanced tree of CASEs, its bounds
+    appended to *params*: about log2(len(bounds)) comparisons a row.
+    width_bucket walks an array of a variable-width type (text) from its
+    start: 2.2 s per 172,000 rows with 3,905 bounds, against 0.12 s with
+    64."""
+    def node(low: int, high: int) -> str:
+        if low == high:
+            return str(low)
+        middle = (low + high) // 2
+        params.append(bounds[middle])
+        return (f'CASE WHEN {column} < %s THEN {node(low, middle)} '
+                f'ELSE {node(middle + 1, high)} END')
+    return node(0, len(bounds))
 
 
 # -- several processes on one side
