@@ -29,7 +29,8 @@ missing or extra row changes it but with odds of about 2**-60, and the
 sum does not depend on the order the rows are read in. So each side
 reads its table in storage order, never through the key index:
 PostgreSQL sums in the server, one statement per range of heap blocks,
-each row put in its bucket by width_bucket; SQLite renders each row's
+each row put in its bucket by width_bucket (a tree of CASEs for a text
+key, see _bucket_tree); SQLite renders each row's
 text in C (printf) over a range of rowids, and Python puts the row in
 its bucket, puts each JSON value in jsonb's shape
 (normalize.jsonb_text: SQLite keeps JSON as written, in json.dumps' key
@@ -421,7 +422,8 @@ def postgres_bucket_digests(alias: str, model: type[models.Model],
     """(rows, digest) per bucket, hashed and summed in the server: one
     statement per POSTGRES_BATCH_BLOCKS heap blocks (a TID range scan,
     PostgreSQL 14+; before, one statement for the table), each row put
-    in its bucket by width_bucket. Needs *alias*'s read snapshot."""
+    in its bucket by width_bucket (_bucket_tree for a text key). Needs
+    *alias*'s read snapshot."""
     from anthias_rollback.engines import postgresql as engine
 
     connection = connections[alias]
