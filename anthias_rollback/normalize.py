@@ -324,11 +324,6 @@ def jsonb_text(text: str) -> str:
     return ''.join(_c_encode_jsonb(value, 0))
 
 
-def jsonb_array_text(texts: Sequence[str]) -> str:
-    """'[' + ', '.join(map(jsonb_text, texts)) + ']'."""
-    return '[' + ', '.join(map(jsonb_text, texts)) + ']'
-
-
 def without_zero_fraction(slow: Callable[[Any], Any]) -> Callable:
     # Python's isoformat() (what Django writes to SQLite) omits a zero
     # fraction; the exact form always has six digits.

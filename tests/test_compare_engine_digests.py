@@ -47,15 +47,22 @@ def sample_model():
                 app_label = 'kitchensink'
                 db_table = 'test_engine_digest_sample'
 
+        with tables_on_both(Sample):
+            yield Sample
+
+
+@contextlib.contextmanager
+def tables_on_both(model):
+    """*model*'s table on both aliases while the block runs."""
+    for alias in BOTH:
+        with connections[alias].schema_editor() as editor:
+            editor.create_model(model)
+    try:
+        yield
+    finally:
         for alias in BOTH:
             with connections[alias].schema_editor() as editor:
-                editor.create_model(Sample)
-        try:
-            yield Sample
-        finally:
-            for alias in BOTH:
-                with connections[alias].schema_editor() as editor:
-                    editor.delete_model(Sample)
+                editor.delete_model(model)
 
 
 def sample_rows(model, n=40):
@@ -474,10 +481,7 @@ def test_a_column_named_rowid_does_not_split_the_rows():
                 app_label = 'kitchensink'
                 db_table = 'test_engine_digest_shadow'
 
-        for alias in BOTH:
-            with connections[alias].schema_editor() as editor:
-                editor.create_model(Shadow)
-        try:
+        with tables_on_both(Shadow):
             for alias in BOTH:
                 Shadow.objects.using(alias).bulk_create(
                     Shadow(id=i, rowid=None if i % 3 else 1000 - i)
@@ -492,10 +496,6 @@ def test_a_column_named_rowid_does_not_split_the_rows():
             assert digests.as_digests(digests.add_sums(digests.add_sums(
                 parts[0], parts[1]), parts[2])) == engine_digests(
                 Shadow, 'postgres', bounds)
-        finally:
-            for alias in BOTH:
-                with connections[alias].schema_editor() as editor:
-                    editor.delete_model(Shadow)
 
 
 @pytest.mark.django_db(databases=['postgres'])
